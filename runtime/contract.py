@@ -1,0 +1,173 @@
+"""The graph contract: names, dtypes, shapes and dynamic axes of the five graphs.
+
+Declared once, here, and used by the exporter (ONNX names and dynamic axes), the parity tests
+(inputs of the right shapes, tolerances), the TensorRT profile/build plan (min/opt/max shapes)
+and the runtime (what to feed). Shapes use symbols resolved from the model geometry:
+
+    S  image size (1024 for official SAM2)      G  token grid side, S // 16
+    T  tokens per frame, G * G                  D  text embedding width (512 for ViT-B-32)
+    N  query tokens kept by the router          M  memory tokens (spatial + 4 per object pointer)
+    Ms spatial memory tokens                    P  prompt points (a box counts as two)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+HIDDEN_DIM = 256  # SAM2 d_model
+MEM_DIM = 64  # SAM2 memory channels
+PTR_TOKENS = HIDDEN_DIM // MEM_DIM  # an object pointer is split into this many memory tokens
+NUM_MASK_TOKENS = 4  # mask token 0 = single mask, 1..3 = multimask
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple  # ints or symbol names
+
+    def resolve(self, dims: dict) -> tuple:
+        """Concrete shape, with symbols taken from `dims` (symbols missing there stay names)."""
+        return tuple(dims.get(d, d) if isinstance(d, str) else d for d in self.shape)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple
+    outputs: tuple
+    # symbols that are dynamic at run time (everything else is fixed at export)
+    dynamic: tuple = ()
+    # parity tolerance per output: max |ort - torch| <= atol + rtol * max|torch|
+    atol: dict = field(default_factory=dict)
+    rtol: float = 1e-4
+
+    @property
+    def input_names(self) -> list:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict:
+        """torch.onnx.export dynamic_axes: {tensor: {axis: symbol}} for the dynamic symbols."""
+        axes = {}
+        for t in self.inputs + self.outputs:
+            ax = {i: d for i, d in enumerate(t.shape) if isinstance(d, str) and d in self.dynamic}
+            if ax:
+                axes[t.name] = ax
+        return axes
+
+
+F32, I64 = "float32", "int64"
+
+GRAPHS: dict[str, GraphSpec] = {
+    g.name: g
+    for g in (
+        GraphSpec(
+            "image_encoder",
+            inputs=(TensorSpec("image", F32, (1, 3, "S", "S")),),
+            outputs=(
+                TensorSpec("feat", F32, (1, HIDDEN_DIM, "G", "G")),
+                TensorSpec("high_res_0", F32, (1, 32, "G4", "G4")),
+                TensorSpec("high_res_1", F32, (1, 64, "G2", "G2")),
+            ),
+            atol={"feat": 1e-4, "high_res_0": 1e-4, "high_res_1": 1e-4},
+        ),
+        GraphSpec(
+            "router",
+            inputs=(
+                TensorSpec("feat", F32, (1, HIDDEN_DIM, "G", "G")),
+                TensorSpec("text_emb", F32, (1, "D")),
+                TensorSpec("prev_mask_logits", F32, (1, 1, "G4", "G4")),
+            ),
+            outputs=(
+                TensorSpec("scores", F32, (1, "T")),
+                TensorSpec("relevance", F32, (1, "T")),
+            ),
+            atol={"scores": 1e-4, "relevance": 1e-5},
+        ),
+        GraphSpec(
+            "memory_attention",
+            inputs=(
+                TensorSpec("curr", F32, ("N", HIDDEN_DIM)),
+                TensorSpec("curr_pos", F32, ("N", HIDDEN_DIM)),
+                TensorSpec("curr_idx", I64, ("N",)),
+                TensorSpec("memory", F32, ("M", MEM_DIM)),
+                TensorSpec("memory_pos", F32, ("M", MEM_DIM)),
+                TensorSpec("memory_idx", I64, ("Ms",)),
+            ),
+            outputs=(TensorSpec("conditioned", F32, ("N", HIDDEN_DIM)),),
+            dynamic=("N", "M", "Ms"),
+            atol={"conditioned": 1e-4},
+        ),
+        GraphSpec(
+            "memory_encoder",
+            inputs=(
+                TensorSpec("feat", F32, (1, HIDDEN_DIM, "G", "G")),
+                TensorSpec("mask_logits", F32, (1, 1, "G4", "G4")),
+                TensorSpec("object_score", F32, (1, 1)),
+                TensorSpec("binarize", F32, (1,)),
+            ),
+            outputs=(TensorSpec("maskmem", F32, (1, MEM_DIM, "G", "G")),),
+            atol={"maskmem": 1e-4},
+        ),
+        GraphSpec(
+            "mask_decoder",
+            inputs=(
+                TensorSpec("feat", F32, (1, HIDDEN_DIM, "G", "G")),
+                TensorSpec("high_res_0", F32, (1, 32, "G4", "G4")),
+                TensorSpec("high_res_1", F32, (1, 64, "G2", "G2")),
+                TensorSpec("point_coords", F32, (1, "P", 2)),
+                TensorSpec("point_labels", F32, (1, "P")),
+                TensorSpec("mask_input", F32, (1, 1, "G4", "G4")),
+                TensorSpec("has_mask_input", F32, (1,)),
+            ),
+            outputs=(
+                TensorSpec("masks", F32, (1, NUM_MASK_TOKENS, "G4", "G4")),
+                TensorSpec("iou", F32, (1, NUM_MASK_TOKENS)),
+                TensorSpec("obj_ptrs", F32, (1, NUM_MASK_TOKENS, HIDDEN_DIM)),
+                TensorSpec("object_score", F32, (1, 1)),
+            ),
+            dynamic=("P",),
+            atol={"masks": 1e-3, "iou": 1e-4, "obj_ptrs": 1e-4, "object_score": 1e-4},
+        ),
+    )
+}
+
+GRAPH_ORDER = tuple(GRAPHS)
+
+
+def geometry(image_size: int, text_dim: int = 512) -> dict:
+    """The fixed symbols for a model of this image size."""
+    if image_size % 16:
+        raise ValueError(f"image size must be a multiple of 16, got {image_size}")
+    g = image_size // 16
+    return {"S": image_size, "G": g, "G2": 2 * g, "G4": 4 * g, "T": g * g, "D": text_dim}
+
+
+def keep_to_k(keep: float, num_tokens: int, floor: int = 64) -> int:
+    """Tokens kept for a keep ratio: k = max(floor, ceil(keep * T)), never more than T."""
+    import math
+
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    return int(min(num_tokens, max(min(floor, num_tokens), math.ceil(keep * num_tokens - 1e-9))))
+
+
+def memory_token_range(k_min: int, k_max: int, num_tokens: int, num_maskmem: int = 7,
+                       max_obj_ptrs: int = 16, num_cond: int = 1) -> dict:
+    """min/max of N, Ms and M over a run whose per-frame keep lies in [k_min, k_max].
+
+    The bank holds `num_cond` conditioning frames with all T tokens, and up to num_maskmem - 1
+    past frames with their kept tokens; plus up to max_obj_ptrs pointers of PTR_TOKENS each.
+    The smallest memory is the second frame: the conditioning frame and one pointer.
+    """
+    ms_min = num_cond * num_tokens
+    ms_max = num_cond * num_tokens + (num_maskmem - 1) * k_max
+    return {
+        "N": (k_min, k_max),
+        "Ms": (ms_min, ms_max),
+        "M": (ms_min + PTR_TOKENS, ms_max + max_obj_ptrs * PTR_TOKENS),
+    }
