@@ -1,0 +1,172 @@
+"""The tracking loop: SAM2's video predictor for one object, with the router in front of memory
+attention. Backend-agnostic: `sessions[name].run(feeds) -> outputs` with numpy arrays, so the
+same loop drives ONNX Runtime, TensorRT, or the PyTorch modules (fastsam2.export.torch_backend).
+
+Per frame, as `SAM2Base.track_step` with the video predictor's settings:
+  prompted frame:  encode -> feat + no_mem_embed -> decoder(points) -> memory encoder (binarised)
+  tracked frame:   encode -> router -> top-k -> memory attention on k tokens -> scatter back
+                   (pruned tokens take feat + no_mem_embed) -> decoder -> memory encoder
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fastsam2.runtime.bank import MemoryBank
+from fastsam2.runtime.contract import keep_to_k
+from fastsam2.runtime.sam2_math import (
+    preprocess,
+    scatter_tokens,
+    select_mask,
+    top_k_tokens,
+    use_multimask,
+)
+
+FILL_MODES = ("no_mem", "last")
+
+
+@dataclass
+class FrameResult:
+    frame_idx: int
+    low_res_logits: np.ndarray  # [1, 1, S/4, S/4] SAM2's pred_masks (before resizing)
+    object_score: float
+    iou: float
+    kept_tokens: int
+    latency_ms: dict = field(default_factory=dict)
+
+
+@dataclass
+class Prompt:
+    """First-frame prompt in model coordinates (pixels of the S x S input)."""
+
+    points: np.ndarray  # [P, 2] float32 (x, y)
+    labels: np.ndarray  # [P] float32: 1 positive, 0 negative, 2/3 box corners
+
+
+class Tracker:
+    def __init__(self, sessions: dict, constants: dict, settings: dict, keep: float = 1.0,
+                 keep_floor: int = 64, fill: str = "no_mem", text_emb: np.ndarray | None = None,
+                 num_frames: int | None = None):
+        if fill not in FILL_MODES:
+            raise ValueError(f"fill must be one of {FILL_MODES}")
+        self.sessions = sessions
+        self.c = constants
+        self.s = settings
+        self.S = settings["image_size"]
+        self.G = self.S // 16
+        self.T = self.G * self.G
+        self.k = keep_to_k(keep, self.T, keep_floor)
+        self.keep = keep
+        self.fill = fill
+        self.num_frames = num_frames
+        dim = settings.get("text_dim", 512)
+        self.text_emb = (np.zeros((1, int(dim)), np.float32) if text_emb is None
+                         else np.asarray(text_emb, np.float32).reshape(1, -1))
+        self.bank = MemoryBank(self.T, settings, constants)
+        self.no_mem = constants["no_mem_embed"].reshape(1, -1).astype(np.float32)
+        self.prev_logits = None
+        self.prev_grid = None  # last frame's conditioned [T, C] ("last" fill)
+        self.frame_idx = -1
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _run(self, name: str, feeds: dict, lat: dict) -> dict:
+        t0 = time.perf_counter()
+        out = self.sessions[name].run(feeds)
+        lat[name] = lat.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+        return out
+
+    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
+        return preprocess(rgb, self.S, self.s["image_mean"], self.s["image_std"])
+
+    def encode(self, image: np.ndarray, lat: dict) -> dict:
+        return self._run("image_encoder", {"image": image}, lat)
+
+    def relevance(self, enc: dict, lat: dict | None = None) -> np.ndarray:
+        """Router text relevance [T] of a frame, with no previous mask (search-and-track)."""
+        lat = {} if lat is None else lat
+        out = self._run("router", {"feat": enc["feat"], "text_emb": self.text_emb,
+                                   "prev_mask_logits": np.zeros((1, 1, 4 * self.G, 4 * self.G), np.float32)}, lat)
+        return out["relevance"].reshape(-1)
+
+    def _decode(self, pix, enc, prompt: Prompt | None, is_init_cond: bool, lat: dict):
+        if prompt is None:
+            # SAM2 feeds one padding point (label -1) when there is no prompt
+            coords = np.zeros((1, 1, 2), np.float32)
+            labels = -np.ones((1, 1), np.float32)
+            num_pts = 0
+        else:
+            coords = prompt.points.reshape(1, -1, 2).astype(np.float32)
+            labels = prompt.labels.reshape(1, -1).astype(np.float32)
+            num_pts = coords.shape[1]
+        out = self._run("mask_decoder", {
+            "feat": pix, "high_res_0": enc["high_res_0"], "high_res_1": enc["high_res_1"],
+            "point_coords": coords, "point_labels": labels,
+            "mask_input": np.zeros((1, 1, 4 * self.G, 4 * self.G), np.float32),
+            "has_mask_input": np.zeros((1,), np.float32)}, lat)
+        multimask = use_multimask(self.s, is_init_cond, num_pts)
+        return select_mask(self.s, out["masks"], out["iou"], out["obj_ptrs"], out["object_score"],
+                           multimask, self.c["no_obj_ptr"]) + (out["object_score"],)
+
+    def _memory(self, enc, low, object_score, binarize: bool, lat: dict) -> np.ndarray:
+        return self._run("memory_encoder", {
+            "feat": enc["feat"], "mask_logits": low, "object_score": object_score.reshape(1, 1),
+            "binarize": np.full((1,), 1.0 if binarize else 0.0, np.float32)}, lat)["maskmem"]
+
+    # -- the two kinds of frame ---------------------------------------------------------------
+    def add_prompt_frame(self, frame_idx: int, image: np.ndarray, prompt: Prompt,
+                         enc: dict | None = None) -> FrameResult:
+        """An initial conditioning frame (SAM2: add_new_points_or_box + propagate preflight)."""
+        lat = {}
+        enc = self.encode(image, lat) if enc is None else enc
+        feat = enc["feat"]
+        pix = feat + self.no_mem.reshape(1, -1, 1, 1)  # directly_add_no_mem_embed
+        low, iou, ptr, obj_score = self._decode(pix, enc, prompt, True, lat)
+        binarize = bool(self.s["binarize_mask_from_pts_for_mem_enc"])
+        maskmem = self._memory(enc, low, obj_score, binarize, lat)
+        self.bank.add_conditioning(frame_idx, maskmem, ptr)
+        self.prev_logits = low
+        self.prev_grid = pix.reshape(pix.shape[1], -1).T.copy()
+        self.frame_idx = frame_idx
+        return FrameResult(frame_idx, low, float(obj_score.reshape(-1)[0]), float(iou.reshape(-1)[0]),
+                           self.T, lat)
+
+    def track(self, frame_idx: int, image: np.ndarray, enc: dict | None = None,
+              k: int | None = None) -> FrameResult:
+        """A tracked (non-conditioning) frame."""
+        if not self.bank.cond:
+            raise RuntimeError("track() before any prompted frame")
+        lat = {}
+        enc = self.encode(image, lat) if enc is None else enc
+        feat = enc["feat"]
+        C = feat.shape[1]
+        tokens = feat.reshape(C, -1).T  # [T, C]
+        k = self.k if k is None else int(k)
+        if k >= self.T:
+            idx = np.arange(self.T, dtype=np.int64)
+        else:
+            scores = self._run("router", {"feat": feat, "text_emb": self.text_emb,
+                                          "prev_mask_logits": self.prev_logits}, lat)["scores"]
+            idx = top_k_tokens(scores, k)
+        memory, memory_pos, memory_idx = self.bank.assemble(frame_idx, self.num_frames)
+        cond = self._run("memory_attention", {
+            "curr": np.ascontiguousarray(tokens[idx]), "curr_pos": self.c["vision_pos"][idx],
+            "curr_idx": idx, "memory": memory, "memory_pos": memory_pos,
+            "memory_idx": memory_idx}, lat)["conditioned"]
+        if idx.size == self.T:
+            grid = cond
+        else:
+            base = tokens + self.no_mem if self.fill == "no_mem" or self.prev_grid is None else self.prev_grid
+            grid = scatter_tokens(base, idx, cond)
+        pix = np.ascontiguousarray(grid.T.reshape(1, C, self.G, self.G))
+        low, iou, ptr, obj_score = self._decode(pix, enc, None, False, lat)
+        maskmem = self._memory(enc, low, obj_score, False, lat)
+        self.bank.add_frame(frame_idx, maskmem, idx, ptr)
+        self.prev_logits = low
+        if self.fill == "last":
+            self.prev_grid = grid
+        self.frame_idx = frame_idx
+        return FrameResult(frame_idx, low, float(obj_score.reshape(-1)[0]), float(iou.reshape(-1)[0]),
+                           int(idx.size), lat)
