@@ -1,0 +1,90 @@
+"""Shared fixtures: a seeded random-init SAM2.1 hiera-t at 256 px, synthetic videos, and the
+official SAM2VideoPredictor's masks on them (computed once per session).
+
+No checkpoint can be downloaded here; the random model is the real architecture, so every
+parity statement holds for the official weights too (same code path, other numbers).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+TINY = 256  # image size for the default suite (the architecture allows any multiple of 16)
+NUM_FRAMES = 12  # past num_maskmem = 7: the bank fills and old entries drop
+
+
+def _silence():
+    warnings.filterwarnings("ignore", message=".*random init.*")
+    warnings.filterwarnings("ignore", message=".*Skipping the post-processing.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="sam2")
+
+
+@pytest.fixture(scope="session")
+def torch_threads():
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    return torch
+
+
+def load_tiny(image_size=TINY, seed=0):
+    from fastsam2.export.sam2_loader import load_sam2
+
+    _silence()
+    return load_sam2("sam2.1_hiera_t", None, image_size=image_size, seed=seed, warn=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sam2(torch_threads):
+    return load_tiny()
+
+
+@pytest.fixture(scope="session")
+def pruned(tiny_sam2):
+    from fastsam2.export.model import PrunedSAM2
+
+    return PrunedSAM2(tiny_sam2)
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    from fastsam2.calibration.synthetic import make_video
+
+    return make_video(tmp_path_factory.mktemp("synth"), num_frames=NUM_FRAMES, size=(240, 320),
+                      seed=0, fmt="jpg")
+
+
+def run_official(predictor, frames_dir, point, obj_id=1):
+    """SAM2VideoPredictor on a frames folder with one positive click on frame 0.
+
+    Returns {frame: video-resolution mask logits}. Hole filling needs sam2's CUDA extension;
+    without it sam2 skips that step itself, which is the comparison point we want.
+    """
+    import torch
+
+    _silence()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = predictor.init_state(str(frames_dir))
+        predictor.add_new_points_or_box(state, frame_idx=0, obj_id=obj_id,
+                                        points=np.array([point], np.float32),
+                                        labels=np.array([1], np.int32))
+        out = {}
+        with torch.inference_mode():
+            for fi, _, masks in predictor.propagate_in_video(state):
+                out[fi] = masks[0, 0].float().numpy().copy()
+    return out
+
+
+@pytest.fixture(scope="session")
+def official_logits(tiny_sam2, synth):
+    return run_official(tiny_sam2.model, synth.frames_dir_or_file, synth.first_frame_points[1])
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)

@@ -1,0 +1,131 @@
+"""The spine: at keep 1.0 the pruned tracker is SAM2's video predictor (PyTorch modules,
+numpy loop); below 1.0 it really prunes, with a bank of constant size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import NUM_FRAMES, load_tiny, mask_iou, run_official
+from fastsam2.runtime.sam2_math import Resizer
+from fastsam2.runtime.tracker import Prompt, Tracker
+
+
+def _frames(frames_dir):
+    return sorted(p for p in frames_dir.iterdir() if p.suffix == ".jpg")
+
+
+class Recording:
+    """A session wrapper that records the shapes each graph was fed."""
+
+    def __init__(self, inner, log):
+        self.inner, self.log = inner, log
+
+    def run(self, feeds):
+        self.log.append({k: v.shape for k, v in feeds.items()})
+        return self.inner.run(feeds)
+
+
+def track_frames(pruned, frames_dir, point, keep=1.0, num_frames=None, record=None, fill="no_mem"):
+    from fastsam2.export.torch_backend import torch_sessions
+
+    sessions = torch_sessions(pruned)
+    if record is not None:
+        sessions["memory_attention"] = Recording(sessions["memory_attention"], record)
+    paths = _frames(frames_dir)
+    tr = Tracker(sessions, pruned.constants(), pruned.settings, keep=keep,
+                 num_frames=num_frames or len(paths), fill=fill)
+    rs = Resizer()
+    out, results = {}, []
+    for i, p in enumerate(paths):
+        rgb = np.asarray(Image.open(p).convert("RGB"))
+        h, w = rgb.shape[:2]
+        img = tr.preprocess(rgb)
+        if i == 0:
+            S = pruned.settings["image_size"]
+            pts = np.array([[point[0] / w * S, point[1] / h * S]], np.float32)
+            r = tr.add_prompt_frame(0, img, Prompt(pts, np.ones(1, np.float32)))
+        else:
+            r = tr.track(i, img)
+        results.append(r)
+        out[i] = rs(r.low_res_logits[0, 0], (h, w))
+    return out, results, tr
+
+
+def assert_parity(official, ours, atol=1e-3, min_iou=0.999):
+    assert sorted(official) == sorted(ours)
+    worst = max(float(np.abs(official[i] - ours[i]).max()) for i in official)
+    ious = [mask_iou(official[i] > 0, ours[i] > 0) for i in official]
+    assert worst <= atol, f"max-abs logits difference {worst:.3e}"
+    assert min(ious) >= min_iou, f"min IoU {min(ious):.5f}"
+    return worst, min(ious)
+
+
+def test_parity_keep1_matches_official_predictor(pruned, synth, official_logits):
+    ours, results, _ = track_frames(pruned, synth.frames_dir_or_file, synth.first_frame_points[1])
+    assert len(ours) == NUM_FRAMES >= 10
+    # the masks are not trivial: some pixels in, some out, on every frame
+    for i, logits in official_logits.items():
+        frac = float((logits > 0).mean())
+        assert 0.0 < frac < 1.0, (i, frac)
+    worst, min_iou = assert_parity(official_logits, ours)
+    print(f"parity 256px {NUM_FRAMES} frames: max-abs {worst:.2e}, min IoU {min_iou:.5f}")
+
+
+def test_parity_check_can_fail(pruned, synth, official_logits):
+    """The comparison above is sensitive: pruning half the tokens breaks it."""
+    ours, _, _ = track_frames(pruned, synth.frames_dir_or_file, synth.first_frame_points[1], keep=0.5)
+    worst = max(float(np.abs(official_logits[i] - ours[i]).max()) for i in ours)
+    assert worst > 1e-3
+
+
+def test_pruned_memory_attention_gets_k_tokens_and_bank_stays_constant(pruned, tmp_path):
+    from fastsam2.calibration.synthetic import make_video
+
+    vid = make_video(tmp_path, num_frames=22, size=(120, 160), seed=3, fmt="jpg")
+    log = []
+    keep = 0.3
+    T = pruned.geometry["T"]
+    k = max(64, int(np.ceil(keep * T)))
+    _, results, tr = track_frames(pruned, vid.frames_dir_or_file, vid.first_frame_points[1],
+                                  keep=keep, record=log)
+    assert len(results) == 22
+    assert all(r.kept_tokens == k for r in results[1:])
+    assert len(log) == 21
+    for shapes in log:
+        assert shapes["curr"] == (k, 256) and shapes["curr_idx"] == (k,)
+    # bank: the conditioning frame keeps all T tokens; each tracked frame keeps exactly k
+    slots = pruned.settings["num_maskmem"] - 1
+    assert tr.bank.cond[0][1].shape[0] == T
+    assert tr.bank.stored_tokens() == slots * k
+    assert set(tr.bank.count.tolist()) == {k}
+    # memory fed to attention: constant once the bank is full (frames >= 7)
+    ms = [s["memory_idx"][0] for s in log]
+    assert ms[0] == T  # frame 1 sees only the conditioning frame
+    full = T + slots * k
+    assert all(m == full for m in ms[slots:]), ms
+    m_tokens = [s["memory"][0] for s in log]
+    assert max(m_tokens) == full + 16 * 4  # plus 16 object pointers of 4 tokens
+    assert m_tokens[-1] == m_tokens[-2]
+
+
+def test_fill_last_option_runs_and_differs(pruned, synth):
+    a, _, _ = track_frames(pruned, synth.frames_dir_or_file, synth.first_frame_points[1], keep=0.5)
+    b, _, _ = track_frames(pruned, synth.frames_dir_or_file, synth.first_frame_points[1], keep=0.5,
+                           fill="last")
+    assert np.allclose(a[0], b[0])  # the prompted frame does not use the fill
+    assert any(not np.allclose(a[i], b[i]) for i in range(1, len(a)))
+
+
+@pytest.mark.slow
+def test_parity_keep1_at_1024(tmp_path):
+    from fastsam2.calibration.synthetic import make_video
+    from fastsam2.export.model import PrunedSAM2
+
+    vid = make_video(tmp_path, num_frames=10, size=(240, 320), seed=1, fmt="jpg")
+    loaded = load_tiny(image_size=1024)
+    official = run_official(loaded.model, vid.frames_dir_or_file, vid.first_frame_points[1])
+    ours, _, _ = track_frames(PrunedSAM2(loaded), vid.frames_dir_or_file, vid.first_frame_points[1])
+    worst, min_iou = assert_parity(official, ours)
+    print(f"parity 1024px 10 frames: max-abs {worst:.2e}, min IoU {min_iou:.5f}")
