@@ -1,0 +1,149 @@
+"""fastsam2-eval on a tiny DAVIS layout built here: the CSVs users get, and one-line errors."""
+
+import csv
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from fastsam2.calibration.davis import evaluate_davis
+from fastsam2.calibration.eval_cli import main
+
+SHAPE = (48, 64)
+
+
+def save_palette_png(index_map, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(index_map.astype(np.uint8), mode="P")
+    im.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [255, 255, 255] * 252)
+    im.save(path)
+
+
+def annotation(t, n_objects):
+    m = np.zeros(SHAPE, np.uint8)
+    m[8:24, 4 + 2 * t:24 + 2 * t] = 1
+    if n_objects > 1:
+        m[28:44, 40 - t:56 - t] = 2
+        m[27, 38 - t:58 - t] = 255  # a void band, as DAVIS draws around objects
+    return m
+
+
+def perturb(m, t):
+    """What a tracker might return: object 1 a little too wide, object 2 shrinking over time."""
+    r = np.where(m == 255, 0, m)
+    ys, xs = np.nonzero(r == 1)
+    r[ys.min():ys.max() + 1, xs.max() + 1:xs.max() + 3] = 1
+    r[28:28 + t, :][r[28:28 + t, :] == 2] = 0
+    return r
+
+
+SEQUENCES = {"alpha": (1, 5), "beta": (2, 7)}  # name: (objects, frames)
+
+
+@pytest.fixture(scope="session")
+def davis_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("DAVIS")
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("alpha\nbeta\n")
+    for seq, (n_objects, n_frames) in SEQUENCES.items():
+        (root / "JPEGImages" / "480p" / seq).mkdir(parents=True)
+        for t in range(n_frames):
+            Image.new("RGB", SHAPE[::-1], (90, 120, 150)).save(root / "JPEGImages" / "480p" / seq / f"{t:05d}.jpg")
+            save_palette_png(annotation(t, n_objects), root / "Annotations" / "480p" / seq / f"{t:05d}.png")
+    return root
+
+
+@pytest.fixture
+def results(tmp_path):
+    out = tmp_path / "res"
+    for seq, (n_objects, n_frames) in SEQUENCES.items():
+        for t in range(n_frames):
+            save_palette_png(perturb(annotation(t, n_objects), t), out / seq / f"{t:05d}.png")
+    return out
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def read_csv(path):
+    text = path.read_text()
+    assert "\r" not in text  # pandas-style "\n" line ends, as the official CSVs
+    return list(csv.reader(text.splitlines()))
+
+
+def test_scores_results_and_writes_the_official_csvs(davis_root, results):
+    result = run("--davis", davis_root, "--split", "val", "--results", results)
+    assert result.exit_code == 0, result.output
+    global_row, per_seq = evaluate_davis(davis_root, results, "val")
+
+    rows = read_csv(results / "global_results-val.csv")
+    assert rows[0] == ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]
+    assert rows[1] == ["%.3f" % global_row[c] for c in rows[0]]
+    assert float(rows[1][0]) == pytest.approx((global_row["J-Mean"] + global_row["F-Mean"]) / 2, abs=1e-3)
+
+    rows = read_csv(results / "per-sequence_results-val.csv")
+    assert rows[0] == ["Sequence", "J-Mean", "F-Mean"]
+    assert [r[0] for r in rows[1:]] == ["alpha_1", "beta_1", "beta_2"]
+    assert rows[1:] == [[r["Sequence"], "%.3f" % r["J-Mean"], "%.3f" % r["F-Mean"]] for r in per_seq]
+
+    # the perturbation is real but small, and object 2's error grows over time (a decay)
+    assert 0.5 < global_row["J-Mean"] < 1.0
+    assert global_row["J-Decay"] > 0
+    # J&F is the mean over objects, not over sequences
+    assert global_row["J-Mean"] == pytest.approx(np.mean([r["J-Mean"] for r in per_seq]))
+    # and the global table is printed
+    assert "J&F-Mean" in result.stdout and "%.3f" % global_row["J&F-Mean"] in result.stdout
+
+
+def test_ground_truth_as_results_scores_one(davis_root, tmp_path):
+    for seq, (n_objects, n_frames) in SEQUENCES.items():
+        for t in range(n_frames):
+            m = annotation(t, n_objects)
+            save_palette_png(np.where(m == 255, 0, m), tmp_path / seq / f"{t:05d}.png")
+    global_row, _ = evaluate_davis(davis_root, tmp_path, "val")
+    assert global_row == pytest.approx({"J&F-Mean": 1, "J-Mean": 1, "J-Recall": 1, "J-Decay": 0,
+                                        "F-Mean": 1, "F-Recall": 1, "F-Decay": 0})
+
+
+def test_sequences_option_and_unscored_first_frame(davis_root, results):
+    (results / "beta" / "00000.png").unlink()  # the given annotation: never scored, not needed
+    result = run("--davis", davis_root, "--results", results, "--sequences", "beta")
+    assert result.exit_code == 0, result.output
+    rows = read_csv(results / "per-sequence_results-val.csv")
+    assert [r[0] for r in rows[1:]] == ["beta_1", "beta_2"]
+
+
+def assert_one_line_error(result, *words):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for w in words:
+        assert w in lines[0]
+
+
+def test_missing_davis_folder(tmp_path, results):
+    assert_one_line_error(run("--davis", tmp_path / "nope", "--results", results), "DAVIS folder", "nope")
+
+
+def test_missing_split_file(davis_root, results):
+    assert_one_line_error(run("--davis", davis_root, "--split", "train", "--results", results), "train.txt")
+
+
+def test_missing_results_folder(davis_root, tmp_path):
+    assert_one_line_error(run("--davis", davis_root, "--results", tmp_path / "none"), "results folder")
+
+
+def test_missing_results_frame(davis_root, results):
+    (results / "alpha" / "00002.png").unlink()
+    assert_one_line_error(run("--davis", davis_root, "--results", results), "00002.png")
+
+
+def test_neither_results_nor_bundle(davis_root):
+    assert_one_line_error(run("--davis", davis_root), "--results")
+
+
+def test_run_mode_needs_keep_and_out(davis_root, tmp_path):
+    assert_one_line_error(run("--davis", davis_root, "--bundle", tmp_path), "--keep")
