@@ -1,0 +1,344 @@
+"""TensorRT side of export: optimisation-profile shapes, a trtexec build plan, and engine builds.
+
+Engines are tied to one GPU and one TensorRT version, and the export machine is usually not the
+device. So export always writes `engines/<target>/build_plan.sh` (trtexec + Polygraphy lines to
+run on the device) and builds engines in-process only where TensorRT and a GPU are present.
+
+Written for TensorRT 8.6 (JetPack 6.0) and 10.x. TensorRT 11 drops weakly typed precision
+(`--fp16`, `BuilderFlag.FP16`, int8 calibrators): there an fp16 profile needs an fp16 ONNX and
+`--stronglyTyped`, which this module does not produce; `build_engines` says so.
+
+The router's top-k runs in numpy, not in the graph: TensorRT's TopK caps K at 3840, below
+T = 4096 at 1024² input, so nothing here has to respect that limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+import time
+from pathlib import Path
+
+from fastsam2.runtime.contract import (
+    GRAPHS,
+    PTR_TOKENS,
+    geometry,
+    keep_to_k,
+    memory_token_range,
+)
+from fastsam2.runtime.errors import BackendError, BundleError, InputError
+from fastsam2.runtime.trt_backend import current_gpu, tensorrt_available  # noqa: F401
+
+TIMING_CACHE = "timing.cache"
+CALIBRATION_CACHE = "calibration.cache"  # written by fastsam2.calibration for int8 targets
+# parity tolerances of the contract are for fp32; reduced precision gets looser ones
+_TOL_SCALE = {"fp32": 1.0, "fp16": 10.0, "int8": 100.0}
+
+
+def engines_dir(bundle_dir, profile) -> Path:
+    return Path(bundle_dir) / "engines" / profile.name
+
+
+def shape_profiles(profile, image_size: int, keep: float, num_maskmem: int = 7,
+                   max_obj_ptrs: int = 16, text_dim: int = 512) -> dict:
+    """{graph: {input: (min, opt, max)}} concrete shapes for every input of every graph.
+
+    N, Ms and M span what a run with per-frame keep in [keep_min, keep_max] can produce; opt is
+    the export keep with a full memory bank (the steady state after num_maskmem frames). Fixed
+    inputs have min = opt = max.
+    """
+    if not profile.keep_min <= keep <= profile.keep_max:
+        raise InputError(
+            f"keep {keep} is outside target {profile.name}'s range "
+            f"[{profile.keep_min}, {profile.keep_max}]"
+        )
+    dims = geometry(image_size, text_dim)
+    t = dims["T"]
+    k_min, k_opt, k_max = (keep_to_k(x, t) for x in (profile.keep_min, keep, profile.keep_max))
+    ranges = memory_token_range(k_min, k_max, t, num_maskmem, max_obj_ptrs)
+    ms_opt = t + (num_maskmem - 1) * k_opt
+    opt = {"N": k_opt, "Ms": ms_opt, "M": ms_opt + max_obj_ptrs * PTR_TOKENS, "P": 1}
+    ranges["P"] = (1, profile.max_points)
+
+    lo = {**dims, **{s: r[0] for s, r in ranges.items()}}
+    hi = {**dims, **{s: r[1] for s, r in ranges.items()}}
+    mid = {**dims, **opt}
+    out = {}
+    for gname, spec in GRAPHS.items():
+        out[gname] = {}
+        for tensor in spec.inputs:
+            shapes = tuple(tensor.resolve(d) for d in (lo, mid, hi))
+            if not all(isinstance(d, int) for shape in shapes for d in shape):
+                raise ValueError(f"{gname}.{tensor.name}: unresolved symbol in {shapes[1]}")
+            out[gname][tensor.name] = shapes
+    return out
+
+
+def dynamic_inputs(graph: str) -> list:
+    """Inputs of `graph` with a run-time dynamic axis (the ones optimisation profiles cover)."""
+    spec = GRAPHS[graph]
+    return [t.name for t in spec.inputs if any(d in spec.dynamic for d in t.shape)]
+
+
+def _trtexec_shapes(shapes: dict, names: list, which: int) -> str:
+    return ",".join(f"{n}:{'x'.join(str(d) for d in shapes[n][which])}" for n in names)
+
+
+def _polygraphy_shapes(shapes: dict, names: list, which: int) -> str:
+    # quoted: an unquoted `[..]` is a bash glob
+    return " ".join(f"'{n}:[{','.join(str(d) for d in shapes[n][which])}]'" for n in names)
+
+
+def _trtexec_line(graph: str, profile, shapes: dict) -> str:
+    dyn = dynamic_inputs(graph)
+    args = [f'"$TRTEXEC" --onnx=../../{graph}.onnx --saveEngine={graph}.engine']
+    if dyn:
+        args += [f"--{w}Shapes={_trtexec_shapes(shapes[graph], dyn, i)}"
+                 for i, w in enumerate(("min", "opt", "max"))]
+    if profile.precision == "fp16":
+        args.append("--fp16")
+    elif profile.precision == "int8":
+        # fp16 too, so layers int8 cannot take do not drop to fp32
+        args.append(f"--int8 --fp16 --calib={CALIBRATION_CACHE}")
+    # `workspace:<N>M`: TensorRT 8.6 reads MiB by default, 10.x wants the unit; both accept this
+    args.append(f"--memPoolSize=workspace:{profile.workspace_mib}M")
+    args.append(f"--builderOptimizationLevel={profile.builder_optimization_level}")
+    if profile.dla_core >= 0:
+        args.append(f"--useDLACore={profile.dla_core} --allowGPUFallback")
+    args.append(f"--timingCacheFile={TIMING_CACHE}")
+    return " ".join(args)
+
+
+def _polygraphy_line(graph: str, profile, shapes: dict, image_size: int) -> str:
+    spec = GRAPHS[graph]
+    dyn = dynamic_inputs(graph)
+    scale = _TOL_SCALE[profile.precision]
+    args = [f"polygraphy run ../../{graph}.onnx --trt --onnxrt"]
+    if profile.precision == "fp16":
+        args.append("--fp16")
+    elif profile.precision == "int8":
+        args.append(f"--int8 --fp16 --calibration-cache {CALIBRATION_CACHE}")
+    args.append(f"--pool-limit workspace:{profile.workspace_mib}M")
+    args.append(f"--builder-optimization-level {profile.builder_optimization_level}")
+    if profile.dla_core >= 0:
+        # Polygraphy always takes DLA core 0; numerics do not depend on which core
+        args.append("--use-dla --allow-gpu-fallback")
+    args.append(f"--load-timing-cache {TIMING_CACHE}")
+    if dyn:
+        for i, w in enumerate(("min", "opt", "max")):
+            args.append(f"--trt-{w}-shapes {_polygraphy_shapes(shapes[graph], dyn, i)}")
+        args.append(f"--input-shapes {_polygraphy_shapes(shapes[graph], dyn, 1)}")
+    # random int64 inputs are gather indices into the token grid: keep them inside it
+    t = geometry(image_size)["T"]
+    idx = [x.name for x in spec.inputs if x.dtype == "int64"]
+    if idx:
+        args.append("--val-range " + " ".join(f"'{n}:[0,{t - 1}]'" for n in idx))
+    args.append("--atol " + " ".join(f"{o}:{a * scale:g}" for o, a in spec.atol.items()))
+    args.append(f"--rtol {spec.rtol * scale:g}")
+    return " ".join(args)
+
+
+def write_build_plan(bundle_dir, profile, shapes: dict) -> Path:
+    """Write `engines/<target>/build_plan.sh`: one trtexec build and one Polygraphy check per graph."""
+    if not profile.tensorrt:
+        raise InputError(f"target {profile.name} runs on ONNX Runtime only; it has no TensorRT build plan")
+    missing = [g for g in GRAPHS if g not in shapes]
+    if missing:
+        raise ValueError(f"shapes lack graphs: {missing}")
+    image_size = shapes["image_encoder"]["image"][1][-1]
+    n_lo, n_opt, n_hi = (shapes["memory_attention"]["curr"][i][0] for i in range(3))
+    out = engines_dir(bundle_dir, profile)
+    out.mkdir(parents=True, exist_ok=True)
+    dla = (f"DLA core {profile.dla_core} with GPU fallback" if profile.dla_core >= 0 else "no DLA")
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# fastsam2 TensorRT build plan for target {profile.name}: {profile.description}",
+        f"# device: {profile.device} (compute capability {profile.compute_capability}); "
+        f"precision {profile.precision}; {dla}",
+        f"# keep range {profile.keep_min}..{profile.keep_max} -> memory attention N "
+        f"{n_lo}..{n_hi} (opt {n_opt}) at image size {image_size}",
+        "#",
+        "# Engines only load on the GPU and TensorRT version that built them: copy the whole",
+        "# bundle to the device and run, there:",
+        f"#     bash bundle/engines/{profile.name}/build_plan.sh",
+        "# TRTEXEC overrides the trtexec binary (JetPack keeps it in /usr/src/tensorrt/bin);",
+        "# SKIP_CHECKS=1 skips the Polygraphy parity checks (TensorRT vs ONNX Runtime on random",
+        "# inputs at the opt shapes). Their tolerances are the graph contract's, x10 for fp16",
+        "# (x100 for int8): reduced precision does not meet fp32 tolerances.",
+        "# Written for TensorRT 8.6 / 10.x (TensorRT 11 has no --fp16).",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+        'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
+        "",
+        "# build",
+    ]
+    lines += [_trtexec_line(g, profile, shapes) for g in GRAPHS]
+    lines += ["", "# check", 'if [[ "${SKIP_CHECKS:-0}" != 1 ]]; then']
+    lines += ["  " + _polygraphy_line(g, profile, shapes, image_size) for g in GRAPHS]
+    lines += ["fi", ""]
+    path = out / "build_plan.sh"
+    path.write_text("\n".join(lines))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_engines(bundle_dir, profile, shapes: dict, log=print) -> dict:
+    """Build every graph's engine here with the TensorRT Python API; return what the manifest records.
+
+    Needs tensorrt, polygraphy (for the GPU query) and a GPU. Writes `<graph>.engine`,
+    `timing.cache` and `build.log` under `engines/<target>/`.
+    """
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise BackendError(
+            f"building engines needs `pip install fastsam2[trt]` (tensorrt; on Jetson it comes "
+            f"with JetPack) and an NVIDIA GPU; here: {e}; or run engines/{profile.name}/build_plan.sh "
+            "on the device"
+        ) from None
+    if not profile.tensorrt:
+        raise InputError(f"target {profile.name} runs on ONNX Runtime only; no engines to build")
+    gpu = current_gpu()
+    if gpu is None:
+        raise BackendError("building engines needs a visible NVIDIA GPU; none found")
+    bundle_dir = Path(bundle_dir)
+    missing = [g for g in GRAPHS if not (bundle_dir / f"{g}.onnx").is_file()]
+    if missing:
+        raise BundleError(f"{bundle_dir} lacks {', '.join(m + '.onnx' for m in missing)}")
+    flags = trt.BuilderFlag
+    if profile.precision != "fp32" and not hasattr(flags, "FP16"):
+        raise BackendError(
+            f"TensorRT {trt.__version__} builds strongly typed networks only; target "
+            f"{profile.name} wants {profile.precision}, which needs TensorRT 8.6-10.x"
+        )
+    out = engines_dir(bundle_dir, profile)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "build.log", "w")
+
+    class _Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            # TensorRT may still log while the builder is torn down, after the file is closed
+            if severity != trt.ILogger.Severity.VERBOSE and not log_file.closed:
+                log_file.write(f"[trt {getattr(severity, 'name', severity)}] {msg}\n")
+
+    def note(msg):
+        log_file.write(msg + "\n")
+        log(msg)
+
+    logger = _Logger()
+    builder = trt.Builder(logger)
+    # 8.x needs explicit batch asked for; 10 made it the only mode and deprecated the flag
+    major = int(trt.__version__.split(".")[0])
+    net_flags = 0
+    if major < 10:
+        net_flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    cache_path = out / TIMING_CACHE
+    cache = None
+    result = {
+        "target": profile.name, **gpu, "tensorrt_version": trt.__version__,
+        "precision": profile.precision, "dla_core": profile.dla_core, "graphs": {},
+    }
+    note(f"TensorRT {trt.__version__} on {gpu['gpu_name']} (sm {gpu['compute_capability']}), "
+         f"target {profile.name}")
+    try:
+        for gname in GRAPHS:
+            network = builder.create_network(net_flags)
+            parser = trt.OnnxParser(network, logger)
+            # parse_from_file, not parse(bytes): it finds external weight files beside the .onnx
+            if not parser.parse_from_file(str(bundle_dir / f"{gname}.onnx")):
+                errs = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+                note(f"{gname}: ONNX parse failed: {errs}")
+                raise BackendError(f"TensorRT {trt.__version__} cannot parse {gname}.onnx: {errs}")
+
+            config = builder.create_builder_config()
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, profile.workspace_mib << 20)
+            config.builder_optimization_level = profile.builder_optimization_level
+            if profile.precision in ("fp16", "int8"):
+                config.set_flag(flags.FP16)
+            if profile.precision == "int8":
+                # held here: the config keeps only a raw pointer to the calibrator
+                calibrator = _set_int8(trt, config, out / CALIBRATION_CACHE)  # noqa: F841
+            if profile.dla_core >= 0:
+                config.default_device_type = trt.DeviceType.DLA
+                config.DLA_core = profile.dla_core
+                config.set_flag(flags.GPU_FALLBACK)
+            if cache is None:
+                blob = cache_path.read_bytes() if cache_path.is_file() else b""
+                cache = config.create_timing_cache(blob)
+            if not config.set_timing_cache(cache, ignore_mismatch=False):
+                # a cache from another GPU or TensorRT: start a fresh one rather than mix timings
+                note(f"{cache_path.name} does not match this GPU/TensorRT; starting a new one")
+                cache = config.create_timing_cache(b"")
+                config.set_timing_cache(cache, ignore_mismatch=False)
+
+            opt_profile = builder.create_optimization_profile()
+            for i in range(network.num_inputs):
+                tensor = network.get_input(i)
+                if -1 in tuple(tensor.shape):
+                    if tensor.name not in shapes[gname]:
+                        raise BundleError(f"{gname}.onnx input {tensor.name} is dynamic but not in the contract")
+                    lo, mid, hi = shapes[gname][tensor.name]
+                    opt_profile.set_shape(tensor.name, lo, mid, hi)
+            config.add_optimization_profile(opt_profile)
+
+            t0 = time.perf_counter()
+            serialized = builder.build_serialized_network(network, config)
+            seconds = time.perf_counter() - t0
+            if serialized is None:
+                note(f"{gname}: build failed after {seconds:.1f} s")
+                raise BackendError(f"TensorRT could not build {gname}; see {out / 'build.log'}")
+            engine_path = out / f"{gname}.engine"
+            with open(engine_path, "wb") as f:
+                f.write(serialized)
+            result["graphs"][gname] = {
+                "file": str(engine_path.relative_to(bundle_dir)),
+                "sha256": _sha256(engine_path),
+                "build_seconds": round(seconds, 2),
+            }
+            note(f"{gname}: built in {seconds:.1f} s -> {engine_path.name}")
+        if cache is not None:
+            cache_path.write_bytes(memoryview(cache.serialize()))
+    finally:
+        log_file.close()
+    return result
+
+
+def _set_int8(trt, config, calib_cache: Path):
+    """Int8 from a calibration cache alone: the calibrator never feeds batches."""
+    if not calib_cache.is_file():
+        raise BundleError(f"int8 needs a calibration cache at {calib_cache} (fastsam2-calibrate)")
+    if not hasattr(trt.BuilderFlag, "INT8") or not hasattr(trt, "IInt8EntropyCalibrator2"):
+        raise BackendError(f"TensorRT {trt.__version__} has no implicit int8 calibration")
+    blob = calib_cache.read_bytes()
+
+    class _CacheCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self):
+            trt.IInt8EntropyCalibrator2.__init__(self)
+
+        def get_batch_size(self):
+            return 1
+
+        def get_batch(self, names):
+            return None
+
+        def read_calibration_cache(self):
+            return blob
+
+        def write_calibration_cache(self, cache):
+            return None
+
+    calibrator = _CacheCalibrator()
+    config.set_flag(trt.BuilderFlag.INT8)
+    config.int8_calibrator = calibrator
+    return calibrator
