@@ -1,0 +1,131 @@
+"""fastsam2-export: pruned SAM2 -> five ONNX graphs + text embeddings + engines or build plan."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from fastsam2.runtime.errors import FastSam2Error, InputError
+
+
+def _engines_hook(profile, keep: float, log):
+    """Build engines when the target's GPU is this machine's; otherwise write the build plan."""
+
+    def hook(tmp: Path, manifest: dict) -> dict:
+        if not profile.tensorrt:
+            return {}
+        from fastsam2.export.tensorrt import build_engines, shape_profiles, write_build_plan
+        from fastsam2.runtime.trt_backend import current_gpu, tensorrt_available
+
+        s = manifest["model"]
+        shapes = shape_profiles(profile, manifest["image_size"], keep, s["num_maskmem"],
+                                s["max_obj_ptrs_in_encoder"], s["text_dim"])
+        plan = write_build_plan(tmp, profile, shapes)
+        info = {"target": profile.name, "keep_range": [profile.keep_min, profile.keep_max],
+                "precision": profile.precision, "build_plan": str(plan.relative_to(tmp)), "built": False}
+        gpu = current_gpu() if tensorrt_available() else None
+        if gpu and gpu.get("compute_capability") == profile.compute_capability:
+            built = build_engines(tmp, profile, shapes, log=log)
+            prefix = f"engines/{profile.name}/"
+            built["graphs"] = {g: {**v, "file": prefix + Path(v["file"]).name} for g, v in built["graphs"].items()}
+            info.update(built, built=True)
+            log(f"built {len(built['graphs'])} TensorRT engines for {gpu['gpu_name']}")
+        else:
+            where = f"a {gpu['gpu_name']}" if gpu else "no NVIDIA GPU with TensorRT"
+            log(f"target {profile.name} ({profile.device}) is not this machine ({where}): "
+                f"wrote {info['build_plan']} to run on the device")
+        return info
+
+    return hook
+
+
+def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0.5, prompts="",
+                  prompts_file=None, text_model="ViT-B-32", text_pretrained="laion2b_s34b_b79k",
+                  text_checkpoint=None, image_size=1024, opset=17, out="bundle", force=False,
+                  seed=0, log=print) -> dict:
+    """The library function behind the command (tests call it directly)."""
+    from fastsam2.export.onnx_export import prepare_out_dir
+    from fastsam2.profiles import load_profile
+
+    if not (0.0 < keep <= 1.0):
+        raise InputError(f"--keep must be in (0, 1], got {keep}")
+    if opset > 17 or opset < 14:
+        raise InputError(f"--opset must be 14..17 (TensorRT 8.6 on JetPack 6.0 parses <= 17), got {opset}")
+    profile = load_profile(target)
+    if profile.tensorrt and not (profile.keep_min <= keep <= profile.keep_max):
+        raise InputError(f"--keep {keep} is outside target {target}'s range {profile.keep_min}..{profile.keep_max}")
+    from fastsam2.export.text import TextEncoderSpec, compute_text_embeddings, parse_prompts
+
+    prompt_list = parse_prompts(prompts, prompts_file)
+    out = Path(out)
+    prepare_out_dir(out, force)  # fail before minutes of work, not after
+
+    from fastsam2.export.model import PrunedSAM2
+    from fastsam2.export.onnx_export import write_bundle
+    from fastsam2.export.sam2_loader import load_sam2
+
+    loaded = load_sam2(config, checkpoint, image_size=image_size, seed=seed)
+    spec = TextEncoderSpec(model=text_model, pretrained=text_pretrained, checkpoint=text_checkpoint,
+                           seed=seed)
+    emb, text_info = compute_text_embeddings(prompt_list, spec)
+    pruned = PrunedSAM2(loaded, text_dim=text_info["dim"])
+    return write_bundle(pruned, out, keep=keep, target=target, opset=opset, text_embeddings=emb,
+                        text_info=text_info, force=force, profile=profile,
+                        engines_hook=_engines_hook(profile, keep, log), log=log)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", default="sam2.1_hiera_t", show_default=True, help="SAM2 config name (sam2.1_hiera_t/s/b+/l, sam2_hiera_*).")
+@click.option("--checkpoint", type=str, default=None, help="Official SAM2 checkpoint (.pt). Omit for a seeded random init (tests/offline demo; masks are not meaningful).")
+@click.option("--target", default=None, help="Target profile from profiles/ (see --list-targets).")
+@click.option("--keep", type=float, default=0.5, show_default=True, help="Default keep ratio (fraction of tokens entering memory attention); centre of the TensorRT profiles.")
+@click.option("--prompts", default="", help='Comma-separated text prompts to precompute, e.g. "cyclist,red soccer ball".')
+@click.option("--prompts-file", type=str, default=None, help="File with one prompt per line (# comments allowed).")
+@click.option("--text-model", default="ViT-B-32", show_default=True, help="open_clip model name.")
+@click.option("--text-pretrained", default="laion2b_s34b_b79k", show_default=True, help="open_clip pretrained tag, or 'random' for a seeded random init (offline tests).")
+@click.option("--text-checkpoint", type=str, default=None, help="Local open_clip checkpoint file (instead of downloading the tag).")
+@click.option("--image-size", type=int, default=1024, show_default=True, help="Model input size (SAM2 uses 1024; any multiple of 16).")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (<= 17 for TensorRT 8.6 / JetPack 6.0).")
+@click.option("--out", type=str, default=None, help="Bundle folder to write.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random inits (SAM2 without --checkpoint, CLIP with 'random', the router).")
+@click.option("--list-targets", is_flag=True, help="List the target profiles and exit.")
+def main(config, checkpoint, target, keep, prompts, prompts_file, text_model, text_pretrained,
+         text_checkpoint, image_size, opset, out, force, seed, list_targets):
+    """Export the pruned SAM2 as a bundle for fastsam2-run."""
+    from fastsam2.profiles import list_targets as _targets, load_profile
+
+    try:
+        if list_targets:
+            for name in _targets():
+                p = load_profile(name)
+                click.echo(f"{name:18s} {p.precision:5s} {p.description}")
+            return
+        if not target:
+            raise InputError("--target is required (see --list-targets)")
+        if not out:
+            raise InputError("--out is required")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            manifest = export_bundle(config, checkpoint, target, keep, prompts, prompts_file, text_model,
+                                     text_pretrained, text_checkpoint, image_size, opset, out, force, seed,
+                                     log=lambda m: click.echo(m, err=True))
+        shown = set()
+        for w in caught:
+            text = str(w.message).splitlines()[0]
+            if ("random" in text or "randomly" in text) and text not in shown:
+                shown.add(text)
+                click.echo(f"warning: {text}", err=True)
+        sizes = sum(g["bytes"] for g in manifest["graphs"].values()) / 1e6
+        click.echo(f"wrote bundle {out} ({sizes:.1f} MB of ONNX, {manifest['export_seconds']:.1f} s, "
+                   f"target {target}, keep {keep})")
+    except FastSam2Error as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Export the five graphs and write a bundle (DESIGN.md §5).
+
+The bundle is built in a temporary folder beside the target and renamed into place at the end,
+with manifest.json written last: a failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from fastsam2 import __version__
+from fastsam2.runtime.contract import GRAPHS, memory_token_range, keep_to_k
+from fastsam2.runtime.errors import OutputError
+
+# Operators the ONNX parser of TensorRT 8.6 (JetPack 6.0 on Jetson Orin) accepts, from
+# onnx-tensorrt's operators.md for release 8.6. Graphs must stay inside this set.
+TRT86_OPS = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast
+Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace
+DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather
+GatherElements GatherND Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual
+GridSample HardSigmoid HardSwish Identity If InstanceNormalization IsInf IsNaN LayerNormalization
+LeakyRelu Less LessOrEqual Log LogSoftmax Loop LpNormalization LpPool LRN LSTM MatMul Max MaxPool
+Mean Min Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad Pow PRelu QuantizeLinear
+RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2
+ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare
+Relu Reshape Resize ReverseSequence RNN RoiAlign Round Scan Scatter ScatterElements ScatterND Selu
+Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt
+Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
+""".split())
+
+ONNX_NAMES = {name: f"{name}.onnx" for name in GRAPHS}
+
+
+def example_feeds(name: str, geom: dict, n: int = 96, ms: int | None = None, ptrs: int = 3,
+                  points: int = 2, seed: int = 0) -> dict:
+    """Random inputs of the contract's shapes; N, Ms, M and P set by the arguments."""
+    rng = np.random.default_rng(seed)
+    T = geom["T"]
+    ms = 2 * T if ms is None else ms
+    dims = dict(geom, N=n, Ms=ms, M=ms + 4 * ptrs, P=points)
+    feeds = {}
+    for t in GRAPHS[name].inputs:
+        shape = t.resolve(dims)
+        if t.dtype == "int64":
+            feeds[t.name] = (rng.integers(0, T, size=shape) if t.name == "memory_idx"
+                             else np.sort(rng.choice(T, size=shape, replace=False))).astype(np.int64)
+        else:
+            feeds[t.name] = rng.standard_normal(shape).astype(np.float32)
+    if name == "mask_decoder":
+        feeds["point_coords"] = (rng.random((1, points, 2)) * geom["S"]).astype(np.float32)
+        feeds["point_labels"] = np.resize(np.array([1, 0], np.float32), (1, points))
+        feeds["has_mask_input"] = np.zeros(1, np.float32)
+    if name == "memory_encoder":
+        feeds["binarize"] = np.zeros(1, np.float32)
+    if name == "router":
+        feeds["text_emb"] /= np.linalg.norm(feeds["text_emb"])
+    return feeds
+
+
+def export_graph(module, name: str, path: Path, geom: dict, opset: int = 17) -> None:
+    import torch
+
+    spec = GRAPHS[name]
+    feeds = example_feeds(name, geom)
+    args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter: it writes opset 17 directly (TensorRT 8.6 on JetPack 6.0
+        # wants <= 17), where the dynamo exporter targets 18+ and converts down.
+        torch.onnx.export(module, args, str(path), input_names=spec.input_names,
+                          output_names=spec.output_names, dynamic_axes=spec.dynamic_axes() or None,
+                          opset_version=opset, dynamo=False, do_constant_folding=True)
+
+
+def check_graph(path: Path) -> dict:
+    """onnx.checker + the op set; returns {"ops": [...], "opset": n, "bytes": size}."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    ops = sorted({n.op_type for n in model.graph.node})
+    bad = [o for o in ops if o not in TRT86_OPS]
+    if bad:
+        raise RuntimeError(f"{path.name} uses ops TensorRT 8.6 cannot parse: {bad}")
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return {"ops": ops, "opset": opset, "bytes": path.stat().st_size}
+
+
+def sha256(path: Path) -> str:
+    from fastsam2.export.sam2_loader import sha256_file
+
+    return sha256_file(str(path))
+
+
+def _io(specs, dims) -> list:
+    return [{"name": t.name, "dtype": t.dtype, "shape": list(t.resolve(dims))} for t in specs]
+
+
+def prepare_out_dir(out: Path, force: bool) -> None:
+    """Refuse an existing bundle folder without --force, and an unwritable parent."""
+    if out.exists() and not force:
+        raise OutputError(f"output folder {out} exists; pass --force to replace it")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write to {parent}")
+
+
+def write_bundle(pruned, out: Path, *, keep: float, target: str, opset: int,
+                 text_embeddings: dict, text_info: dict, force: bool = False,
+                 profile=None, engines_hook=None, log=print) -> dict:
+    """Export every graph of `pruned` and write the bundle at `out`. Returns the manifest.
+
+    engines_hook(tmp_bundle_dir, manifest) -> dict, when given, builds engines or writes the
+    build plan inside the temporary bundle before it is moved into place.
+    """
+    import onnx
+    import torch
+
+    from fastsam2.export.text import save_text_embeddings
+
+    out = Path(out)
+    prepare_out_dir(out, force)
+    geom = pruned.geometry
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+    except OSError as e:
+        raise OutputError(f"cannot write to {out.resolve().parent}: {e.strerror}") from None
+    try:
+        graphs = {}
+        t_all = time.perf_counter()
+        for name, module in pruned.graphs.items():
+            t0 = time.perf_counter()
+            path = tmp / ONNX_NAMES[name]
+            export_graph(module, name, path, geom, opset)
+            info = check_graph(path)
+            spec = GRAPHS[name]
+            graphs[name] = {
+                "file": path.name, "sha256": sha256(path), "bytes": info["bytes"],
+                "opset": info["opset"], "ops": info["ops"],
+                "inputs": _io(spec.inputs, geom), "outputs": _io(spec.outputs, geom),
+                "dynamic": list(spec.dynamic), "export_seconds": round(time.perf_counter() - t0, 2),
+            }
+            log(f"exported {name}: {info['bytes'] / 1e6:.1f} MB, {len(info['ops'])} op types")
+        np.savez(tmp / "constants.npz", **pruned.constants())
+        save_text_embeddings(tmp / "text_embeddings.npz", text_embeddings)
+        loaded = pruned.loaded
+        T = geom["T"]
+        manifest = {
+            "format": 1,
+            "fastsam2_version": __version__,
+            "sam2_version": _version("sam2"),
+            "onnx_version": onnx.__version__,
+            "torch_version": torch.__version__,
+            "config": loaded.config,
+            "checkpoint": {"file": os.path.basename(loaded.checkpoint) if loaded.checkpoint else None,
+                           "sha256": loaded.checkpoint_sha256 or "random", "seed": loaded.seed},
+            "weights_random": loaded.checkpoint_sha256 is None,
+            "image_size": geom["S"],
+            "token_grid": [geom["G"], geom["G"]],
+            "keep": keep,
+            "k": keep_to_k(keep, T),
+            "keep_floor": 64,
+            "target": target,
+            "opset": opset,
+            "model": pruned.settings,
+            "memory_tokens": {k: list(v) for k, v in memory_token_range(
+                keep_to_k(keep, T), keep_to_k(keep, T), T, pruned.settings["num_maskmem"],
+                pruned.settings["max_obj_ptrs_in_encoder"]).items()},
+            "graphs": graphs,
+            "constants": {"file": "constants.npz", "sha256": sha256(tmp / "constants.npz")},
+            "text": {"file": "text_embeddings.npz", "sha256": sha256(tmp / "text_embeddings.npz"),
+                     **text_info},
+            "prompts": list(text_embeddings),
+            "router_trained": pruned.router_trained,
+            "engines": {},
+            "export_seconds": round(time.perf_counter() - t_all, 2),
+        }
+        if engines_hook is not None:
+            manifest["engines"] = engines_hook(tmp, manifest) or {}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None

@@ -1,0 +1,93 @@
+"""Backends: ONNX Runtime (CPU, CUDA, TensorRT EP) and native TensorRT engines.
+
+Every backend gives one session per graph with `.run(feeds) -> {output: array}`, which is all
+the tracking loop needs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fastsam2.runtime.contract import GRAPH_ORDER
+from fastsam2.runtime.errors import BackendError, InputError
+
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+_ORT_PROVIDERS = {
+    "ort-cpu": ["CPUExecutionProvider"],
+    "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+class OrtSession:
+    def __init__(self, path, providers, threads: int | None = None, profile_dir=None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        opts.log_severity_level = 3  # shape-merge warnings of the exported Hiera are harmless
+        if profile_dir is not None:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(profile_dir)
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.providers = self.session.get_providers()
+
+    def run(self, feeds: dict) -> dict:
+        outs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
+        return dict(zip(self.output_names, outs))
+
+
+def available_backends() -> list:
+    found = []
+    try:
+        import onnxruntime as ort
+
+        prov = ort.get_available_providers()
+        found.append("ort-cpu")
+        if "CUDAExecutionProvider" in prov:
+            found.append("ort-cuda")
+        if "TensorrtExecutionProvider" in prov:
+            found.append("ort-trt")
+    except ImportError:
+        pass
+    try:
+        from fastsam2.runtime.trt_backend import tensorrt_runtime_available
+
+        if tensorrt_runtime_available():
+            found.append("tensorrt")
+    except Exception:  # a broken TensorRT install must not break the CPU path
+        pass
+    return found
+
+
+def pick_backend(requested: str, bundle) -> str:
+    if requested not in BACKENDS:
+        raise InputError(f"unknown backend '{requested}'; choose from {', '.join(BACKENDS)}")
+    have = available_backends()
+    if requested == "auto":
+        engines = bundle.manifest.get("engines") or {}
+        for name in ("tensorrt", "ort-trt", "ort-cuda", "ort-cpu"):
+            if name in have and (name != "tensorrt" or engines.get("built")):
+                return name
+        raise BackendError("no backend available: pip install fastsam2[runtime]")
+    if requested not in have:
+        hint = "pip install fastsam2[trt]" if requested == "tensorrt" else "pip install onnxruntime-gpu"
+        raise BackendError(f"backend '{requested}' is not available here ({hint}); available: {', '.join(have) or 'none'}")
+    return requested
+
+
+def create_sessions(bundle, backend: str, threads: int | None = None) -> dict:
+    if backend == "tensorrt":
+        from fastsam2.runtime.trt_backend import TensorRTSession, check_engine_compat
+
+        engines = bundle.manifest.get("engines") or {}
+        if not engines.get("built"):
+            raise BackendError(f"bundle {bundle.path} has no TensorRT engines (target {bundle.manifest['target']})")
+        check_engine_compat(engines)
+        return {g: TensorRTSession(bundle.path / engines["graphs"][g]["file"]) for g in GRAPH_ORDER}
+    providers = _ORT_PROVIDERS[backend]
+    return {g: OrtSession(bundle.graph_path(g), providers, threads) for g in GRAPH_ORDER}
+

@@ -1,0 +1,90 @@
+"""Read a bundle written by fastsam2-export, refusing one that changed or is from elsewhere."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fastsam2 import __version__
+from fastsam2.runtime.contract import GRAPH_ORDER
+from fastsam2.runtime.errors import BundleError
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_text_embeddings(path) -> dict:
+    """text_embeddings.npz -> {prompt: float32 [D]} (written by fastsam2.export.text)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            prompts = [str(p) for p in z["prompts"]]
+            emb = np.asarray(z["embeddings"], np.float32)
+    except (OSError, KeyError, ValueError) as e:
+        raise BundleError(f"cannot read text embeddings {path}: {e}") from None
+    if emb.ndim != 2 or emb.shape[0] != len(prompts):
+        raise BundleError(f"text embeddings {path} are malformed: {emb.shape} for {len(prompts)} prompts")
+    return dict(zip(prompts, emb))
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+    constants: dict
+    text_embeddings: dict
+
+    @property
+    def settings(self) -> dict:
+        return self.manifest["model"]
+
+    def graph_path(self, name: str) -> Path:
+        return self.path / self.manifest["graphs"][name]["file"]
+
+    def summary(self) -> dict:
+        m = self.manifest
+        return {k: m.get(k) for k in ("fastsam2_version", "sam2_version", "config", "image_size", "keep",
+                                      "target", "opset", "prompts", "router_trained", "weights_random")} | {
+            "checkpoint_sha256": m["checkpoint"]["sha256"], "text_model": m["text"].get("model"),
+            "text_random": m["text"].get("random")}
+
+
+def load_bundle(path, verify: bool = True) -> Bundle:
+    path = Path(path)
+    mpath = path / "manifest.json"
+    if not path.is_dir():
+        raise BundleError(f"bundle folder not found: {path}")
+    if not mpath.is_file():
+        raise BundleError(f"{path} is not a fastsam2 bundle (no manifest.json)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"cannot read {mpath}: {e}") from None
+    version = manifest.get("fastsam2_version")
+    if version != __version__:
+        raise BundleError(f"bundle {path} was exported by fastsam2 {version}; this is fastsam2 "
+                          f"{__version__}: export it again")
+    missing = [g for g in GRAPH_ORDER if g not in manifest.get("graphs", {})]
+    if missing:
+        raise BundleError(f"bundle {path} lacks graphs: {', '.join(missing)}")
+    files = [(manifest["graphs"][g]["file"], manifest["graphs"][g]["sha256"]) for g in GRAPH_ORDER]
+    files += [(manifest["constants"]["file"], manifest["constants"]["sha256"]),
+              (manifest["text"]["file"], manifest["text"]["sha256"])]
+    for name, digest in files:
+        f = path / name
+        if not f.is_file():
+            raise BundleError(f"bundle file missing: {f}")
+        if verify and sha256_file(f) != digest:
+            raise BundleError(f"bundle file {f} changed since export (sha256 mismatch): export it again")
+    with np.load(path / manifest["constants"]["file"], allow_pickle=False) as z:
+        constants = {k: np.asarray(z[k]) for k in z.files}
+    text = read_text_embeddings(path / manifest["text"]["file"])
+    return Bundle(path, manifest, constants, text)

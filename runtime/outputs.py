@@ -1,0 +1,243 @@
+"""What the runtime writes: palette PNG masks, JSON, and mp4 videos, each written atomically.
+
+Every file is written to a temporary name in its own folder and renamed into place, so a crash
+or Ctrl-C mid-run leaves either the whole file or none of it, never half of one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from fastsam2.runtime.errors import InputError, OutputError
+
+
+def _davis_palette() -> np.ndarray:
+    # The PASCAL VOC / DAVIS colour map: the bits of the index are dealt out to R, G, B from
+    # the most significant bit down, so small ids get distinct, saturated colours.
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    for i in range(256):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+DAVIS_PALETTE: np.ndarray = _davis_palette()
+DAVIS_PALETTE.setflags(write=False)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def _temp_in(path: Path, suffix: str = ".tmp") -> Path:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+        # mkstemp makes 0600 files; outputs should get the mode any other new file would.
+        os.chmod(tmp, 0o666 & ~_UMASK)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+    return Path(tmp)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write data to path so that readers see the old file or the whole new one."""
+    path = Path(path)
+    tmp = _temp_in(path)
+    try:
+        # No fsync: rename already protects against a crashed or killed process, and an fsync
+        # per mask PNG would cost more than the tracking on long videos.
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _as_index_mask(index_mask: np.ndarray) -> np.ndarray:
+    m = np.asarray(index_mask)
+    if m.ndim != 2:
+        raise ValueError(f"index mask must be HxW, got shape {m.shape}")
+    if m.dtype == np.uint8:
+        return np.ascontiguousarray(m)
+    if m.dtype.kind not in "biu" or (m.size and (m.min() < 0 or m.max() > 255)):
+        raise ValueError(f"index mask must hold ids 0..255, got dtype {m.dtype}")
+    return np.ascontiguousarray(m.astype(np.uint8))
+
+
+def palette_png_bytes(index_mask: np.ndarray) -> bytes:
+    from PIL import Image
+
+    im = Image.fromarray(_as_index_mask(index_mask), mode="P")
+    im.putpalette(DAVIS_PALETTE.tobytes())
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_palette_png(path: str | Path, index_mask: np.ndarray) -> None:
+    """A DAVIS-style mask: mode "P" PNG whose pixel values are object ids (0 = background)."""
+    atomic_write_bytes(path, palette_png_bytes(index_mask))
+
+
+def read_palette_png(path: str | Path) -> np.ndarray:
+    """The object ids of a palette (or greyscale) PNG, as uint8 HxW; colours are ignored."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise InputError(f"mask {path} is mode {im.mode}; expected a palette PNG")
+            # np.asarray on a "P" image gives the indices; convert() would map to colours.
+            return np.array(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"cannot read mask {path}: {e}") from e
+
+
+def _open_encoder(container, fps: float, width: int, height: int):
+    import av
+
+    rate = Fraction(fps).limit_denominator(1001) if fps > 0 else Fraction(24)
+    for codec, options in (("libx264", {"crf": "18", "preset": "veryfast"}), ("mpeg4", {})):
+        try:
+            stream = container.add_stream(codec, rate=rate)
+        except (av.codec.codec.UnknownCodecError, av.FFmpegError, ValueError):
+            continue
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "mpeg4":
+            # mpeg4's default bit rate is far too low for masks to stay readable.
+            stream.bit_rate = max(2_000_000, width * height * 8)
+        stream.options = options
+        stream.codec_context.time_base = Fraction(1) / rate
+        return stream
+    raise OutputError("this PyAV build has neither the libx264 nor the mpeg4 encoder")
+
+
+class Mp4Writer:
+    """An mp4 (H.264 when available, else MPEG-4 Part 2) written to a temp file, renamed on close.
+
+    yuv420p needs even sizes, so an odd last row/column is cropped from every frame.
+    """
+
+    def __init__(self, path: str | Path, width: int, height: int, fps: float):
+        import av
+
+        if width < 2 or height < 2:
+            raise ValueError(f"video size {width}x{height} is too small to encode")
+        self.path = Path(path)
+        self.width, self.height = int(width), int(height)
+        self.out_width, self.out_height = self.width & ~1, self.height & ~1
+        self.fps = float(fps)
+        self.frames_written = 0
+        self._tmp = _temp_in(self.path, suffix=".mp4")
+        try:
+            self._container = av.open(str(self._tmp), "w", format="mp4")
+            self._stream = _open_encoder(self._container, self.fps, self.out_width, self.out_height)
+        except BaseException:
+            self._abort()
+            raise
+        self.codec = self._stream.codec_context.name
+
+    def write(self, rgb: np.ndarray) -> None:
+        import av
+
+        if rgb.shape != (self.height, self.width, 3) or rgb.dtype != np.uint8:
+            raise ValueError(
+                f"frame must be uint8 {self.height}x{self.width}x3, got {rgb.dtype} {rgb.shape}"
+            )
+        frame = av.VideoFrame.from_ndarray(
+            np.ascontiguousarray(rgb[: self.out_height, : self.out_width]), format="rgb24"
+        )
+        frame.pts = self.frames_written
+        frame.time_base = self._stream.codec_context.time_base
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        self.frames_written += 1
+
+    def close(self) -> None:
+        """Flush the encoder and move the file into place. Safe to call twice."""
+        if self._container is None:
+            return
+        try:
+            for packet in self._stream.encode(None):
+                self._container.mux(packet)
+            self._container.close()
+            self._container = None
+            os.replace(self._tmp, self.path)
+        except OSError as e:
+            self._abort()
+            raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from e
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        container, self._container = getattr(self, "_container", None), None
+        if container is not None:
+            try:
+                container.close()
+            except Exception:
+                pass  # the file is being thrown away; a failing trailer write does not matter
+        _remove_quietly(self._tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort()
+
+
+def blend_masks(rgb: np.ndarray, index_mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """rgb with each object's pixels mixed with its palette colour; background untouched."""
+    m = _as_index_mask(index_mask)
+    if m.shape != rgb.shape[:2]:
+        raise ValueError(f"mask is {m.shape} but frame is {rgb.shape[:2]}")
+    colours = DAVIS_PALETTE[m].astype(np.float32)
+    mixed = rgb.astype(np.float32) * (1.0 - alpha) + colours * alpha
+    out = np.where((m > 0)[..., None], np.rint(mixed).astype(np.uint8), rgb)
+    return np.ascontiguousarray(out)
+
+
+class OverlayWriter(Mp4Writer):
+    """The video the user watches: each frame with its object masks tinted in, nothing else."""
+
+    alpha = 0.5
+
+    def write(self, rgb: np.ndarray, index_mask: np.ndarray) -> None:  # type: ignore[override]
+        super().write(blend_masks(rgb, index_mask, self.alpha))

@@ -1,0 +1,197 @@
+"""`track(...)`: the library behind fastsam2-run. Frames in, masks + overlay + results.json out.
+
+Frames are decoded and processed one at a time (memory is flat in video length); every mask
+PNG is written atomically as soon as its frame is done, so an interrupted run leaves only
+complete files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fastsam2.runtime.backends import create_sessions, pick_backend
+from fastsam2.runtime.bundle import load_bundle
+from fastsam2.runtime.contract import keep_to_k
+from fastsam2.runtime.errors import InputError, OutputError
+from fastsam2.runtime.sam2_math import Resizer, mask_area_bbox
+from fastsam2.runtime.tracker import Prompt, Tracker
+
+UNTRAINED_ROUTER = ("the bundle's router is untrained: its text term is noise, so pruning and "
+                    "text-only starts rely on visual and uncertainty cues only")
+RANDOM_TEXT = "the bundle's text embeddings come from a randomly initialised CLIP: they carry no meaning"
+RANDOM_WEIGHTS = "the bundle was exported from randomly initialised SAM2 weights: masks are not meaningful"
+
+
+@dataclass
+class PromptSpec:
+    text: str | None = None
+    points: list = field(default_factory=list)  # [(x, y)] positive, input pixels
+    neg_points: list = field(default_factory=list)
+    box: tuple | None = None  # (x0, y0, x1, y1) input pixels
+
+
+def _check_inside(xy, w, h, what):
+    x, y = xy
+    if not (0 <= x < w and 0 <= y < h):
+        raise InputError(f"{what} {x:g},{y:g} is outside the {w}x{h} frame")
+
+
+def model_prompt(spec: PromptSpec, w: int, h: int, S: int) -> Prompt | None:
+    """Input-pixel prompt -> SAM2 model coordinates (add_new_points_or_box's normalisation).
+
+    A box goes first as two points labelled 2 and 3, as SAM2 does.
+    """
+    pts, labels = [], []
+    if spec.box is not None:
+        x0, y0, x1, y1 = spec.box
+        if not (x1 > x0 and y1 > y0):
+            raise InputError(f"box {x0:g},{y0:g},{x1:g},{y1:g} must have x0 < x1 and y0 < y1")
+        _check_inside((x0, y0), w, h, "box corner")
+        _check_inside((x1, y1), w + 1, h + 1, "box corner")
+        pts += [(x0, y0), (x1, y1)]
+        labels += [2, 3]
+    for p in spec.points:
+        _check_inside(p, w, h, "point")
+        pts.append(p)
+        labels.append(1)
+    for p in spec.neg_points:
+        _check_inside(p, w, h, "negative point")
+        pts.append(p)
+        labels.append(0)
+    if not pts:
+        return None
+    xy = np.asarray(pts, np.float32) / np.asarray([w, h], np.float32) * np.float32(S)
+    return Prompt(xy.astype(np.float32), np.asarray(labels, np.float32))
+
+
+def text_start_point(tracker: Tracker, enc: dict, w: int, h: int):
+    """Search-and-track: the first frame's most text-relevant token becomes a positive click."""
+    rel = tracker.relevance(enc)
+    i = int(np.argmax(rel))
+    G = tracker.G
+    cell = tracker.S / G
+    xm, ym = (i % G + 0.5) * cell, (i // G + 0.5) * cell
+    return (xm * w / tracker.S, ym * h / tracker.S), float(rel[i])
+
+
+def _validate_keep(keep, bundle):
+    if keep is None:
+        return float(bundle.manifest["keep"])
+    if not (isinstance(keep, (int, float)) and 0.0 < keep <= 1.0) or math.isnan(keep):
+        raise InputError(f"--keep must be in (0, 1], got {keep}")
+    rng = (bundle.manifest.get("engines") or {}).get("keep_range")
+    if rng and not (rng[0] - 1e-9 <= keep <= rng[1] + 1e-9):
+        raise InputError(f"--keep {keep} is outside the engines' profile range {rng[0]}..{rng[1]}")
+    return float(keep)
+
+
+def _prepare_out(out: Path) -> None:
+    try:
+        (out / "masks").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK) or not os.access(out / "masks", os.W_OK):
+        raise OutputError(f"cannot write to {out}")
+
+
+def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = None,
+          backend: str = "auto", overlay: bool = True, max_frames: int | None = None,
+          fill: str = "no_mem", threads: int | None = None, progress=None, warn=print) -> dict:
+    """Track one object through a video or frames folder; returns the results dict."""
+    from fastsam2.runtime.outputs import OverlayWriter, atomic_write_json, write_palette_png
+    from fastsam2.runtime.video import open_frames
+
+    bundle = load_bundle(bundle_dir)
+    keep = _validate_keep(keep, bundle)
+    if prompt.text is not None and prompt.text not in bundle.text_embeddings:
+        known = ", ".join(repr(p) for p in bundle.text_embeddings)
+        raise InputError(f"prompt {prompt.text!r} is not in the bundle (it has {known}); "
+                         f"export again with --prompts to add it")
+    if prompt.text is None and not (prompt.points or prompt.box):
+        raise InputError("give --prompt, --point or --box")
+    if max_frames is not None and max_frames < 1:
+        raise InputError(f"--max-frames must be >= 1, got {max_frames}")
+    chosen = pick_backend(backend, bundle)
+    m = bundle.manifest
+    for flag, msg in ((m.get("weights_random"), RANDOM_WEIGHTS), (not m.get("router_trained"), UNTRAINED_ROUTER),
+                      (m["text"].get("random"), RANDOM_TEXT)):
+        if flag:
+            warn(f"warning: {msg}")
+    out = Path(out)
+    source = open_frames(input_path)
+    with source:
+        _prepare_out(out)
+        sessions = create_sessions(bundle, chosen, threads)
+        num_frames = source.num_frames
+        if max_frames is not None and num_frames is not None:
+            num_frames = min(num_frames, max_frames)
+        text_emb = bundle.text_embeddings.get(prompt.text) if prompt.text else None
+        tracker = Tracker(sessions, bundle.constants, bundle.settings, keep=keep,
+                          keep_floor=m.get("keep_floor", 64), fill=fill, text_emb=text_emb,
+                          num_frames=num_frames)
+        w, h, S = source.width, source.height, tracker.S
+        resize = Resizer()
+        writer = OverlayWriter(out / "overlay.mp4", w, h, source.fps) if overlay else None
+        frames, start, t_start = [], None, time.perf_counter()
+        try:
+            for i, rgb in source:
+                if max_frames is not None and i >= max_frames:
+                    break
+                t0 = time.perf_counter()
+                image = tracker.preprocess(rgb)
+                if i == 0:
+                    lat = {}
+                    enc = tracker.encode(image, lat)
+                    p = model_prompt(prompt, w, h, S)
+                    if p is None:
+                        xy, rel = text_start_point(tracker, enc, w, h)
+                        start = {"source": "text", "point": [round(xy[0], 1), round(xy[1], 1)], "relevance": rel}
+                        p = model_prompt(PromptSpec(points=[xy]), w, h, S)
+                    else:
+                        start = {"source": "user", "points": p.points.tolist(), "labels": p.labels.tolist()}
+                    r = tracker.add_prompt_frame(0, image, p, enc=enc)
+                    r.latency_ms = {**lat, **{k: v + lat.get(k, 0) for k, v in r.latency_ms.items()}}
+                else:
+                    r = tracker.track(i, image)
+                logits = resize(r.low_res_logits[0, 0], (h, w))
+                binary = logits > 0
+                index = binary.astype(np.uint8)  # object id 1
+                write_palette_png(out / "masks" / f"{i:05d}.png", index)
+                if writer is not None:
+                    writer.write(rgb, index)
+                area, bbox = mask_area_bbox(binary)
+                frames.append({"frame": i, "object_score": round(r.object_score, 4), "iou": round(r.iou, 4),
+                               "mask_area": area, "bbox": bbox, "kept_tokens": r.kept_tokens,
+                               "latency_ms": {k: round(v, 2) for k, v in r.latency_ms.items()},
+                               "frame_ms": round((time.perf_counter() - t0) * 1e3, 2)})
+                if progress is not None:
+                    progress(i, num_frames, frames[-1])
+            if not frames:
+                raise InputError(f"{input_path} has no frames")
+            if writer is not None:
+                writer.close()
+        except BaseException:
+            if writer is not None:
+                writer._abort() if hasattr(writer, "_abort") else None
+            raise
+    total = time.perf_counter() - t_start
+    steady = [f["frame_ms"] for f in frames[min(len(frames) - 1, bundle.settings["num_maskmem"]):]]
+    results = {
+        "input": str(input_path), "backend": chosen, "keep": keep,
+        "k": keep_to_k(keep, tracker.T, m.get("keep_floor", 64)), "tokens": tracker.T, "fill": fill,
+        "prompt": {"text": prompt.text, **(start or {})},
+        "video": {"width": w, "height": h, "fps": source.fps, "frames": len(frames)},
+        "totals": {"seconds": round(total, 3), "fps": round(len(frames) / total, 3),
+                   "steady_fps": round(1e3 / float(np.median(steady)), 3) if steady else None,
+                   "mean_kept_tokens": float(np.mean([f["kept_tokens"] for f in frames]))},
+        "bundle": bundle.summary(),
+        "frames": frames,
+    }
+    atomic_write_json(out / "results.json", results)
+    return results
