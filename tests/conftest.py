@@ -88,3 +88,24 @@ def official_logits(tiny_sam2, synth):
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def export_tiny_bundle(out, target="cpu", keep=1.0, prompts="cyclist,red ball", checkpoint=None,
+                       image_size=TINY, force=False):
+    """fastsam2-export's library function at the test size, offline (random CLIP)."""
+    from fastsam2.export.cli import export_bundle
+
+    _silence()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return export_bundle(config="sam2.1_hiera_t", checkpoint=checkpoint, target=target, keep=keep,
+                             prompts=prompts, text_pretrained="random", image_size=image_size,
+                             out=str(out), force=force, log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory, torch_threads):
+    """A cpu-target bundle at 256 px, keep 1.0, prompts 'cyclist' and 'red ball' (built once)."""
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    export_tiny_bundle(out)
+    return out

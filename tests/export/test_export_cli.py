@@ -1,0 +1,126 @@
+"""fastsam2-export as users run it: official-format checkpoints, targets, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import export_tiny_bundle
+from fastsam2.export.cli import main
+from fastsam2.export.sam2_loader import load_sam2
+from fastsam2.runtime.errors import CheckpointError
+
+BASE = ["--config", "sam2.1_hiera_t", "--target", "cpu", "--keep", "1.0", "--prompts", "cyclist",
+        "--text-pretrained", "random", "--image-size", "256"]
+
+
+def run(args):
+    res = CliRunner().invoke(main, args)
+    return res.exit_code, res.output
+
+
+@pytest.fixture(scope="module")
+def official_ckpt(tmp_path_factory, tiny_sam2):
+    """A checkpoint in the official format: {"model": state_dict}, loadable with weights_only."""
+    path = tmp_path_factory.mktemp("ckpt") / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": tiny_sam2.model.state_dict()}, path)
+    return path
+
+
+def test_official_checkpoint_loads_with_weights_only(official_ckpt, tiny_sam2):
+    loaded = load_sam2("sam2.1_hiera_t", str(official_ckpt), image_size=256, seed=123)
+    a, b = loaded.model.state_dict(), tiny_sam2.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)  # seed 123 would differ: weights came from the file
+    assert loaded.checkpoint_sha256 and len(loaded.checkpoint_sha256) == 64
+
+
+def test_checkpoint_mismatch_names_first_key(tmp_path, tiny_sam2):
+    sd = dict(tiny_sam2.model.state_dict())
+    sd.pop("no_mem_embed")
+    path = tmp_path / "bad.pt"
+    torch.save({"model": sd}, path)
+    with pytest.raises(CheckpointError, match="no_mem_embed"):
+        load_sam2("sam2.1_hiera_t", str(path), image_size=256)
+    # a small model's checkpoint against a bigger config: shape mismatch, one line
+    code, out = run(BASE[:1] + ["sam2.1_hiera_s"] + BASE[2:] + ["--checkpoint", str(path), "--out", str(tmp_path / "o")])
+    assert code == 2 and out.startswith("error: checkpoint") and "Traceback" not in out
+    assert len(out.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_export_with_official_checkpoint_records_sha(tmp_path, official_ckpt):
+    from fastsam2.export.sam2_loader import sha256_file
+
+    out = tmp_path / "b"
+    code, text = run(BASE + ["--checkpoint", str(official_ckpt), "--out", str(out)])
+    assert code == 0, text
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["checkpoint"]["sha256"] == sha256_file(str(official_ckpt)) and m["weights_random"] is False
+    assert "NOT meaningful" not in text  # no random-weights warning with a checkpoint
+
+
+def test_jetson_target_writes_build_plan(tmp_path):
+    out = tmp_path / "bj"
+    m = export_tiny_bundle(out, target="jetson-orin", keep=0.5)
+    plan = out / "engines" / "jetson-orin" / "build_plan.sh"
+    assert plan.is_file() and os.access(plan, os.X_OK)
+    assert m["engines"]["built"] is False and m["engines"]["build_plan"] == "engines/jetson-orin/build_plan.sh"
+    text = plan.read_text()
+    assert text.count("--saveEngine=") == 5 and "--useDLACore=0" in text
+    assert "memory_attention.onnx" in text
+
+
+def test_list_targets():
+    code, out = run(["--list-targets"])
+    assert code == 0
+    for t in ("jetson-orin", "jetson-orin-nano", "desktop-ampere", "desktop-ada", "hopper", "cpu"):
+        assert t in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--keep", "0"], "--keep must be in (0, 1]"),
+    (["--keep", "1.5"], "--keep must be in (0, 1]"),
+    (["--prompts", " , "], "prompt"),
+    (["--target", "jetson-xavier"], "unknown target"),
+    (["--checkpoint", "missing.pt"], "checkpoint not found"),
+    (["--config", "sam3_hiera_t"], "unknown SAM2 config"),
+])
+def test_bad_input_one_line_no_traceback(tmp_path, args, message):
+    out = tmp_path / "o"
+    code, text = run(BASE + args + ["--out", str(out)])
+    assert code == 2, text
+    assert text.startswith("error: ") and message in text and "Traceback" not in text
+    assert len(text.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".o.*"))
+
+
+def test_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "c.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    code, text = run(BASE + ["--checkpoint", str(bad), "--out", str(tmp_path / "o")])
+    assert code == 2 and text.startswith("error: cannot read checkpoint") and "Traceback" not in text
+
+
+def test_existing_output_needs_force_and_unwritable_output(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, text = run(BASE + ["--out", str(out)])
+    assert code == 2 and "exists" in text and "--force" in text
+    assert (out / "keep.txt").read_text() == "mine"  # untouched
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, text = run(BASE + ["--out", str(blocker / "sub" / "b")])
+    assert code == 2 and text.startswith("error: cannot") and "Traceback" not in text
+
+
+def test_force_replaces_bundle(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    code, text = run(BASE + ["--out", str(out), "--force"])
+    assert code == 0, text
+    assert not (out / "old.txt").exists() and (out / "manifest.json").is_file()

@@ -1,0 +1,94 @@
+"""fastsam2-export: the bundle's five graphs, their op set and dynamic axes, and ORT CPU parity
+with the PyTorch modules at several token counts (proving N and M really are dynamic)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from fastsam2.export.onnx_export import TRT86_OPS, example_feeds
+from fastsam2.runtime.backends import OrtSession
+from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, keep_to_k
+
+
+@pytest.fixture(scope="module")
+def manifest(bundle_dir):
+    return json.loads((bundle_dir / "manifest.json").read_text())
+
+
+def test_bundle_files_and_manifest(bundle_dir, manifest):
+    for name in GRAPH_ORDER:
+        assert (bundle_dir / f"{name}.onnx").is_file()
+    for f in ("constants.npz", "text_embeddings.npz", "manifest.json"):
+        assert (bundle_dir / f).is_file()
+    assert not list(bundle_dir.parent.glob(".b.*")), "temporary export folder left behind"
+    assert manifest["image_size"] == 256 and manifest["token_grid"] == [16, 16]
+    assert manifest["keep"] == 1.0 and manifest["target"] == "cpu" and manifest["opset"] == 17
+    assert manifest["checkpoint"]["sha256"] == "random" and manifest["weights_random"] is True
+    assert manifest["prompts"] == ["cyclist", "red ball"]
+    assert manifest["router_trained"] is False
+    assert manifest["text"]["random"] is True and manifest["text"]["dim"] == 512
+    for name in GRAPH_ORDER:
+        g = manifest["graphs"][name]
+        assert [i["name"] for i in g["inputs"]] == GRAPHS[name].input_names
+        assert len(g["sha256"]) == 64 and g["bytes"] > 0
+
+
+@pytest.mark.parametrize("name", GRAPH_ORDER)
+def test_graph_passes_checker_and_trt86_opset(bundle_dir, name):
+    model = onnx.load(str(bundle_dir / f"{name}.onnx"))
+    onnx.checker.check_model(model)
+    ops = {n.op_type for n in model.graph.node}
+    assert ops <= TRT86_OPS, sorted(ops - TRT86_OPS)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) <= 17
+    types = {i.type.tensor_type.elem_type for i in list(model.graph.input) + list(model.graph.output)}
+    assert types <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}  # no complex types
+
+
+def test_memory_attention_axes_are_dynamic(bundle_dir):
+    model = onnx.load(str(bundle_dir / "memory_attention.onnx"))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in model.graph.input}
+    assert dims["curr"] == ["N", 256] and dims["curr_idx"] == ["N"]
+    assert dims["memory"] == ["M", 64] and dims["memory_pos"] == ["M", 64]
+    assert dims["memory_idx"] == ["Ms"]
+
+
+def _parity(session, module, feeds, spec):
+    import torch
+
+    ref = module(*[torch.from_numpy(feeds[n]) for n in spec.input_names])
+    ref = (ref,) if isinstance(ref, torch.Tensor) else ref
+    got = session.run(feeds)
+    for name, r in zip(spec.output_names, ref):
+        r = r.detach().numpy()
+        assert got[name].shape == r.shape, name
+        tol = spec.atol[name] + spec.rtol * float(np.abs(r).max())
+        err = float(np.abs(got[name] - r).max())
+        assert err <= tol, f"{spec.name}.{name}: max-abs {err:.2e} > {tol:.2e}"
+
+
+@pytest.mark.parametrize("name", ["image_encoder", "router", "memory_encoder", "mask_decoder"])
+def test_ort_cpu_parity_fixed_graphs(bundle_dir, pruned, name, torch_threads):
+    spec = GRAPHS[name]
+    sess = OrtSession(bundle_dir / f"{name}.onnx", ["CPUExecutionProvider"])
+    with torch_threads.inference_mode():
+        for seed, points in ((1, 1), (2, 3)):
+            _parity(sess, pruned.graphs[name], example_feeds(name, pruned.geometry, points=points, seed=seed), spec)
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5, 0.3])
+@pytest.mark.parametrize("mem_frames", [1, 4, 7])
+def test_ort_cpu_parity_memory_attention_dynamic(bundle_dir, pruned, keep, mem_frames, torch_threads):
+    """N from the keep ratio, Ms from 1..7 memory frames of k tokens, M with 1..16 pointers."""
+    T = pruned.geometry["T"]
+    k = keep_to_k(keep, T)
+    ms = T + (mem_frames - 1) * k
+    feeds = example_feeds("memory_attention", pruned.geometry, n=k, ms=ms, ptrs=min(16, 2 * mem_frames),
+                          seed=mem_frames)
+    sess = OrtSession(bundle_dir / "memory_attention.onnx", ["CPUExecutionProvider"])
+    with torch_threads.inference_mode():
+        _parity(sess, pruned.graphs["memory_attention"], feeds, GRAPHS["memory_attention"])
