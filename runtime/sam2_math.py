@@ -8,6 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 NO_OBJ_SCORE = -1024.0  # sam2_base.NO_OBJ_SCORE: logits of a frame where the object is absent
+# the router adds a bonus of 1e3 to tokens in/near the previous mask (export/graphs/router.py);
+# its other terms are standardised, so any score above half the bonus is a prior token
+PRIOR_SCORE = 500.0
 
 
 def preprocess(rgb: np.ndarray, image_size: int, mean, std) -> np.ndarray:
@@ -63,18 +66,37 @@ def _bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
     return m
 
 
+def _antialias_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """Rows of torch's bilinear interpolation with antialias=True (a triangle filter widened
+    by the downscale factor, as PIL does), align_corners=False."""
+    scale = in_size / out_size
+    support = scale if scale > 1.0 else 1.0
+    inv = 1.0 / scale if scale > 1.0 else 1.0
+    m = np.zeros((out_size, in_size), np.float32)
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        j = np.arange(lo, hi)
+        w = np.maximum(0.0, 1.0 - np.abs((j - center + 0.5) * inv))
+        total = w.sum()
+        m[i, lo:hi] = (w / total if total > 0 else w).astype(np.float32)
+    return m
+
+
 class Resizer:
     """Bilinear resize of [h, w] maps to (H, W), as F.interpolate(..., 'bilinear',
     align_corners=False); the interpolation matrices are built once per size pair."""
 
-    def __init__(self):
+    def __init__(self, antialias: bool = False):
         self._cache = {}
+        self._matrix = _antialias_matrix if antialias else _bilinear_matrix
 
     def __call__(self, x: np.ndarray, size: tuple) -> np.ndarray:
         h, w = x.shape[-2:]
         key = (h, w) + tuple(size)
         if key not in self._cache:
-            self._cache[key] = (_bilinear_matrix(size[0], h), _bilinear_matrix(size[1], w).T.copy())
+            self._cache[key] = (self._matrix(size[0], h), self._matrix(size[1], w).T.copy())
         my, mxt = self._cache[key]
         return my @ x.astype(np.float32) @ mxt
 

@@ -17,7 +17,6 @@ import numpy as np
 
 from fastsam2.runtime.backends import create_sessions, pick_backend
 from fastsam2.runtime.bundle import load_bundle
-from fastsam2.runtime.contract import keep_to_k
 from fastsam2.runtime.errors import InputError, OutputError
 from fastsam2.runtime.sam2_math import Resizer, mask_area_bbox
 from fastsam2.runtime.tracker import Prompt, Tracker
@@ -80,24 +79,41 @@ def text_start_point(tracker: Tracker, enc: dict, w: int, h: int):
     return (xm * w / tracker.S, ym * h / tracker.S), float(rel[i])
 
 
-def _validate_keep(keep, bundle):
-    if keep is None:
-        return float(bundle.manifest["keep"])
+def parse_keep(keep):
+    """A keep ratio in (0, 1], or "auto" (adaptive per-frame budget)."""
+    if isinstance(keep, str):
+        if keep.strip().lower() == "auto":
+            return "auto"
+        try:
+            keep = float(keep)
+        except ValueError:
+            raise InputError(f"--keep must be a number in (0, 1] or 'auto', got {keep!r}") from None
     if not (isinstance(keep, (int, float)) and 0.0 < keep <= 1.0) or math.isnan(keep):
-        raise InputError(f"--keep must be in (0, 1], got {keep}")
-    rng = (bundle.manifest.get("engines") or {}).get("keep_range")
-    if rng and not (rng[0] - 1e-9 <= keep <= rng[1] + 1e-9):
-        raise InputError(f"--keep {keep} is outside the engines' profile range {rng[0]}..{rng[1]}")
+        raise InputError(f"--keep must be in (0, 1] or 'auto', got {keep}")
     return float(keep)
 
 
-def _prepare_out(out: Path) -> None:
+def keep_range(bundle) -> tuple:
+    """The keep ratios the bundle's engines cover (all of (0, 1] for ONNX Runtime)."""
+    rng = (bundle.manifest.get("engines") or {}).get("keep_range")
+    return tuple(rng) if rng else (0.3, 1.0)
+
+
+def _validate_keep(keep, bundle):
+    keep = parse_keep(bundle.manifest["keep"] if keep is None else keep)
+    rng = (bundle.manifest.get("engines") or {}).get("keep_range")
+    if rng and keep != "auto" and not (rng[0] - 1e-9 <= keep <= rng[1] + 1e-9):
+        raise InputError(f"--keep {keep} is outside the engines' profile range {rng[0]}..{rng[1]}")
+    return keep
+
+
+def _prepare_out(folder: Path) -> None:
     try:
-        (out / "masks").mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot create {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK) or not os.access(out / "masks", os.W_OK):
-        raise OutputError(f"cannot write to {out}")
+        raise OutputError(f"cannot create {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"cannot write to {folder}")
 
 
 def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = None,
@@ -126,7 +142,7 @@ def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = 
     out = Path(out)
     source = open_frames(input_path)
     with source:
-        _prepare_out(out)
+        _prepare_out(out / "masks")
         sessions = create_sessions(bundle, chosen, threads)
         num_frames = source.num_frames
         if max_frames is not None and num_frames is not None:
@@ -134,7 +150,7 @@ def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = 
         text_emb = bundle.text_embeddings.get(prompt.text) if prompt.text else None
         tracker = Tracker(sessions, bundle.constants, bundle.settings, keep=keep,
                           keep_floor=m.get("keep_floor", 64), fill=fill, text_emb=text_emb,
-                          num_frames=num_frames)
+                          num_frames=num_frames, keep_range=keep_range(bundle))
         w, h, S = source.width, source.height, tracker.S
         resize = Resizer()
         writer = OverlayWriter(out / "overlay.mp4", w, h, source.fps) if overlay else None
@@ -184,7 +200,7 @@ def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = 
     steady = [f["frame_ms"] for f in frames[min(len(frames) - 1, bundle.settings["num_maskmem"]):]]
     results = {
         "input": str(input_path), "backend": chosen, "keep": keep,
-        "k": keep_to_k(keep, tracker.T, m.get("keep_floor", 64)), "tokens": tracker.T, "fill": fill,
+        "k": tracker.k if keep != "auto" else None, "tokens": tracker.T, "fill": fill,
         "prompt": {"text": prompt.text, **(start or {})},
         "video": {"width": w, "height": h, "fps": source.fps, "frames": len(frames)},
         "totals": {"seconds": round(total, 3), "fps": round(len(frames) / total, 3),
@@ -195,3 +211,49 @@ def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = 
     }
     atomic_write_json(out / "results.json", results)
     return results
+
+
+def track_davis_sequence(bundle_dir, frames_dir, first_frame_annotation_png, out_dir, keep=None,
+                         backend: str = "ort-cpu", fill: str = "no_mem", threads: int | None = None,
+                         bundle=None, sessions=None) -> dict:
+    """Semi-supervised VOS as DAVIS scores it: every object of the first annotation is a mask
+    prompt (SAM2's add_new_mask); each object is tracked on its own, sharing the image encoder;
+    a pixel goes to the object with the highest positive logit. Writes <out>/<frame>.png."""
+    from fastsam2.runtime.outputs import read_palette_png, write_palette_png
+    from fastsam2.runtime.video import open_frames
+
+    bundle = load_bundle(bundle_dir) if bundle is None else bundle
+    keep = _validate_keep(keep, bundle)
+    sessions = create_sessions(bundle, pick_backend(backend, bundle), threads) if sessions is None else sessions
+    ann = read_palette_png(first_frame_annotation_png)
+    ids = [int(i) for i in np.unique(ann) if 0 < i < 255]
+    if not ids:
+        raise InputError(f"{first_frame_annotation_png} has no objects")
+    out = Path(out_dir)
+    _prepare_out(out)
+    m = bundle.manifest
+    resize = Resizer()
+    kept, t0 = [], time.perf_counter()
+    with open_frames(frames_dir) as source:
+        if ann.shape != (source.height, source.width):
+            raise InputError(f"annotation {first_frame_annotation_png} is {ann.shape[1]}x{ann.shape[0]}, "
+                             f"frames are {source.width}x{source.height}")
+        trackers = {o: Tracker(sessions, bundle.constants, bundle.settings, keep=keep,
+                               keep_floor=m.get("keep_floor", 64), fill=fill,
+                               num_frames=source.num_frames, keep_range=keep_range(bundle)) for o in ids}
+        names = getattr(source, "frame_names", None)
+        for i, rgb in source:
+            first = trackers[ids[0]]
+            image = first.preprocess(rgb)
+            enc = first.encode(image, {})
+            logits = np.full((len(ids), source.height, source.width), -np.inf, np.float32)
+            for j, o in enumerate(ids):
+                tr = trackers[o]
+                r = tr.add_mask_frame(0, image, ann == o, enc=enc) if i == 0 else tr.track(i, image, enc=enc)
+                logits[j] = resize(r.low_res_logits[0, 0], (source.height, source.width))
+                kept.append(r.kept_tokens)
+            best = np.argmax(logits, axis=0)
+            index = np.where(logits.max(axis=0) > 0, np.asarray(ids, np.uint8)[best], 0).astype(np.uint8)
+            write_palette_png(out / f"{names[i] if names else f'{i:05d}'}.png", index)
+    return {"objects": ids, "frames": i + 1, "seconds": time.perf_counter() - t0,
+            "mean_kept_tokens": float(np.mean(kept)), "keep": keep}

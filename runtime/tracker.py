@@ -18,6 +18,7 @@ import numpy as np
 from fastsam2.runtime.bank import MemoryBank
 from fastsam2.runtime.contract import keep_to_k
 from fastsam2.runtime.sam2_math import (
+    Resizer,
     preprocess,
     scatter_tokens,
     select_mask,
@@ -46,10 +47,43 @@ class Prompt:
     labels: np.ndarray  # [P] float32: 1 positive, 0 negative, 2/3 box corners
 
 
+class AdaptiveBudget:
+    """`--keep auto`: a per-frame token budget in [k_min, k_max] (beyond the paper, which fixes
+    keep). Two signals:
+    - score mass: the fewest tokens holding `mass` of softmax(router scores) outside the prior
+      region, plus every prior token (in/near the previous mask);
+    - motion: the mean feature change since the last frame relative to the feature norm;
+      a moving scene widens the budget by (1 + gain * motion).
+    """
+
+    def __init__(self, num_tokens: int, k_min: int, k_max: int, mass: float = 0.8, gain: float = 2.0):
+        self.T, self.k_min, self.k_max = num_tokens, k_min, k_max
+        self.mass, self.gain = mass, gain
+        self.prev = None
+        self.last_motion = 0.0
+
+    def __call__(self, scores: np.ndarray, tokens: np.ndarray) -> int:
+        from fastsam2.runtime.sam2_math import PRIOR_SCORE
+
+        prior = scores >= PRIOR_SCORE
+        rest = np.sort(scores[~prior])[::-1]
+        if rest.size:
+            p = np.exp(rest - rest[0])
+            k_mass = int(np.searchsorted(np.cumsum(p) / p.sum(), self.mass) + 1)
+        else:
+            k_mass = 0
+        if self.prev is not None:
+            diff = np.linalg.norm(tokens - self.prev, axis=1).mean()
+            self.last_motion = float(diff / (np.linalg.norm(tokens, axis=1).mean() + 1e-6))
+        self.prev = tokens.copy()
+        k = (int(prior.sum()) + k_mass) * (1.0 + self.gain * self.last_motion)
+        return int(np.clip(round(k), self.k_min, self.k_max))
+
+
 class Tracker:
-    def __init__(self, sessions: dict, constants: dict, settings: dict, keep: float = 1.0,
+    def __init__(self, sessions: dict, constants: dict, settings: dict, keep: float | str = 1.0,
                  keep_floor: int = 64, fill: str = "no_mem", text_emb: np.ndarray | None = None,
-                 num_frames: int | None = None):
+                 num_frames: int | None = None, keep_range: tuple = (0.3, 1.0)):
         if fill not in FILL_MODES:
             raise ValueError(f"fill must be one of {FILL_MODES}")
         self.sessions = sessions
@@ -58,8 +92,14 @@ class Tracker:
         self.S = settings["image_size"]
         self.G = self.S // 16
         self.T = self.G * self.G
-        self.k = keep_to_k(keep, self.T, keep_floor)
         self.keep = keep
+        self.adaptive = keep == "auto"
+        if self.adaptive:
+            self.budget = AdaptiveBudget(self.T, keep_to_k(keep_range[0], self.T, keep_floor),
+                                         keep_to_k(keep_range[1], self.T, keep_floor))
+            self.k = self.budget.k_max
+        else:
+            self.k = keep_to_k(keep, self.T, keep_floor)
         self.fill = fill
         self.num_frames = num_frames
         dim = settings.get("text_dim", 512)
@@ -91,7 +131,8 @@ class Tracker:
                                    "prev_mask_logits": np.zeros((1, 1, 4 * self.G, 4 * self.G), np.float32)}, lat)
         return out["relevance"].reshape(-1)
 
-    def _decode(self, pix, enc, prompt: Prompt | None, is_init_cond: bool, lat: dict):
+    def _decode(self, pix, enc, prompt: Prompt | None, is_init_cond: bool, lat: dict,
+                mask_input: np.ndarray | None = None):
         if prompt is None:
             # SAM2 feeds one padding point (label -1) when there is no prompt
             coords = np.zeros((1, 1, 2), np.float32)
@@ -104,9 +145,11 @@ class Tracker:
         out = self._run("mask_decoder", {
             "feat": pix, "high_res_0": enc["high_res_0"], "high_res_1": enc["high_res_1"],
             "point_coords": coords, "point_labels": labels,
-            "mask_input": np.zeros((1, 1, 4 * self.G, 4 * self.G), np.float32),
-            "has_mask_input": np.zeros((1,), np.float32)}, lat)
-        multimask = use_multimask(self.s, is_init_cond, num_pts)
+            "mask_input": (np.zeros((1, 1, 4 * self.G, 4 * self.G), np.float32) if mask_input is None
+                           else mask_input.reshape(1, 1, 4 * self.G, 4 * self.G).astype(np.float32)),
+            "has_mask_input": np.full((1,), 0.0 if mask_input is None else 1.0, np.float32)}, lat)
+        # a mask prompt goes through _forward_sam_heads with multimask_output=False
+        multimask = False if mask_input is not None else use_multimask(self.s, is_init_cond, num_pts)
         return select_mask(self.s, out["masks"], out["iou"], out["obj_ptrs"], out["object_score"],
                            multimask, self.c["no_obj_ptr"]) + (out["object_score"],)
 
@@ -133,6 +176,37 @@ class Tracker:
         return FrameResult(frame_idx, low, float(obj_score.reshape(-1)[0]), float(iou.reshape(-1)[0]),
                            self.T, lat)
 
+    def add_mask_frame(self, frame_idx: int, image: np.ndarray, mask: np.ndarray,
+                       enc: dict | None = None) -> FrameResult:
+        """An initial conditioning frame from a mask (SAM2: add_new_mask, then the mask is used
+        as the output directly, `use_mask_input_as_output_without_sam`)."""
+        lat = {}
+        enc = self.encode(image, lat) if enc is None else enc
+        S, G4 = self.S, 4 * self.G
+        m = np.asarray(mask, np.float32)
+        if m.shape != (S, S):  # add_new_mask: antialiased resize, then threshold at 0.5
+            m = (Resizer(antialias=True)(m, (S, S)) >= 0.5).astype(np.float32)
+        high = m * 20.0 - 10.0  # _use_mask_as_output: -10/+10 logits
+        low = Resizer(antialias=True)(high, (G4, G4))[None, None].astype(np.float32)
+        # the object pointer comes from the decoder fed mask_downsample(mask) on raw features
+        w, b = self.c["mask_downsample_w"], self.c["mask_downsample_b"]
+        ds = np.einsum("iajb,ab->ij", m.reshape(G4, 4, G4, 4), w) + b[0]
+        _, _, ptr, _ = self._decode(enc["feat"], enc, None, True, lat, mask_input=ds)
+        present = float(m.any())
+        obj_score = np.full((1, 1), 20.0 * present - 10.0, np.float32)
+        if self.s["pred_obj_scores"]:
+            if self.s["fixed_no_obj_ptr"]:
+                ptr = present * ptr
+            ptr = (ptr + (1 - present) * self.c["no_obj_ptr"][None]).astype(np.float32)
+        binarize = bool(self.s["binarize_mask_from_pts_for_mem_enc"])  # preflight: is_mask_from_pts
+        maskmem = self._memory(enc, low, obj_score, binarize, lat)
+        self.bank.add_conditioning(frame_idx, maskmem, ptr)
+        self.prev_logits = low
+        pix = enc["feat"] + self.no_mem.reshape(1, -1, 1, 1)
+        self.prev_grid = pix.reshape(pix.shape[1], -1).T.copy()
+        self.frame_idx = frame_idx
+        return FrameResult(frame_idx, low, float(obj_score[0, 0]), 1.0, self.T, lat)
+
     def track(self, frame_idx: int, image: np.ndarray, enc: dict | None = None,
               k: int | None = None) -> FrameResult:
         """A tracked (non-conditioning) frame."""
@@ -144,11 +218,13 @@ class Tracker:
         C = feat.shape[1]
         tokens = feat.reshape(C, -1).T  # [T, C]
         k = self.k if k is None else int(k)
-        if k >= self.T:
+        if k >= self.T and not self.adaptive:
             idx = np.arange(self.T, dtype=np.int64)
         else:
             scores = self._run("router", {"feat": feat, "text_emb": self.text_emb,
                                           "prev_mask_logits": self.prev_logits}, lat)["scores"]
+            if self.adaptive:
+                k = self.budget(scores.reshape(-1), tokens)
             idx = top_k_tokens(scores, k)
         memory, memory_pos, memory_idx = self.bank.assemble(frame_idx, self.num_frames)
         cond = self._run("memory_attention", {

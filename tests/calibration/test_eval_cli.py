@@ -147,3 +147,30 @@ def test_neither_results_nor_bundle(davis_root):
 
 def test_run_mode_needs_keep_and_out(davis_root, tmp_path):
     assert_one_line_error(run("--davis", davis_root, "--bundle", tmp_path), "--keep")
+
+
+def test_run_mode_tracks_davis_layout_and_scores(bundle_dir, tmp_path):
+    """fastsam2-eval --bundle: first-frame masks as prompts (several objects), then J&F."""
+    from fastsam2.calibration.synthetic import make_davis_layout
+    from fastsam2.runtime.outputs import read_palette_png
+
+    root = tmp_path / "DAVIS"
+    make_davis_layout(root, {"two": dict(num_frames=5, objects=2, seed=4, size=(120, 160)),
+                             "one": dict(num_frames=4, seed=6, size=(120, 160))})
+    out = tmp_path / "res"
+    res = CliRunner().invoke(main, ["--davis", str(root), "--split", "val", "--bundle", str(bundle_dir),
+                                    "--keep", "0.5", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (out / "two").iterdir()) == [f"{i:05d}.png" for i in range(5)]
+    first = read_palette_png(out / "two" / "00000.png")
+    gt = read_palette_png(root / "Annotations" / "480p" / "two" / "00000.png")
+    assert mask_iou_ids(first, gt) > 0.9  # frame 0 is the prompt mask itself
+    assert (out / "global_results-val.csv").read_text().startswith("J&F-Mean,J-Mean")
+    rows = (out / "per-sequence_results-val.csv").read_text().splitlines()
+    assert sorted(r.split(",")[0] for r in rows[1:]) == ["one_1", "two_1", "two_2"]
+
+
+def mask_iou_ids(a, b):
+    inter = sum(int(((a == i) & (b == i)).sum()) for i in (1, 2))
+    union = sum(int(((a == i) | (b == i)).sum()) for i in (1, 2))
+    return inter / union

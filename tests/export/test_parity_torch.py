@@ -129,3 +129,76 @@ def test_parity_keep1_at_1024(tmp_path):
     ours, _, _ = track_frames(PrunedSAM2(loaded), vid.frames_dir_or_file, vid.first_frame_points[1])
     worst, min_iou = assert_parity(official, ours)
     print(f"parity 1024px 10 frames: max-abs {worst:.2e}, min IoU {min_iou:.5f}")
+
+
+def test_parity_mask_prompt_two_objects_matches_add_new_mask(pruned, tiny_sam2, tmp_path):
+    """Semi-supervised start (DAVIS): SAM2's add_new_mask for two objects, each tracked on its
+    own slice sharing the image encoder, as SAM2VideoPredictor does."""
+    from fastsam2.calibration.synthetic import make_video
+    from fastsam2.export.torch_backend import torch_sessions
+
+    vid = make_video(tmp_path, num_frames=10, size=(240, 320), seed=2, objects=2, fmt="jpg")
+    gt0 = vid.read_mask(0)
+    pred = tiny_sam2.model
+    with torch_inference():
+        state = pred.init_state(str(vid.frames_dir_or_file))
+        for oid in (1, 2):
+            pred.add_new_mask(state, 0, oid, gt0 == oid)
+        official = {fi: m[:, 0].float().numpy().copy() for fi, _, m in pred.propagate_in_video(state)}
+    sessions = torch_sessions(pruned)
+    trackers = {o: Tracker(sessions, pruned.constants(), pruned.settings, keep=1.0, num_frames=10) for o in (1, 2)}
+    rs = Resizer()
+    worst, ious = 0.0, []
+    for i, p in enumerate(_frames(vid.frames_dir_or_file)):
+        rgb = np.asarray(Image.open(p).convert("RGB"))
+        img = trackers[1].preprocess(rgb)
+        enc = trackers[1].encode(img, {})
+        for o, tr in trackers.items():
+            r = tr.add_mask_frame(0, img, gt0 == o, enc=enc) if i == 0 else tr.track(i, img, enc=enc)
+            ours = rs(r.low_res_logits[0, 0], rgb.shape[:2])
+            ref = official[i][o - 1]
+            # frame 0 holds the -10/+10 logits of the mask itself: relative tolerance
+            worst = max(worst, float(np.abs(ref - ours).max() / max(1.0, np.abs(ref).max())))
+            ious.append(mask_iou(ref > 0, ours > 0))
+    assert worst <= 1e-3 and min(ious) >= 0.999, (worst, min(ious))
+
+
+def torch_inference():
+    import torch
+
+    return torch.inference_mode()
+
+
+def test_keep_auto_budget_stays_in_range(pruned, synth):
+    _, results, tr = track_frames(pruned, synth.frames_dir_or_file, synth.first_frame_points[1], keep="auto")
+    T = pruned.geometry["T"]
+    lo = max(64, int(np.ceil(0.3 * T)))
+    assert all(lo <= r.kept_tokens <= T for r in results[1:])
+    assert tr.adaptive and tr.budget.last_motion > 0
+
+
+def test_adaptive_budget_responds_to_mass_and_motion():
+    from fastsam2.runtime.tracker import AdaptiveBudget
+
+    T = 256
+    b = AdaptiveBudget(T, k_min=32, k_max=256, mass=0.8, gain=2.0)
+    rng = np.random.default_rng(0)
+    tokens = rng.standard_normal((T, 8)).astype(np.float32)
+    peaked = np.full(T, -5.0, np.float32)
+    peaked[:10] = 5.0  # mass on 10 tokens
+    k_peaked = b(peaked, tokens)
+    flat = np.zeros(T, np.float32)  # mass spread over all tokens
+    b2 = AdaptiveBudget(T, 32, 256)
+    k_flat = b2(flat, tokens)
+    assert k_peaked == 32 and k_flat > 150
+    prior = peaked.copy()
+    prior[100:160] = 1000.0  # prior tokens are always counted
+    assert AdaptiveBudget(T, 32, 256)(prior, tokens) >= 60
+    # same scores, a moving scene: the budget widens
+    still = AdaptiveBudget(T, 32, 256)
+    still(peaked + 0, tokens)
+    k_still = still(np.where(np.arange(T) < 40, 5.0, -5.0).astype(np.float32), tokens)
+    moving = AdaptiveBudget(T, 32, 256)
+    moving(peaked + 0, tokens)
+    k_moving = moving(np.where(np.arange(T) < 40, 5.0, -5.0).astype(np.float32), tokens * 0.2 + 1.0)
+    assert k_moving > k_still

@@ -1,0 +1,405 @@
+"""`profile_bundle(...)`: time every graph of a bundle on synthetic inputs, per keep ratio.
+
+The library behind fastsam2-profile. Inputs take the contract's shapes (runtime/contract.py)
+with the memory bank full: the conditioning frame with all T tokens, memory_frames - 1 tracked
+frames of k tokens each, and max_obj_ptrs object pointers of PTR_TOKENS tokens. Each iteration
+runs one tracked frame's chain in the loop's order (image encoder, router, memory attention,
+memory encoder, mask decoder), so the per-graph numbers carry the cache effects of the real
+loop; the frame time of an iteration is the sum of its graphs (the router only when k < T, as
+in Tracker.track). Host-side numpy work (top-k, scatter, bank assembly, resizing) is not timed.
+
+Numpy only: matplotlib is imported inside `write_report`, for the plot alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from fastsam2 import __version__
+from fastsam2.runtime.backends import create_sessions, pick_backend
+from fastsam2.runtime.bundle import load_bundle
+from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, PTR_TOKENS, geometry, keep_to_k
+from fastsam2.runtime.errors import InputError, OutputError
+
+DEFAULT_KEEPS = (1.0, 0.7, 0.5, 0.3)
+GPU_BACKENDS = ("ort-cuda", "ort-trt", "tensorrt")
+
+
+# -- inputs ----------------------------------------------------------------------------------
+def bank_shapes(T: int, k: int, memory_frames: int, num_ptrs: int) -> dict:
+    """N, Ms, M of memory attention with a full bank (the conditioning frame keeps all T)."""
+    ms = T + (memory_frames - 1) * k
+    return {"N": k, "Ms": ms, "M": ms + num_ptrs * PTR_TOKENS}
+
+
+def synthetic_feeds(name: str, dims: dict, memory_frames: int = 1, seed: int = 0) -> dict:
+    """Random inputs of graph `name` with the contract's shapes resolved from `dims`.
+
+    Token indices are what the loop feeds: curr_idx sorted and distinct, memory_idx the
+    conditioning frame's 0..T-1 followed by each remembered frame's sorted kept indices.
+    The mask decoder gets a tracked frame's input: SAM2's one padding point (label -1).
+    """
+    rng = np.random.default_rng(seed)
+    T = dims["T"]
+    feeds = {}
+    for t in GRAPHS[name].inputs:
+        shape = tuple(t.resolve(dims))
+        if any(isinstance(d, str) for d in shape):
+            raise ValueError(f"{name}.{t.name}: unresolved symbols in {shape}")
+        if t.dtype == "int64":
+            continue
+        feeds[t.name] = rng.standard_normal(shape).astype(np.float32)
+    if name == "memory_attention":
+        k = dims["N"]
+        feeds["curr_idx"] = np.sort(rng.choice(T, size=k, replace=False)).astype(np.int64)
+        parts = [np.arange(T, dtype=np.int64)]
+        parts += [np.sort(rng.choice(T, size=k, replace=False)).astype(np.int64)
+                  for _ in range(memory_frames - 1)]
+        feeds["memory_idx"] = np.concatenate(parts)[: dims["Ms"]]
+    elif name == "router":
+        feeds["text_emb"] /= np.linalg.norm(feeds["text_emb"])
+    elif name == "memory_encoder":
+        feeds["object_score"] = np.ones((1, 1), np.float32)
+        feeds["binarize"] = np.zeros(1, np.float32)
+    elif name == "mask_decoder":
+        feeds["point_coords"] = np.zeros((1, dims["P"], 2), np.float32)
+        feeds["point_labels"] = -np.ones((1, dims["P"]), np.float32)
+        feeds["mask_input"] = np.zeros_like(feeds["mask_input"])
+        feeds["has_mask_input"] = np.zeros(1, np.float32)
+    return feeds
+
+
+# -- memory ----------------------------------------------------------------------------------
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux resets VmHWM to the current RSS when "5" is written to clear_refs (since 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size: VmHWM where /proc has it, else ru_maxrss (kB on Linux)."""
+    hwm = _status_kb("VmHWM")
+    if hwm is None:
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if platform.system() == "Darwin":  # bytes there
+            hwm //= 1024
+    return round(hwm / 1024, 1)
+
+
+def _device_memory(backend: str) -> tuple:
+    """(device MB in use, note). Native TensorRT: cudaMemGetInfo through polygraphy's libcudart,
+    device-wide (other processes count too). ONNX Runtime's CUDA arena has no public query."""
+    if backend not in GPU_BACKENDS:
+        return None, None
+    if backend == "tensorrt":
+        try:
+            import ctypes
+
+            from fastsam2.runtime.trt_backend import _cudart
+
+            lib = _cudart()
+            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+            if lib is not None and lib.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) == 0:
+                return (round((total.value - free.value) / 2**20, 1),
+                        "cudaMemGetInfo after the runs: device-wide memory in use, not a peak")
+        except Exception:  # a measurement must never break the profile
+            pass
+        return None, "cudaMemGetInfo unavailable"
+    return None, ("not measured: ONNX Runtime's CUDA provider exposes no device-memory query "
+                  "(watch nvidia-smi while it runs)")
+
+
+# -- machine ---------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+def machine_info(backends=()) -> dict:
+    """CPU model and cores, onnxruntime version and providers; GPU, driver and TensorRT when a
+    GPU backend is profiled."""
+    info = {
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime"] = ort.__version__
+        info["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:
+        info["onnxruntime"] = None
+    if any(b in GPU_BACKENDS for b in backends):
+        from fastsam2.runtime.trt_backend import current_gpu, tensorrt_version
+
+        gpu = current_gpu() or {}
+        info.update(gpu_name=gpu.get("gpu_name"), gpu_compute_capability=gpu.get("compute_capability"),
+                    gpu_driver=_nvidia_driver(), tensorrt=tensorrt_version())
+    return info
+
+
+# -- timing ----------------------------------------------------------------------------------
+def _stats(samples_ms) -> dict:
+    a = np.asarray(samples_ms, np.float64)
+    return {"median_ms": round(float(np.median(a)), 3), "p90_ms": round(float(np.percentile(a, 90)), 3),
+            "min_ms": round(float(a.min()), 3), "mean_ms": round(float(a.mean()), 3), "samples": int(a.size)}
+
+
+def _check_args(keeps, memory_frames, warmup, iters, threads) -> tuple:
+    try:
+        keeps = tuple(float(k) for k in keeps)
+    except (TypeError, ValueError):
+        raise InputError(f"keep ratios must be numbers, got {keeps!r}") from None
+    if not keeps:
+        raise InputError("give at least one keep ratio")
+    bad = [k for k in keeps if not (0.0 < k <= 1.0)]  # NaN fails this too
+    if bad:
+        raise InputError(f"keep must be in (0, 1], got {bad[0]:g}")
+    if iters < 1:
+        raise InputError(f"--iters must be >= 1, got {iters}")
+    if warmup < 0:
+        raise InputError(f"--warmup must be >= 0, got {warmup}")
+    if memory_frames < 1:
+        raise InputError(f"--memory-frames must be >= 1 (the conditioning frame), got {memory_frames}")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
+    return keeps
+
+
+def _profile_keep(sessions, dims, k, memory_frames, warmup, iters, seed) -> dict:
+    T = dims["T"]
+    d = dict(dims, **bank_shapes(T, k, memory_frames, dims["ptrs"]))
+    feeds = {g: synthetic_feeds(g, d, memory_frames, seed) for g in GRAPH_ORDER}
+    in_frame = {g: g != "router" or k < T for g in GRAPH_ORDER}
+    samples = {g: [] for g in GRAPH_ORDER}
+    frame = []
+    for it in range(warmup + iters):
+        lat = {}
+        for g in GRAPH_ORDER:  # the loop's order: encoder, router, attention, memory enc, decoder
+            t0 = time.perf_counter()
+            sessions[g].run(feeds[g])
+            lat[g] = (time.perf_counter() - t0) * 1e3
+        if it >= warmup:
+            for g in GRAPH_ORDER:
+                samples[g].append(lat[g])
+            frame.append(sum(v for g, v in lat.items() if in_frame[g]))
+    graphs = {g: {**_stats(samples[g]), "in_frame": in_frame[g],
+                  "inputs": {n: list(a.shape) for n, a in feeds[g].items()}} for g in GRAPH_ORDER}
+    fstats = _stats(frame)
+    fstats["fps"] = round(1e3 / fstats["median_ms"], 3) if fstats["median_ms"] > 0 else None
+    return {"k": k, "shapes": {s: d[s] for s in ("N", "Ms", "M")}, "graphs": graphs, "frame": fstats}
+
+
+def profile_bundle(bundle_dir, backend="ort-cpu", keeps=DEFAULT_KEEPS, memory_frames: int = 7,
+                   warmup: int = 5, iters: int = 50, threads: int | None = None, seed: int = 0,
+                   log=None) -> dict:
+    """Time each graph of the bundle at each keep ratio with a full memory bank.
+
+    `backend` is one name or several (a sequence, or comma-separated); "auto" resolves as in
+    fastsam2-run. Returns the report dict that `write_report` writes.
+    """
+    keeps = _check_args(keeps, memory_frames, warmup, iters, threads)
+    names = backend.split(",") if isinstance(backend, str) else list(backend)
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise InputError("give a backend")
+    bundle = load_bundle(bundle_dir)
+    chosen = list(dict.fromkeys(pick_backend(n, bundle) for n in names))  # check all before timing
+    m, s = bundle.manifest, bundle.settings
+    dims = geometry(int(m["image_size"]), int(s.get("text_dim", 512)))
+    dims.update(P=1, ptrs=int(s.get("max_obj_ptrs_in_encoder", 16)))
+    T, floor = dims["T"], int(m.get("keep_floor", 64))
+    results, sess_info = [], {}
+    for b in chosen:
+        sessions = create_sessions(bundle, b, threads)
+        sess_info[b] = sorted({p for sess in sessions.values() for p in getattr(sess, "providers", [b])})
+        for keep in keeps:
+            k = keep_to_k(keep, T, floor)
+            scoped = _reset_peak_rss()
+            if log:
+                log(f"{b} keep {keep:g}: k = {k}/{T}, {warmup} warm-up + {iters} timed frames")
+            r = _profile_keep(sessions, dims, k, memory_frames, warmup, iters, seed)
+            dev, note = _device_memory(b)
+            r = {"backend": b, "keep": keep, **r,
+                 "memory": {"peak_rss_mb": peak_rss_mb(),
+                            "peak_rss_scope": "this keep (VmHWM reset before it)" if scoped
+                            else "whole process so far",
+                            "device_mb": dev, "device_note": note}}
+            results.append(r)
+        del sessions
+    return {
+        "tool": "fastsam2-profile",
+        "fastsam2_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "bundle": {"path": str(bundle.path), **bundle.summary()},
+        "machine": machine_info(chosen) | {"session_providers": sess_info},
+        "settings": {"backends": chosen, "keeps": list(keeps), "memory_frames": memory_frames,
+                     "object_pointers": dims["ptrs"], "warmup": warmup, "iters": iters,
+                     "threads": threads, "seed": seed, "keep_floor": floor},
+        "geometry": {"image_size": dims["S"], "grid": dims["G"], "tokens": T},
+        "notes": [
+            "synthetic inputs with the contract's shapes; one tracked frame's chain per iteration",
+            "frame = image_encoder + router (only when k < T) + memory_attention + memory_encoder"
+            " + mask_decoder, summed per iteration; host-side numpy work is not included",
+            "memory attention sees a full bank: N = k, Ms = T + (memory_frames - 1) k, "
+            "M = Ms + object_pointers * 4",
+        ],
+        "results": results,
+    }
+
+
+# -- report ----------------------------------------------------------------------------------
+def _fmt(v, nd=1) -> str:
+    return "–" if v is None else f"{v:.{nd}f}"
+
+
+def report_markdown(report: dict) -> str:
+    mc, st, geo = report["machine"], report["settings"], report["geometry"]
+    b = report["bundle"]
+    lines = [
+        "# fastsam2-profile",
+        "",
+        f"- bundle: `{b['path']}` ({b.get('config')}, {geo['image_size']} px, {geo['tokens']} tokens, "
+        f"weights {'random' if b.get('weights_random') else 'checkpoint'})",
+        f"- machine: {mc.get('cpu_model')}, {mc.get('cpu_cores')} cores; onnxruntime "
+        f"{mc.get('onnxruntime')}"
+        + (f"; GPU {mc.get('gpu_name')}, driver {mc.get('gpu_driver')}, TensorRT {mc.get('tensorrt')}"
+           if "gpu_name" in mc else ""),
+        f"- memory frames {st['memory_frames']} (conditioning frame + {st['memory_frames'] - 1} tracked), "
+        f"{st['object_pointers']} object pointers; {st['warmup']} warm-up + {st['iters']} timed "
+        f"iterations; threads {st['threads'] or 'default'}",
+        f"- created {report['created']}",
+        "",
+        "## Summary",
+        "",
+        "| backend | keep | k | M | frame median ms | p90 ms | FPS | speed-up vs first keep | peak RSS MB | device MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    first = {}
+    for r in report["results"]:
+        f = r["frame"]
+        base = first.setdefault(r["backend"], f["median_ms"])
+        lines.append(f"| {r['backend']} | {r['keep']:g} | {r['k']} | {r['shapes']['M']} | {_fmt(f['median_ms'])} "
+                     f"| {_fmt(f['p90_ms'])} | {_fmt(f['fps'], 2)} | {_fmt(base / f['median_ms'], 2)}× "
+                     f"| {_fmt(r['memory']['peak_rss_mb'])} | {_fmt(r['memory']['device_mb'])} |")
+    for r in report["results"]:
+        sh = r["shapes"]
+        frame_ms = r["frame"]["median_ms"]
+        lines += ["", f"## {r['backend']} · keep {r['keep']:g} (N = {sh['N']}, Ms = {sh['Ms']}, M = {sh['M']})",
+                  "", "| graph | in frame | median ms | p90 ms | min ms | share of frame |", "|---|---|---|---|---|---|"]
+        for g, v in r["graphs"].items():
+            share = f"{100 * v['median_ms'] / frame_ms:.0f} %" if v["in_frame"] and frame_ms > 0 else "–"
+            lines.append(f"| {g} | {'yes' if v['in_frame'] else 'no (k = T)'} | {_fmt(v['median_ms'], 2)} "
+                         f"| {_fmt(v['p90_ms'], 2)} | {_fmt(v['min_ms'], 2)} | {share} |")
+        f = r["frame"]
+        lines.append(f"| **frame** | | {_fmt(f['median_ms'], 2)} | {_fmt(f['p90_ms'], 2)} | "
+                     f"{_fmt(f['min_ms'], 2)} | {_fmt(f['fps'], 2)} FPS |")
+        if r["memory"]["device_note"]:
+            lines.append(f"\nDevice memory: {r['memory']['device_note']}.")
+    lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]], ""]
+    return "\n".join(lines)
+
+
+def plot_latency(report: dict, path) -> None:
+    """Stacked bar of per-graph median latency (graphs in the frame) per backend and keep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = report["results"]
+    multi = len({r["backend"] for r in res}) > 1
+    labels = [(f"{r['backend']}\n" if multi else "") + f"keep {r['keep']:g}\nk={r['k']}" for r in res]
+    fig, ax = plt.subplots(figsize=(1.6 * len(res) + 3, 4.5))
+    bottom = np.zeros(len(res))
+    for g in GRAPH_ORDER:
+        vals = np.array([r["graphs"][g]["median_ms"] if r["graphs"][g]["in_frame"] else 0.0 for r in res])
+        ax.bar(labels, vals, bottom=bottom, label=g)
+        bottom += vals
+    for x, (r, top) in enumerate(zip(res, bottom)):
+        ax.annotate(f"{r['frame']['median_ms']:.0f} ms", (x, top), ha="center", va="bottom", fontsize=8)
+    geo, mc = report["geometry"], report["machine"]
+    where = mc.get("gpu_name") or mc.get("cpu_model")
+    ax.set_ylabel("median latency per frame (ms)")
+    ax.set_title(f"fastsam2 per-graph latency, {geo['image_size']} px ({where})", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.margins(y=0.12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict, out_dir, log=None) -> list:
+    """report.json, report.md and latency.png in out_dir; returns the paths written.
+
+    Without matplotlib (it is not a runtime dependency) the plot is skipped, with a log line.
+    """
+    from fastsam2.runtime.outputs import atomic_write_bytes, atomic_write_json
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise OutputError(f"cannot write to {out}")
+    atomic_write_json(out / "report.json", report)
+    atomic_write_bytes(out / "report.md", report_markdown(report).encode())
+    written = [out / "report.json", out / "report.md"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if log:
+            log("latency.png skipped: matplotlib is not installed (pip install matplotlib)")
+        return written
+    tmp = out / ".latency.png.tmp.png"
+    plot_latency(report, tmp)
+    os.replace(tmp, out / "latency.png")
+    return written + [out / "latency.png"]
+
+
+def load_report(path) -> dict:
+    return json.loads(Path(path).read_text())
