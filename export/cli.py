@@ -21,7 +21,9 @@ def _engines_hook(profile, keep: float, log):
         from fastsam2.runtime.trt_backend import current_gpu, tensorrt_available
 
         s = manifest["model"]
-        shapes = shape_profiles(profile, manifest["image_size"], keep, s["num_maskmem"],
+        # `auto` varies k per frame over the whole profile range: optimise for its middle
+        opt_keep = (profile.keep_min + profile.keep_max) / 2 if keep == "auto" else keep
+        shapes = shape_profiles(profile, manifest["image_size"], opt_keep, s["num_maskmem"],
                                 s["max_obj_ptrs_in_encoder"], s["text_dim"])
         plan = write_build_plan(tmp, profile, shapes)
         info = {"target": profile.name, "keep_range": [profile.keep_min, profile.keep_max],
@@ -50,12 +52,13 @@ def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0
     from fastsam2.export.onnx_export import prepare_out_dir
     from fastsam2.profiles import load_profile
 
-    if not (0.0 < keep <= 1.0):
-        raise InputError(f"--keep must be in (0, 1], got {keep}")
+    from fastsam2.runtime.track import parse_keep
+
+    keep = parse_keep(keep)
     if opset > 17 or opset < 14:
         raise InputError(f"--opset must be 14..17 (TensorRT 8.6 on JetPack 6.0 parses <= 17), got {opset}")
     profile = load_profile(target)
-    if profile.tensorrt and not (profile.keep_min <= keep <= profile.keep_max):
+    if profile.tensorrt and keep != "auto" and not (profile.keep_min <= keep <= profile.keep_max):
         raise InputError(f"--keep {keep} is outside target {target}'s range {profile.keep_min}..{profile.keep_max}")
     from fastsam2.export.text import TextEncoderSpec, compute_text_embeddings, parse_prompts
 
@@ -81,7 +84,7 @@ def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0
 @click.option("--config", default="sam2.1_hiera_t", show_default=True, help="SAM2 config name (sam2.1_hiera_t/s/b+/l, sam2_hiera_*).")
 @click.option("--checkpoint", type=str, default=None, help="Official SAM2 checkpoint (.pt). Omit for a seeded random init (tests/offline demo; masks are not meaningful).")
 @click.option("--target", default=None, help="Target profile from profiles/ (see --list-targets).")
-@click.option("--keep", type=float, default=0.5, show_default=True, help="Default keep ratio (fraction of tokens entering memory attention); centre of the TensorRT profiles.")
+@click.option("--keep", default="0.5", show_default=True, help="Default keep ratio in (0, 1] (fraction of tokens entering memory attention; centre of the TensorRT profiles), or 'auto'.")
 @click.option("--prompts", default="", help='Comma-separated text prompts to precompute, e.g. "cyclist,red soccer ball".')
 @click.option("--prompts-file", type=str, default=None, help="File with one prompt per line (# comments allowed).")
 @click.option("--text-model", default="ViT-B-32", show_default=True, help="open_clip model name.")

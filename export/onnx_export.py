@@ -118,7 +118,7 @@ def prepare_out_dir(out: Path, force: bool) -> None:
         raise OutputError(f"cannot write to {parent}")
 
 
-def write_bundle(pruned, out: Path, *, keep: float, target: str, opset: int,
+def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
                  text_embeddings: dict, text_info: dict, force: bool = False,
                  profile=None, engines_hook=None, log=print) -> dict:
     """Export every graph of `pruned` and write the bundle at `out`. Returns the manifest.
@@ -158,6 +158,7 @@ def write_bundle(pruned, out: Path, *, keep: float, target: str, opset: int,
         save_text_embeddings(tmp / "text_embeddings.npz", text_embeddings)
         loaded = pruned.loaded
         T = geom["T"]
+        k = None if keep == "auto" else keep_to_k(keep, T)
         manifest = {
             "format": 1,
             "fastsam2_version": __version__,
@@ -171,13 +172,13 @@ def write_bundle(pruned, out: Path, *, keep: float, target: str, opset: int,
             "image_size": geom["S"],
             "token_grid": [geom["G"], geom["G"]],
             "keep": keep,
-            "k": keep_to_k(keep, T),
+            "k": k,
             "keep_floor": 64,
             "target": target,
             "opset": opset,
             "model": pruned.settings,
-            "memory_tokens": {k: list(v) for k, v in memory_token_range(
-                keep_to_k(keep, T), keep_to_k(keep, T), T, pruned.settings["num_maskmem"],
+            "memory_tokens": {sym: list(v) for sym, v in memory_token_range(
+                k or keep_to_k(0.3, T), k or T, T, pruned.settings["num_maskmem"],
                 pruned.settings["max_obj_ptrs_in_encoder"]).items()},
             "graphs": graphs,
             "constants": {"file": "constants.npz", "sha256": sha256(tmp / "constants.npz")},
