@@ -47,7 +47,7 @@ def _engines_hook(profile, keep: float, log):
 def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0.5, prompts="",
                   prompts_file=None, text_model="ViT-B-32", text_pretrained="laion2b_s34b_b79k",
                   text_checkpoint=None, image_size=1024, opset=17, out="bundle", force=False,
-                  seed=0, log=print) -> dict:
+                  seed=0, router_weights=None, log=print) -> dict:
     """The library function behind the command (tests call it directly)."""
     from fastsam2.export.onnx_export import prepare_out_dir
     from fastsam2.profiles import load_profile
@@ -74,7 +74,12 @@ def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0
     spec = TextEncoderSpec(model=text_model, pretrained=text_pretrained, checkpoint=text_checkpoint,
                            seed=seed)
     emb, text_info = compute_text_embeddings(prompt_list, spec)
-    pruned = PrunedSAM2(loaded, text_dim=text_info["dim"])
+    router = None
+    if router_weights:
+        from fastsam2.calibration.router_training import load_router
+
+        router = load_router(router_weights, text_info["dim"])
+    pruned = PrunedSAM2(loaded, router=router, text_dim=text_info["dim"])
     return write_bundle(pruned, out, keep=keep, target=target, opset=opset, text_embeddings=emb,
                         text_info=text_info, force=force, profile=profile,
                         engines_hook=_engines_hook(profile, keep, log), log=log)
@@ -95,9 +100,10 @@ def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0
 @click.option("--out", type=str, default=None, help="Bundle folder to write.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random inits (SAM2 without --checkpoint, CLIP with 'random', the router).")
+@click.option("--router-weights", type=str, default=None, help="Trained router (fastsam2-calibrate router); without it the text term is untrained and the manifest says so.")
 @click.option("--list-targets", is_flag=True, help="List the target profiles and exit.")
 def main(config, checkpoint, target, keep, prompts, prompts_file, text_model, text_pretrained,
-         text_checkpoint, image_size, opset, out, force, seed, list_targets):
+         text_checkpoint, image_size, opset, out, force, seed, router_weights, list_targets):
     """Export the pruned SAM2 as a bundle for fastsam2-run."""
     from fastsam2.profiles import list_targets as _targets, load_profile
 
@@ -115,7 +121,7 @@ def main(config, checkpoint, target, keep, prompts, prompts_file, text_model, te
             warnings.simplefilter("always")
             manifest = export_bundle(config, checkpoint, target, keep, prompts, prompts_file, text_model,
                                      text_pretrained, text_checkpoint, image_size, opset, out, force, seed,
-                                     log=lambda m: click.echo(m, err=True))
+                                     router_weights, log=lambda m: click.echo(m, err=True))
         shown = set()
         for w in caught:
             text = str(w.message).splitlines()[0]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fastsam2 import __version__
+from fastsam2.runtime.bundle import sha256_file
 from fastsam2.runtime.contract import GRAPHS, memory_token_range, keep_to_k
 from fastsam2.runtime.errors import OutputError
 
@@ -95,12 +96,6 @@ def check_graph(path: Path) -> dict:
     return {"ops": ops, "opset": opset, "bytes": path.stat().st_size}
 
 
-def sha256(path: Path) -> str:
-    from fastsam2.export.sam2_loader import sha256_file
-
-    return sha256_file(str(path))
-
-
 def _io(specs, dims) -> list:
     return [{"name": t.name, "dtype": t.dtype, "shape": list(t.resolve(dims))} for t in specs]
 
@@ -148,7 +143,7 @@ def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
             info = check_graph(path)
             spec = GRAPHS[name]
             graphs[name] = {
-                "file": path.name, "sha256": sha256(path), "bytes": info["bytes"],
+                "file": path.name, "sha256": sha256_file(path), "bytes": info["bytes"],
                 "opset": info["opset"], "ops": info["ops"],
                 "inputs": _io(spec.inputs, geom), "outputs": _io(spec.outputs, geom),
                 "dynamic": list(spec.dynamic), "export_seconds": round(time.perf_counter() - t0, 2),
@@ -181,8 +176,8 @@ def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
                 k or keep_to_k(0.3, T), k or T, T, pruned.settings["num_maskmem"],
                 pruned.settings["max_obj_ptrs_in_encoder"]).items()},
             "graphs": graphs,
-            "constants": {"file": "constants.npz", "sha256": sha256(tmp / "constants.npz")},
-            "text": {"file": "text_embeddings.npz", "sha256": sha256(tmp / "text_embeddings.npz"),
+            "constants": {"file": "constants.npz", "sha256": sha256_file(tmp / "constants.npz")},
+            "text": {"file": "text_embeddings.npz", "sha256": sha256_file(tmp / "text_embeddings.npz"),
                      **text_info},
             "prompts": list(text_embeddings),
             "router_trained": pruned.router_trained,

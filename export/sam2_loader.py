@@ -7,12 +7,12 @@ meaningful, and the manifest records it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import warnings
 from dataclasses import dataclass
 
+from fastsam2.runtime.bundle import sha256_file
 from fastsam2.runtime.errors import CheckpointError, InputError
 
 log = logging.getLogger(__name__)
@@ -66,17 +66,6 @@ def config_path(name: str) -> str:
     if stem in CONFIGS:
         return CONFIGS[stem]
     raise InputError(f"unknown SAM2 config '{name}'; known: {', '.join(CONFIGS)}")
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def _read_state_dict(path: str):

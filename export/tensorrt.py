@@ -14,7 +14,6 @@ T = 4096 at 1024² input, so nothing here has to respect that limit.
 
 from __future__ import annotations
 
-import hashlib
 import stat
 import time
 from pathlib import Path
@@ -28,9 +27,12 @@ from fastsam2.runtime.contract import (
 )
 from fastsam2.runtime.errors import BackendError, BundleError, InputError
 from fastsam2.runtime.trt_backend import current_gpu, tensorrt_available  # noqa: F401
+from fastsam2.runtime.bundle import sha256_file
 
 TIMING_CACHE = "timing.cache"
-CALIBRATION_CACHE = "calibration.cache"  # written by fastsam2.calibration for int8 targets
+# one int8 cache per graph (fastsam2-calibrate int8): a cache maps tensor names to scales and the
+# graphs reuse names (`feat` is raw in the router, conditioned in the decoder)
+CALIBRATION_CACHE = "calibration_{graph}.cache"
 # parity tolerances of the contract are for fp32; reduced precision gets looser ones
 _TOL_SCALE = {"fp32": 1.0, "fp16": 10.0, "int8": 100.0}
 
@@ -99,7 +101,7 @@ def _trtexec_line(graph: str, profile, shapes: dict) -> str:
         args.append("--fp16")
     elif profile.precision == "int8":
         # fp16 too, so layers int8 cannot take do not drop to fp32
-        args.append(f"--int8 --fp16 --calib={CALIBRATION_CACHE}")
+        args.append(f"--int8 --fp16 --calib={CALIBRATION_CACHE.format(graph=graph)}")
     # `workspace:<N>M`: TensorRT 8.6 reads MiB by default, 10.x wants the unit; both accept this
     args.append(f"--memPoolSize=workspace:{profile.workspace_mib}M")
     args.append(f"--builderOptimizationLevel={profile.builder_optimization_level}")
@@ -117,7 +119,7 @@ def _polygraphy_line(graph: str, profile, shapes: dict, image_size: int) -> str:
     if profile.precision == "fp16":
         args.append("--fp16")
     elif profile.precision == "int8":
-        args.append(f"--int8 --fp16 --calibration-cache {CALIBRATION_CACHE}")
+        args.append(f"--int8 --fp16 --calibration-cache {CALIBRATION_CACHE.format(graph=graph)}")
     args.append(f"--pool-limit workspace:{profile.workspace_mib}M")
     args.append(f"--builder-optimization-level {profile.builder_optimization_level}")
     if profile.dla_core >= 0:
@@ -180,14 +182,6 @@ def write_build_plan(bundle_dir, profile, shapes: dict) -> Path:
     path.write_text("\n".join(lines))
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_engines(bundle_dir, profile, shapes: dict, log=print) -> dict:
@@ -268,7 +262,7 @@ def build_engines(bundle_dir, profile, shapes: dict, log=print) -> dict:
                 config.set_flag(flags.FP16)
             if profile.precision == "int8":
                 # held here: the config keeps only a raw pointer to the calibrator
-                calibrator = _set_int8(trt, config, out / CALIBRATION_CACHE)  # noqa: F841
+                calibrator = _set_int8(trt, config, out / CALIBRATION_CACHE.format(graph=gname))  # noqa: F841
             if profile.dla_core >= 0:
                 config.default_device_type = trt.DeviceType.DLA
                 config.DLA_core = profile.dla_core
@@ -303,7 +297,7 @@ def build_engines(bundle_dir, profile, shapes: dict, log=print) -> dict:
                 f.write(serialized)
             result["graphs"][gname] = {
                 "file": str(engine_path.relative_to(bundle_dir)),
-                "sha256": _sha256(engine_path),
+                "sha256": sha256_file(engine_path),
                 "build_seconds": round(seconds, 2),
             }
             note(f"{gname}: built in {seconds:.1f} s -> {engine_path.name}")

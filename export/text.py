@@ -9,7 +9,6 @@ so importing this module stays cheap (DESIGN.md §5, §7).
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from fastsam2.runtime.errors import BundleError, InputError, OutputError
+from fastsam2.runtime.bundle import read_text_embeddings as load_text_embeddings  # noqa: F401
+from fastsam2.runtime.bundle import sha256_file
 
 DEFAULT_TEXT_MODEL = "ViT-B-32"
 DEFAULT_TEXT_PRETRAINED = "laion2b_s34b_b79k"
@@ -104,7 +105,7 @@ def load_text_encoder(spec: TextEncoderSpec) -> TextEncoder:
         path = Path(spec.checkpoint)
         if not path.is_file():
             raise InputError(f"text checkpoint not found: '{path}'")
-        sha256 = _sha256(path)
+        sha256 = sha256_file(path)
         # open_clip's own loader unwraps {"state_dict": ...} and "module." prefixes, converts
         # third-party layouts, and uses torch.load(weights_only=True).
         model = _create(spec.model, str(path), lambda e: InputError(
@@ -151,20 +152,6 @@ def save_text_embeddings(path: str | os.PathLike, embeddings: dict[str, np.ndarr
             np.savez(f, prompts=np.array(prompts, dtype=str), embeddings=emb)
     except OSError as e:
         raise OutputError(f"cannot write text embeddings '{path}': {e}") from None
-
-
-def load_text_embeddings(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read `save_text_embeddings` output; numpy only (the runtime uses it)."""
-    try:
-        # allow_pickle=False: prompts are stored as a unicode array, never as objects.
-        with np.load(path, allow_pickle=False) as z:
-            prompts, emb = z["prompts"], z["embeddings"]
-    except (OSError, KeyError, ValueError) as e:
-        raise BundleError(f"cannot read text embeddings '{path}': {_one_line(e)}") from None
-    if prompts.ndim != 1 or emb.ndim != 2 or len(prompts) != len(emb):
-        raise BundleError(f"text embeddings '{path}' are malformed: prompts {prompts.shape}, "
-                          f"embeddings {emb.shape}")
-    return {str(p): emb[i].astype(np.float32) for i, p in enumerate(prompts)}
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -219,14 +206,6 @@ def _embed_dim(model, tokenizer) -> int:
 
     with torch.no_grad():
         return int(model.encode_text(tokenizer([""])).shape[-1])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _one_line(e: BaseException) -> str:

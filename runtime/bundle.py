@@ -23,16 +23,18 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 
 
 def read_text_embeddings(path) -> dict:
-    """text_embeddings.npz -> {prompt: float32 [D]} (written by fastsam2.export.text)."""
+    """text_embeddings.npz (fastsam2.export.text.save_text_embeddings) -> {prompt: float32 [D]}."""
     try:
+        # allow_pickle=False: prompts are stored as a unicode array, never as objects
         with np.load(path, allow_pickle=False) as z:
-            prompts = [str(p) for p in z["prompts"]]
-            emb = np.asarray(z["embeddings"], np.float32)
+            prompts, emb = z["prompts"], z["embeddings"]
     except (OSError, KeyError, ValueError) as e:
-        raise BundleError(f"cannot read text embeddings {path}: {e}") from None
-    if emb.ndim != 2 or emb.shape[0] != len(prompts):
-        raise BundleError(f"text embeddings {path} are malformed: {emb.shape} for {len(prompts)} prompts")
-    return dict(zip(prompts, emb))
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BundleError(f"cannot read text embeddings '{path}': {first}") from None
+    if prompts.ndim != 1 or emb.ndim != 2 or len(prompts) != len(emb):
+        raise BundleError(f"text embeddings '{path}' are malformed: prompts {prompts.shape}, "
+                          f"embeddings {emb.shape}")
+    return {str(p): emb[i].astype(np.float32) for i, p in enumerate(prompts)}
 
 
 @dataclass

@@ -91,7 +91,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def export_tiny_bundle(out, target="cpu", keep=1.0, prompts="cyclist,red ball", checkpoint=None,
-                       image_size=TINY, force=False):
+                       image_size=TINY, force=False, router_weights=None):
     """fastsam2-export's library function at the test size, offline (random CLIP)."""
     from fastsam2.export.cli import export_bundle
 
@@ -100,7 +100,8 @@ def export_tiny_bundle(out, target="cpu", keep=1.0, prompts="cyclist,red ball", 
         warnings.simplefilter("ignore")
         return export_bundle(config="sam2.1_hiera_t", checkpoint=checkpoint, target=target, keep=keep,
                              prompts=prompts, text_pretrained="random", image_size=image_size,
-                             out=str(out), force=force, log=lambda m: None)
+                             out=str(out), force=force, router_weights=router_weights,
+                             log=lambda m: None)
 
 
 @pytest.fixture(scope="session")
