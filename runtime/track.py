@@ -7,6 +7,7 @@ complete files.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -99,6 +100,23 @@ def keep_range(bundle) -> tuple:
     return tuple(rng) if rng else (0.3, 1.0)
 
 
+def _prompt_frame(tracker: Tracker, image, prompt: PromptSpec, w: int, h: int):
+    """The first frame: the user's clicks/box, or the text's most relevant token."""
+    lat = {}
+    enc = tracker.encode(image, lat)
+    p = model_prompt(prompt, w, h, tracker.S)
+    if p is None:
+        xy, rel = text_start_point(tracker, enc, w, h)
+        start = {"source": "text", "point": [round(xy[0], 1), round(xy[1], 1)], "relevance": rel}
+        p = model_prompt(PromptSpec(points=[xy]), w, h, tracker.S)
+    else:
+        start = {"source": "user", "points": p.points.tolist(), "labels": p.labels.tolist()}
+    r = tracker.add_prompt_frame(0, image, p, enc=enc)
+    for k, v in lat.items():  # the encoder (and router) ran before the tracker saw the frame
+        r.latency_ms[k] = r.latency_ms.get(k, 0.0) + v
+    return r, start
+
+
 def _validate_keep(keep, bundle):
     keep = parse_keep(bundle.manifest["keep"] if keep is None else keep)
     rng = (bundle.manifest.get("engines") or {}).get("keep_range")
@@ -151,28 +169,19 @@ def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = 
         tracker = Tracker(sessions, bundle.constants, bundle.settings, keep=keep,
                           keep_floor=m.get("keep_floor", 64), fill=fill, text_emb=text_emb,
                           num_frames=num_frames, keep_range=keep_range(bundle))
-        w, h, S = source.width, source.height, tracker.S
+        w, h = source.width, source.height
         resize = Resizer()
-        writer = OverlayWriter(out / "overlay.mp4", w, h, source.fps) if overlay else None
         frames, start, t_start = [], None, time.perf_counter()
-        try:
+        with contextlib.ExitStack() as stack:
+            # the overlay is renamed into place on success and removed on any error
+            writer = stack.enter_context(OverlayWriter(out / "overlay.mp4", w, h, source.fps)) if overlay else None
             for i, rgb in source:
                 if max_frames is not None and i >= max_frames:
                     break
                 t0 = time.perf_counter()
                 image = tracker.preprocess(rgb)
                 if i == 0:
-                    lat = {}
-                    enc = tracker.encode(image, lat)
-                    p = model_prompt(prompt, w, h, S)
-                    if p is None:
-                        xy, rel = text_start_point(tracker, enc, w, h)
-                        start = {"source": "text", "point": [round(xy[0], 1), round(xy[1], 1)], "relevance": rel}
-                        p = model_prompt(PromptSpec(points=[xy]), w, h, S)
-                    else:
-                        start = {"source": "user", "points": p.points.tolist(), "labels": p.labels.tolist()}
-                    r = tracker.add_prompt_frame(0, image, p, enc=enc)
-                    r.latency_ms = {**lat, **{k: v + lat.get(k, 0) for k, v in r.latency_ms.items()}}
+                    r, start = _prompt_frame(tracker, image, prompt, w, h)
                 else:
                     r = tracker.track(i, image)
                 logits = resize(r.low_res_logits[0, 0], (h, w))
@@ -190,12 +199,6 @@ def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = 
                     progress(i, num_frames, frames[-1])
             if not frames:
                 raise InputError(f"{input_path} has no frames")
-            if writer is not None:
-                writer.close()
-        except BaseException:
-            if writer is not None:
-                writer._abort() if hasattr(writer, "_abort") else None
-            raise
     total = time.perf_counter() - t_start
     steady = [f["frame_ms"] for f in frames[min(len(frames) - 1, bundle.settings["num_maskmem"]):]]
     results = {
