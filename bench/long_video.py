@@ -1,0 +1,70 @@
+"""Flat memory over a long video: fastsam2-run on a 1000-frame generated video, RSS sampled as
+it goes. A benchmark (numbers go to docs/benchmarks.md), not a test.
+
+    python bench/long_video.py [--frames 1000] [--image-size 256] [--keep 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=1000)
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--keep", default="0.5")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "long")
+    args = ap.parse_args(argv)
+
+    from fastsam2.calibration.synthetic import make_video
+    from fastsam2.runtime.track import PromptSpec, track
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import export_tiny_bundle
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    vid = make_video(args.out / "video", num_frames=args.frames, size=(240, 320), seed=7, fmt="mp4")
+    bundle = args.out / "bundle"
+    export_tiny_bundle(bundle, keep=1.0, image_size=args.image_size, force=True)
+    samples = []
+
+    def progress(i, total, frame):
+        if i % 50 == 0 or i == args.frames - 1:
+            samples.append({"frame": i, "rss_mb": round(rss_mb(), 1), "frame_ms": frame["frame_ms"]})
+
+    t0 = time.perf_counter()
+    res = track(vid.frames_dir_or_file, bundle, PromptSpec(text="cyclist", points=[vid.first_frame_points[1]]),
+                args.out / "results", keep=args.keep, backend="ort-cpu", overlay=True, progress=progress,
+                warn=lambda m: None)
+    frame_ms = [f["frame_ms"] for f in res["frames"]]
+    report = {
+        "frames": len(frame_ms), "image_size": args.image_size, "keep": args.keep,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "rss_samples": samples,
+        "rss_growth_mb_frame100_to_last": round(samples[-1]["rss_mb"] - next(s for s in samples if s["frame"] >= 100)["rss_mb"], 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "median_ms_frames_10_60": sorted(frame_ms[10:60])[25],
+        "median_ms_last_50": sorted(frame_ms[-50:])[25],
+    }
+    (args.out / "long_video.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "rss_samples"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
