@@ -258,6 +258,7 @@ def profile_bundle(bundle_dir, backend="ort-cpu", keeps=DEFAULT_KEEPS, memory_fr
         sess_info[b] = sorted({p for sess in sessions.values() for p in getattr(sess, "providers", [b])})
         for keep in keeps:
             k = keep_to_k(keep, T, floor)
+            rss_before = _status_kb("VmRSS")
             scoped = _reset_peak_rss()
             if log:
                 log(f"{b} keep {keep:g}: k = {k}/{T}, {warmup} warm-up + {iters} timed frames")
@@ -265,6 +266,7 @@ def profile_bundle(bundle_dir, backend="ort-cpu", keeps=DEFAULT_KEEPS, memory_fr
             dev, note = _device_memory(b)
             r = {"backend": b, "keep": keep, **r,
                  "memory": {"peak_rss_mb": peak_rss_mb(),
+                            "rss_before_mb": None if rss_before is None else round(rss_before / 1024, 1),
                             "peak_rss_scope": "this keep (VmHWM reset before it)" if scoped
                             else "whole process so far",
                             "device_mb": dev, "device_note": note}}
@@ -286,6 +288,8 @@ def profile_bundle(bundle_dir, backend="ort-cpu", keeps=DEFAULT_KEEPS, memory_fr
             " + mask_decoder, summed per iteration; host-side numpy work is not included",
             "memory attention sees a full bank: N = k, Ms = T + (memory_frames - 1) k, "
             "M = Ms + object_pointers * 4",
+            "peak RSS per keep starts from the RSS left by the keeps before it (ONNX Runtime's CPU "
+            "arena keeps what it allocated): for one keep's own peak, profile that keep alone",
         ],
         "results": results,
     }
