@@ -131,6 +131,7 @@ def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
     geom = pruned.geometry
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a bundle is shared like any folder
     except OSError as e:
         raise OutputError(f"cannot write to {out.resolve().parent}: {e.strerror}") from None
     try:
@@ -194,6 +195,12 @@ def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _version(dist: str) -> str | None:

@@ -56,7 +56,8 @@ def _attention(attn, q, k, v, q_cos, q_sin, k_cos, k_sin, num_k_rope):
         k = apply_rope(k, k_cos, k_sin)
     else:
         k = torch.cat([apply_rope(k[:, :num_k_rope], k_cos, k_sin), k[:, num_k_rope:]], dim=1)
-    w = torch.softmax((q @ k.transpose(1, 2)) * (1.0 / math.sqrt(c)), dim=-1)
+    # scale q (N x c) rather than the N x M logits: one pass less over the largest tensor
+    w = torch.softmax((q * (1.0 / math.sqrt(c))) @ k.transpose(1, 2), dim=-1)
     out = (w @ v).transpose(0, 1).reshape(-1, heads * c)
     return attn.out_proj(out)
 
