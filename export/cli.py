@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -117,6 +118,9 @@ def main(config, checkpoint, target, keep, prompts, prompts_file, text_model, te
             raise InputError("--target is required (see --list-targets)")
         if not out:
             raise InputError("--out is required")
+        # open_clip logs "No pretrained weights loaded" on the root logger for random inits;
+        # the one warning line below says it in our words
+        logging.getLogger().setLevel(logging.ERROR)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             manifest = export_bundle(config, checkpoint, target, keep, prompts, prompts_file, text_model,
