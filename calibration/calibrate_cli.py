@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from fastsam2.runtime.errors import FastSam2Error, InputError, OutputError
+from fastsam2.export.cli import echo_random_warnings
 
 
 def _point(text: str) -> tuple:
@@ -27,15 +28,6 @@ def _fail(e: FastSam2Error):
     # one line, whatever the message held: scripts grep stderr
     click.echo(f"error: {' '.join(str(e).split())}", err=True)
     sys.exit(e.exit_code)
-
-
-def _show_warnings(caught) -> None:
-    shown = set()
-    for w in caught:
-        text = str(w.message).splitlines()[0]
-        if ("random" in text or "randomly" in text) and text not in shown:
-            shown.add(text)
-            click.echo(f"warning: {text}", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,7 +61,7 @@ def router_cmd(frames, prompts, points, config, checkpoint, image_size, text_mod
             meta = calibrate_router(frames, prompts, points, config, checkpoint, image_size, text_model,
                                     text_pretrained, text_checkpoint, steps, lr, batch, max_frames, seed,
                                     out, force, log=lambda m: click.echo(m, err=True))
-        _show_warnings(caught)
+        echo_random_warnings(caught)
         f = meta["final"]
         click.echo(f"wrote {out}: loss {meta['initial']['loss']:.4f} -> {f['loss']:.4f}, "
                    f"important-token recall {meta['recall_before']:.3f} -> {meta['recall_after']:.3f}")

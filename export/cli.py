@@ -45,6 +45,16 @@ def _engines_hook(profile, keep: float, log):
     return hook
 
 
+def echo_random_warnings(caught) -> None:
+    """One `warning:` line per distinct random-weights warning caught while building models."""
+    shown = set()
+    for w in caught:
+        text = str(w.message).splitlines()[0]
+        if "random" in text and text not in shown:
+            shown.add(text)
+            click.echo(f"warning: {text}", err=True)
+
+
 def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0.5, prompts="",
                   prompts_file=None, text_model="ViT-B-32", text_pretrained="laion2b_s34b_b79k",
                   text_checkpoint=None, image_size=1024, opset=17, out="bundle", force=False,
@@ -126,12 +136,7 @@ def main(config, checkpoint, target, keep, prompts, prompts_file, text_model, te
             manifest = export_bundle(config, checkpoint, target, keep, prompts, prompts_file, text_model,
                                      text_pretrained, text_checkpoint, image_size, opset, out, force, seed,
                                      router_weights, log=lambda m: click.echo(m, err=True))
-        shown = set()
-        for w in caught:
-            text = str(w.message).splitlines()[0]
-            if ("random" in text or "randomly" in text) and text not in shown:
-                shown.add(text)
-                click.echo(f"warning: {text}", err=True)
+        echo_random_warnings(caught)
         sizes = sum(g["bytes"] for g in manifest["graphs"].values()) / 1e6
         click.echo(f"wrote bundle {out} ({sizes:.1f} MB of ONNX, {manifest['export_seconds']:.1f} s, "
                    f"target {target}, keep {keep})")

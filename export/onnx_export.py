@@ -20,6 +20,7 @@ from fastsam2 import __version__
 from fastsam2.runtime.bundle import sha256_file
 from fastsam2.runtime.contract import GRAPHS, memory_token_range, keep_to_k
 from fastsam2.runtime.errors import OutputError
+from fastsam2.runtime.outputs import ensure_writable_dir
 
 # Operators the ONNX parser of TensorRT 8.6 (JetPack 6.0 on Jetson Orin) accepts, from
 # onnx-tensorrt's operators.md for release 8.6. Graphs must stay inside this set.
@@ -104,13 +105,7 @@ def prepare_out_dir(out: Path, force: bool) -> None:
     """Refuse an existing bundle folder without --force, and an unwritable parent."""
     if out.exists() and not force:
         raise OutputError(f"output folder {out} exists; pass --force to replace it")
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write to {parent}")
+    ensure_writable_dir(out.resolve().parent)
 
 
 def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fastsam2.runtime.errors import BundleError, InputError, OutputError
+from fastsam2.runtime.errors import InputError, OutputError
 from fastsam2.runtime.bundle import read_text_embeddings as load_text_embeddings  # noqa: F401
 from fastsam2.runtime.bundle import sha256_file
 

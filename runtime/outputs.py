@@ -64,6 +64,18 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
+def ensure_writable_dir(folder) -> Path:
+    """Create `folder` if needed; OutputError (one line) when that fails or it is read-only."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"cannot write to {folder}")
+    return folder
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write data to path so that readers see the old file or the whole new one."""
     path = Path(path)

@@ -28,7 +28,7 @@ from fastsam2 import __version__
 from fastsam2.runtime.backends import create_sessions, pick_backend
 from fastsam2.runtime.bundle import load_bundle
 from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, PTR_TOKENS, geometry, keep_to_k
-from fastsam2.runtime.errors import InputError, OutputError
+from fastsam2.runtime.errors import InputError
 
 DEFAULT_KEEPS = (1.0, 0.7, 0.5, 0.3)
 GPU_BACKENDS = ("ort-cuda", "ort-trt", "tensorrt")
@@ -381,15 +381,9 @@ def write_report(report: dict, out_dir, log=None) -> list:
 
     Without matplotlib (it is not a runtime dependency) the plot is skipped, with a log line.
     """
-    from fastsam2.runtime.outputs import atomic_write_bytes, atomic_write_json
+    from fastsam2.runtime.outputs import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise OutputError(f"cannot write to {out}")
+    out = ensure_writable_dir(out_dir)
     atomic_write_json(out / "report.json", report)
     atomic_write_bytes(out / "report.md", report_markdown(report).encode())
     written = [out / "report.json", out / "report.md"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 
 from fastsam2.runtime.backends import create_sessions, pick_backend
 from fastsam2.runtime.bundle import load_bundle
-from fastsam2.runtime.errors import InputError, OutputError
+from fastsam2.runtime.errors import InputError
 from fastsam2.runtime.sam2_math import Resizer, mask_area_bbox
 from fastsam2.runtime.tracker import Prompt, Tracker
 
@@ -125,20 +124,11 @@ def _validate_keep(keep, bundle):
     return keep
 
 
-def _prepare_out(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create {folder}: {e.strerror}") from None
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"cannot write to {folder}")
-
-
 def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = None,
           backend: str = "auto", overlay: bool = True, max_frames: int | None = None,
           fill: str = "no_mem", threads: int | None = None, progress=None, warn=print) -> dict:
     """Track one object through a video or frames folder; returns the results dict."""
-    from fastsam2.runtime.outputs import OverlayWriter, atomic_write_json, write_palette_png
+    from fastsam2.runtime.outputs import OverlayWriter, atomic_write_json, ensure_writable_dir, write_palette_png
     from fastsam2.runtime.video import open_frames
 
     bundle = load_bundle(bundle_dir)
@@ -160,7 +150,7 @@ def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = 
     out = Path(out)
     source = open_frames(input_path)
     with source:
-        _prepare_out(out / "masks")
+        ensure_writable_dir(out / "masks")
         sessions = create_sessions(bundle, chosen, threads)
         # the whole video's length, as SAM2 uses it (it scales object-pointer positions when the
         # video is shorter than 16 frames), even when --max-frames stops early
@@ -223,7 +213,7 @@ def track_davis_sequence(bundle_dir, frames_dir, first_frame_annotation_png, out
     """Semi-supervised VOS as DAVIS scores it: every object of the first annotation is a mask
     prompt (SAM2's add_new_mask); each object is tracked on its own, sharing the image encoder;
     a pixel goes to the object with the highest positive logit. Writes <out>/<frame>.png."""
-    from fastsam2.runtime.outputs import read_palette_png, write_palette_png
+    from fastsam2.runtime.outputs import ensure_writable_dir, read_palette_png, write_palette_png
     from fastsam2.runtime.video import open_frames
 
     bundle = load_bundle(bundle_dir) if bundle is None else bundle
@@ -234,7 +224,7 @@ def track_davis_sequence(bundle_dir, frames_dir, first_frame_annotation_png, out
     if not ids:
         raise InputError(f"{first_frame_annotation_png} has no objects")
     out = Path(out_dir)
-    _prepare_out(out)
+    ensure_writable_dir(out)
     m = bundle.manifest
     resize = Resizer()
     kept, t0 = [], time.perf_counter()

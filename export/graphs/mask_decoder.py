@@ -6,7 +6,6 @@ fallback and the no-object handling exactly as SAM2 does (runtime/sam2_math.py).
 choice out of the graph keeps the graph free of data-dependent control flow.
 """
 
-import torch
 from torch import nn
 
 

@@ -14,7 +14,6 @@ Object-pointer tokens (the last M - Ms memory tokens) get no RoPE, as `num_k_exc
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
