@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh machine: install, generate a video of moving shapes,
 # export a bundle (no checkpoint can be downloaded here: random SAM2 + random CLIP, so the masks
-# show the pipeline, not accuracy), then track it with the torch-free runtime.
+# show the pipeline, not accuracy), then track it with the torch-free runtime. The same steps
+# as commands: fastsam2-export ... ; fastsam2-run ... (called through $PY -m here so that a
+# virtual environment's python works without its bin/ on PATH).
 #   bash scripts/demo.sh [OUT]            OUT defaults to demo_out/
 #   CHECKPOINT=sam2.1_hiera_tiny.pt bash scripts/demo.sh   to use the official weights
 set -euo pipefail
@@ -16,9 +18,9 @@ POINT=$($PY -m fastsam2.calibration.synthetic "$OUT/video" --frames "$FRAMES" --
         | sed -n 's/^object 1: point \([0-9]*,[0-9]*\).*/\1/p')
 CKPT_ARGS=()
 if [ -n "${CHECKPOINT:-}" ]; then CKPT_ARGS=(--checkpoint "$CHECKPOINT"); fi
-fastsam2-export --config sam2.1_hiera_t "${CKPT_ARGS[@]}" --target cpu --keep 0.5 \
+$PY -m fastsam2.export.cli --config sam2.1_hiera_t "${CKPT_ARGS[@]}" --target cpu --keep 0.5 \
     --prompts "red ball,cyclist" --text-pretrained random --image-size "$IMAGE_SIZE" \
     --out "$OUT/bundle" --force
-fastsam2-run "$OUT/video/video.mp4" --bundle "$OUT/bundle" --prompt "red ball" --point "$POINT" \
+$PY -m fastsam2.runtime.run_cli "$OUT/video/video.mp4" --bundle "$OUT/bundle" --prompt "red ball" --point "$POINT" \
     --keep 0.5 --backend ort-cpu --out "$OUT/results"
 echo "masks: $OUT/results/masks/  overlay: $OUT/results/overlay.mp4  report: $OUT/results/results.json"
