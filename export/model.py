@@ -35,6 +35,8 @@ class PrunedSAM2:
             "mask_decoder": MaskDecoderGraph(sam).eval(),
         }
         assert tuple(self.graphs) == GRAPH_ORDER
+        # ONNX Runtime-only variants (contrib ops TensorRT cannot parse), same inputs/outputs
+        self.ort_variants = {"memory_attention": MemoryAttentionGraph(sam, fused=True).eval()}
         self._constants = None
 
     @property

@@ -83,7 +83,7 @@ def export_graph(module, name: str, path: Path, geom: dict, opset: int = 17) -> 
                           opset_version=opset, dynamo=False, do_constant_folding=True)
 
 
-def check_graph(path: Path) -> dict:
+def check_graph(path: Path, tensorrt: bool = True) -> dict:
     """onnx.checker + the op set; returns {"ops": [...], "opset": n, "bytes": size}."""
     import onnx
 
@@ -91,7 +91,7 @@ def check_graph(path: Path) -> dict:
     onnx.checker.check_model(model)
     ops = sorted({n.op_type for n in model.graph.node})
     bad = [o for o in ops if o not in TRT86_OPS]
-    if bad:
+    if bad and tensorrt:
         raise RuntimeError(f"{path.name} uses ops TensorRT 8.6 cannot parse: {bad}")
     opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     return {"ops": ops, "opset": opset, "bytes": path.stat().st_size}
@@ -145,6 +145,13 @@ def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
                 "dynamic": list(spec.dynamic), "export_seconds": round(time.perf_counter() - t0, 2),
             }
             log(f"exported {name}: {info['bytes'] / 1e6:.1f} MB, {len(info['ops'])} op types")
+        for name, module in pruned.ort_variants.items():
+            path = tmp / f"{name}_ort.onnx"
+            export_graph(module, name, path, geom, opset)
+            info = check_graph(path, tensorrt=False)
+            graphs[name]["ort_variant"] = {"file": path.name, "sha256": sha256_file(path), "bytes": info["bytes"],
+                                           "ops": info["ops"]}
+            log(f"exported {name} (ONNX Runtime variant, fused attention): {info['bytes'] / 1e6:.1f} MB")
         np.savez(tmp / "constants.npz", **pruned.constants())
         save_text_embeddings(tmp / "text_embeddings.npz", text_embeddings)
         loaded = pruned.loaded

@@ -48,8 +48,12 @@ class Bundle:
     def settings(self) -> dict:
         return self.manifest["model"]
 
-    def graph_path(self, name: str) -> Path:
-        return self.path / self.manifest["graphs"][name]["file"]
+    def graph_path(self, name: str, ort_variant: bool = False) -> Path:
+        """The graph's file; with ort_variant, its ONNX Runtime-only variant when it has one."""
+        g = self.manifest["graphs"][name]
+        if ort_variant and g.get("ort_variant"):
+            return self.path / g["ort_variant"]["file"]
+        return self.path / g["file"]
 
     def summary(self) -> dict:
         m = self.manifest
@@ -78,6 +82,8 @@ def load_bundle(path, verify: bool = True) -> Bundle:
     if missing:
         raise BundleError(f"bundle {path} lacks graphs: {', '.join(missing)}")
     files = [(manifest["graphs"][g]["file"], manifest["graphs"][g]["sha256"]) for g in GRAPH_ORDER]
+    files += [(v["file"], v["sha256"]) for g in GRAPH_ORDER
+              if (v := manifest["graphs"][g].get("ort_variant"))]
     files += [(manifest["constants"]["file"], manifest["constants"]["sha256"]),
               (manifest["text"]["file"], manifest["text"]["sha256"])]
     for name, digest in files:

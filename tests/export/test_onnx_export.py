@@ -80,15 +80,43 @@ def test_ort_cpu_parity_fixed_graphs(bundle_dir, pruned, name, torch_threads):
             _parity(sess, pruned.graphs[name], example_feeds(name, pruned.geometry, points=points, seed=seed), spec)
 
 
+@pytest.mark.parametrize("graph_file", ["memory_attention.onnx", "memory_attention_ort.onnx"])
 @pytest.mark.parametrize("keep", [1.0, 0.5, 0.3])
 @pytest.mark.parametrize("mem_frames", [1, 4, 7])
-def test_ort_cpu_parity_memory_attention_dynamic(bundle_dir, pruned, keep, mem_frames, torch_threads):
-    """N from the keep ratio, Ms from 1..7 memory frames of k tokens, M with 1..16 pointers."""
+def test_ort_cpu_parity_memory_attention_dynamic(bundle_dir, pruned, keep, mem_frames, graph_file, torch_threads):
+    """N from the keep ratio, Ms from 1..7 memory frames of k tokens, M with 1..16 pointers; for
+    the TensorRT-parsable graph and for its fused-attention ONNX Runtime variant."""
     T = pruned.geometry["T"]
     k = keep_to_k(keep, T)
     ms = T + (mem_frames - 1) * k
     feeds = example_feeds("memory_attention", pruned.geometry, n=k, ms=ms, ptrs=min(16, 2 * mem_frames),
                           seed=mem_frames)
-    sess = OrtSession(bundle_dir / "memory_attention.onnx", ["CPUExecutionProvider"])
+    sess = OrtSession(bundle_dir / graph_file, ["CPUExecutionProvider"])
     with torch_threads.inference_mode():
         _parity(sess, pruned.graphs["memory_attention"], feeds, GRAPHS["memory_attention"])
+
+
+def test_ort_variant_is_declared_and_fused(bundle_dir, manifest):
+    v = manifest["graphs"]["memory_attention"]["ort_variant"]
+    assert v["file"] == "memory_attention_ort.onnx" and "MultiHeadAttention" in v["ops"]
+    model = onnx.load(str(bundle_dir / v["file"]))
+    assert any(n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft" for n in model.graph.node)
+    assert "MultiHeadAttention" not in manifest["graphs"]["memory_attention"]["ops"]  # TensorRT graph
+
+
+def test_attention_by_size_picks_the_graph():
+    from fastsam2.runtime.backends import AttentionBySize
+
+    class Fake:
+        input_names, output_names = ["curr", "memory"], ["conditioned"]
+
+        def __init__(self, tag):
+            self.tag = tag
+
+        def run(self, feeds):
+            return {"conditioned": self.tag}
+
+    d = AttentionBySize(Fake("plain"), Fake("fused"))
+    small = {"curr": np.zeros((1229, 256)), "memory": np.zeros((11534, 64))}
+    large = {"curr": np.zeros((4096, 256)), "memory": np.zeros((28736, 64))}
+    assert d.run(small)["conditioned"] == "plain" and d.run(large)["conditioned"] == "fused"
