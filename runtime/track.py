@@ -155,6 +155,7 @@ def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = 
         # the whole video's length, as SAM2 uses it (it scales object-pointer positions when the
         # video is shorter than 16 frames), even when --max-frames stops early
         num_frames = source.num_frames
+        expected_frames = num_frames if max_frames is None else min(max_frames, num_frames or max_frames)
         text_emb = bundle.text_embeddings.get(prompt.text) if prompt.text else None
         tracker = Tracker(sessions, bundle.constants, bundle.settings, keep=keep,
                           keep_floor=m.get("keep_floor", 64), fill=fill, text_emb=text_emb,
@@ -186,8 +187,7 @@ def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = 
                                "latency_ms": {k: round(v, 2) for k, v in r.latency_ms.items()},
                                "frame_ms": round((time.perf_counter() - t0) * 1e3, 2)})
                 if progress is not None:
-                    progress(i, num_frames if max_frames is None else min(max_frames, num_frames or max_frames),
-                             frames[-1])
+                    progress(i, expected_frames, frames[-1])
             if not frames:
                 raise InputError(f"{input_path} has no frames")
     total = time.perf_counter() - t_start
