@@ -19,6 +19,7 @@ def _engines_hook(profile, keep: float, log):
         if not profile.tensorrt:
             return {}
         from fastsam2.export.tensorrt import build_engines, shape_profiles, write_build_plan
+        from fastsam2.runtime.contract import dynamic_inputs
         from fastsam2.runtime.trt_backend import current_gpu, tensorrt_available
 
         s = manifest["model"]
@@ -28,7 +29,13 @@ def _engines_hook(profile, keep: float, log):
                                 s["max_obj_ptrs_in_encoder"], s["text_dim"])
         plan = write_build_plan(tmp, profile, shapes)
         info = {"target": profile.name, "keep_range": [profile.keep_min, profile.keep_max],
-                "precision": profile.precision, "build_plan": str(plan.relative_to(tmp)), "built": False}
+                "precision": profile.precision, "workspace_mib": profile.workspace_mib,
+                "builder_optimization_level": profile.builder_optimization_level,
+                "dla_core": profile.dla_core, "max_points": profile.max_points,
+                # the runtime's ONNX Runtime TensorRT provider builds with the same profiles
+                "profile_shapes": {g: {n: [list(x) for x in shapes[g][n]] for n in dynamic_inputs(g)}
+                                   for g in shapes if dynamic_inputs(g)},
+                "build_plan": str(plan.relative_to(tmp)), "built": False}
         gpu = current_gpu() if tensorrt_available() else None
         if gpu and gpu.get("compute_capability") == profile.compute_capability:
             built = build_engines(tmp, profile, shapes, log=log)

@@ -18,13 +18,7 @@ import stat
 import time
 from pathlib import Path
 
-from fastsam2.runtime.contract import (
-    GRAPHS,
-    PTR_TOKENS,
-    geometry,
-    keep_to_k,
-    memory_token_range,
-)
+from fastsam2.runtime.contract import GRAPHS, dynamic_inputs, geometry, profile_shapes
 from fastsam2.runtime.errors import BackendError, BundleError, InputError
 from fastsam2.runtime.trt_backend import current_gpu, tensorrt_available  # noqa: F401
 from fastsam2.runtime.bundle import sha256_file
@@ -43,43 +37,14 @@ def engines_dir(bundle_dir, profile) -> Path:
 
 def shape_profiles(profile, image_size: int, keep: float, num_maskmem: int = 7,
                    max_obj_ptrs: int = 16, text_dim: int = 512) -> dict:
-    """{graph: {input: (min, opt, max)}} concrete shapes for every input of every graph.
-
-    N, Ms and M span what a run with per-frame keep in [keep_min, keep_max] can produce; opt is
-    the export keep with a full memory bank (the steady state after num_maskmem frames). Fixed
-    inputs have min = opt = max.
-    """
+    """`profile_shapes` for a target: its keep range, `keep` as the optimum, its point count."""
     if not profile.keep_min <= keep <= profile.keep_max:
         raise InputError(
             f"keep {keep} is outside target {profile.name}'s range "
             f"[{profile.keep_min}, {profile.keep_max}]"
         )
-    dims = geometry(image_size, text_dim)
-    t = dims["T"]
-    k_min, k_opt, k_max = (keep_to_k(x, t) for x in (profile.keep_min, keep, profile.keep_max))
-    ranges = memory_token_range(k_min, k_max, t, num_maskmem, max_obj_ptrs)
-    ms_opt = t + (num_maskmem - 1) * k_opt
-    opt = {"N": k_opt, "Ms": ms_opt, "M": ms_opt + max_obj_ptrs * PTR_TOKENS, "P": 1}
-    ranges["P"] = (1, profile.max_points)
-
-    lo = {**dims, **{s: r[0] for s, r in ranges.items()}}
-    hi = {**dims, **{s: r[1] for s, r in ranges.items()}}
-    mid = {**dims, **opt}
-    out = {}
-    for gname, spec in GRAPHS.items():
-        out[gname] = {}
-        for tensor in spec.inputs:
-            shapes = tuple(tensor.resolve(d) for d in (lo, mid, hi))
-            if not all(isinstance(d, int) for shape in shapes for d in shape):
-                raise ValueError(f"{gname}.{tensor.name}: unresolved symbol in {shapes[1]}")
-            out[gname][tensor.name] = shapes
-    return out
-
-
-def dynamic_inputs(graph: str) -> list:
-    """Inputs of `graph` with a run-time dynamic axis (the ones optimisation profiles cover)."""
-    spec = GRAPHS[graph]
-    return [t.name for t in spec.inputs if any(d in spec.dynamic for d in t.shape)]
+    return profile_shapes(image_size, profile.keep_min, keep, profile.keep_max, num_maskmem,
+                          max_obj_ptrs, text_dim, profile.max_points)
 
 
 def _trtexec_shapes(shapes: dict, names: list, which: int) -> str:

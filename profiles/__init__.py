@@ -7,7 +7,10 @@ fallback tries. `--target` names one; a path to a .toml file works too, for cust
 
 from __future__ import annotations
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (JetPack 6's system Python): the same parser from PyPI
+    import tomli as tomllib
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path

@@ -7,8 +7,9 @@ the tracking loop needs.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from fastsam2.runtime.contract import GRAPH_ORDER
+from fastsam2.runtime.contract import GRAPH_ORDER, dynamic_inputs, profile_shapes
 from fastsam2.runtime.errors import BackendError, InputError
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
@@ -51,7 +52,8 @@ class OrtSession:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or default_threads()
-        if providers[0] == "CPUExecutionProvider" and _share_cpu_arena(ort):
+        first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        if first == "CPUExecutionProvider" and _share_cpu_arena(ort):
             opts.add_session_config_entry("session.use_env_allocators", "1")
         opts.log_severity_level = 3  # shape-merge warnings of the exported Hiera are harmless
         if profile_dir is not None:
@@ -67,43 +69,155 @@ class OrtSession:
         return dict(zip(self.output_names, outs))
 
 
+def _gpu_visible() -> bool:
+    from fastsam2.runtime.trt_backend import current_gpu
+
+    return current_gpu() is not None
+
+
 def available_backends() -> list:
+    """Backends that can run here. onnxruntime-gpu lists its CUDA and TensorRT providers on
+    any machine, GPU or not, so those count only where a CUDA GPU is visible."""
     found = []
     try:
         import onnxruntime as ort
 
         prov = ort.get_available_providers()
         found.append("ort-cpu")
-        if "CUDAExecutionProvider" in prov:
-            found.append("ort-cuda")
-        if "TensorrtExecutionProvider" in prov:
-            found.append("ort-trt")
+        gpu_eps = [b for b, ep in (("ort-cuda", "CUDAExecutionProvider"),
+                                   ("ort-trt", "TensorrtExecutionProvider")) if ep in prov]
+        if gpu_eps and _gpu_visible():
+            found += gpu_eps
     except ImportError:
         pass
-    try:
-        from fastsam2.runtime.trt_backend import tensorrt_runtime_available
+    from fastsam2.runtime.trt_backend import tensorrt_available
 
-        if tensorrt_runtime_available():
-            found.append("tensorrt")
-    except Exception:  # a broken TensorRT install must not break the CPU path
-        pass
+    if tensorrt_available():
+        found.append("tensorrt")
     return found
 
 
-def pick_backend(requested: str, bundle) -> str:
+def _candidates(requested: str, bundle) -> list:
+    """The backends to try, in order: `auto` lists every usable one, best first."""
     if requested not in BACKENDS:
         raise InputError(f"unknown backend '{requested}'; choose from {', '.join(BACKENDS)}")
     have = available_backends()
     if requested == "auto":
         engines = bundle.manifest.get("engines") or {}
-        for name in ("tensorrt", "ort-trt", "ort-cuda", "ort-cpu"):
-            if name in have and (name != "tensorrt" or engines.get("built")):
-                return name
-        raise BackendError("no backend available: pip install fastsam2[runtime]")
+        order = [n for n in ("tensorrt", "ort-trt", "ort-cuda", "ort-cpu")
+                 if n in have and (n != "tensorrt" or engines.get("built"))]
+        if not order:
+            raise BackendError("no backend available: pip install fastsam2[runtime]")
+        return order
     if requested not in have:
-        hint = "pip install fastsam2[trt]" if requested == "tensorrt" else "pip install onnxruntime-gpu"
-        raise BackendError(f"backend '{requested}' is not available here ({hint}); available: {', '.join(have) or 'none'}")
-    return requested
+        if requested == "tensorrt":
+            hint = "pip install fastsam2[trt] and an NVIDIA GPU"
+        else:
+            hint = "pip install onnxruntime-gpu and an NVIDIA GPU"
+        raise BackendError(f"backend '{requested}' is not available here ({hint}); "
+                           f"available: {', '.join(have) or 'none'}")
+    return [requested]
+
+
+def pick_backend(requested: str, bundle) -> str:
+    """The backend `requested` resolves to here (the first one `auto` would try)."""
+    return _candidates(requested, bundle)[0]
+
+
+def open_backend(requested: str, bundle, threads: int | None = None, warn=print) -> tuple:
+    """(backend name, sessions). `auto` falls back to the next backend when one fails to start
+    (e.g. onnxruntime-gpu without its CUDA libraries), and says so; a named backend does not."""
+    order = _candidates(requested, bundle)
+    for i, name in enumerate(order):
+        try:
+            return name, create_sessions(bundle, name, threads)
+        except BackendError as e:
+            if i + 1 == len(order):
+                raise
+            warn(f"warning: {e}; falling back to {order[i + 1]}")
+    raise AssertionError("unreachable")
+
+
+def _ort_trt_cache_dir(bundle) -> Path:
+    """Where ONNX Runtime's TensorRT provider keeps its engines: beside the bundle's own, or in
+    the user cache when the bundle is read-only (a mounted model store)."""
+    here = (Path(bundle.path) / "engines" / "ort-trt").resolve()
+    try:
+        here.mkdir(parents=True, exist_ok=True)
+        probe = here / ".write-test"
+        probe.touch()
+        probe.unlink()
+        return here
+    except OSError:
+        tag = bundle.manifest["graphs"]["memory_attention"]["sha256"][:12]
+        alt = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastsam2" / "ort-trt" / tag
+        alt.mkdir(parents=True, exist_ok=True)
+        return alt
+
+
+def bundle_profile_shapes(bundle) -> dict:
+    """{graph: {input: (min, opt, max)}} of the dynamic inputs, as the bundle's engines were
+    (or would be) built: the export's TensorRT profile, or for an ONNX-only bundle the whole
+    keep range down to the keep floor."""
+    engines = bundle.manifest.get("engines") or {}
+    if engines.get("profile_shapes"):
+        return {g: {n: tuple(tuple(x) for x in v) for n, v in d.items()}
+                for g, d in engines["profile_shapes"].items()}
+    m, st = bundle.manifest, bundle.settings
+    t = m["token_grid"][0] * m["token_grid"][1]
+    keep = m["keep"] if isinstance(m["keep"], (int, float)) else 0.5
+    shapes = profile_shapes(m["image_size"], min(1.0, m.get("keep_floor", 64) / t), keep, 1.0,
+                            st["num_maskmem"], st["max_obj_ptrs_in_encoder"], st["text_dim"],
+                            engines.get("max_points", 8))
+    return {g: {n: shapes[g][n] for n in dynamic_inputs(g)} for g in GRAPH_ORDER if dynamic_inputs(g)}
+
+
+def _dims(shape) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def ort_trt_options(bundle, graph: str, cache_dir) -> dict:
+    """TensorrtExecutionProvider options for one graph: the optimisation profile of the
+    dynamic inputs (without it the provider rebuilds its engine whenever N or M grow past what
+    it has seen: nearly every frame while the memory bank fills), the target's precision,
+    workspace and DLA core, and on-disk engine + timing caches so the build happens once."""
+    engines = bundle.manifest.get("engines") or {}
+    precision = engines.get("precision", "fp32")
+    opts = {
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True,
+        "trt_fp16_enable": precision in ("fp16", "int8"),
+    }
+    if engines.get("workspace_mib"):
+        opts["trt_max_workspace_size"] = int(engines["workspace_mib"]) << 20
+    if engines.get("builder_optimization_level") is not None:
+        opts["trt_builder_optimization_level"] = int(engines["builder_optimization_level"])
+    if engines.get("dla_core", -1) >= 0:
+        opts.update(trt_dla_enable=True, trt_dla_core=int(engines["dla_core"]))
+    if precision == "int8":
+        # the provider reads the table from its cache folder (TensorRT's own format)
+        calib = Path(bundle.path) / "engines" / engines["target"] / f"calibration_{graph}.cache"
+        if calib.is_file():
+            (Path(cache_dir) / calib.name).write_bytes(calib.read_bytes())
+            opts.update(trt_int8_enable=True, trt_int8_use_native_calibration_table=True,
+                        trt_int8_calibration_table_name=calib.name)
+    shapes = bundle_profile_shapes(bundle).get(graph)
+    if shapes:
+        for i, which in enumerate(("min", "opt", "max")):
+            opts[f"trt_profile_{which}_shapes"] = ",".join(f"{n}:{_dims(s[i])}" for n, s in shapes.items())
+    return opts
+
+
+def _check_provider(session: OrtSession, wanted: str, backend: str, graph: str) -> None:
+    # onnxruntime drops a provider it cannot load (missing CUDA/cuDNN/TensorRT libraries) and
+    # quietly runs on the CPU: refuse instead of reporting a GPU backend that is not in use
+    if wanted not in session.providers:
+        raise BackendError(
+            f"onnxruntime could not start {wanted} for {graph} (it runs on "
+            f"{', '.join(session.providers)}): its CUDA/cuDNN/TensorRT libraries or the GPU are "
+            f"missing; install them or use --backend ort-cpu"
+        )
 
 
 def create_sessions(bundle, backend: str, threads: int | None = None) -> dict:
@@ -115,11 +229,20 @@ def create_sessions(bundle, backend: str, threads: int | None = None) -> dict:
             raise BackendError(f"bundle {bundle.path} has no TensorRT engines (target {bundle.manifest['target']})")
         check_engine_compat(engines)
         return {g: TensorRTSession(bundle.path / engines["graphs"][g]["file"]) for g in GRAPH_ORDER}
-    providers = _ORT_PROVIDERS[backend]
-    sessions = {g: OrtSession(bundle.graph_path(g), providers, threads) for g in GRAPH_ORDER}
+    if backend not in _ORT_PROVIDERS:
+        raise InputError(f"unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
+    cache = _ort_trt_cache_dir(bundle) if backend == "ort-trt" else None
+    sessions = {}
+    for g in GRAPH_ORDER:
+        providers = list(_ORT_PROVIDERS[backend])
+        if backend == "ort-trt":
+            providers[0] = (providers[0], ort_trt_options(bundle, g, cache))
+        sessions[g] = OrtSession(bundle.graph_path(g), providers, threads)
+        _check_provider(sessions[g], _ORT_PROVIDERS[backend][0], backend, g)
     # the fused-attention variant runs on ORT's CPU and CUDA providers, not its TensorRT one
     fused = bundle.graph_path("memory_attention", ort_variant=True)
     if backend in ("ort-cpu", "ort-cuda") and fused != bundle.graph_path("memory_attention"):
+        providers = _ORT_PROVIDERS[backend]
         sessions["memory_attention"] = AttentionBySize(sessions["memory_attention"],
                                                        OrtSession(fused, providers, threads))
     return sessions

@@ -171,3 +171,41 @@ def memory_token_range(k_min: int, k_max: int, num_tokens: int, num_maskmem: int
         "Ms": (ms_min, ms_max),
         "M": (ms_min + PTR_TOKENS, ms_max + max_obj_ptrs * PTR_TOKENS),
     }
+
+
+def profile_shapes(image_size: int, keep_min: float, keep_opt: float, keep_max: float,
+                   num_maskmem: int = 7, max_obj_ptrs: int = 16, text_dim: int = 512,
+                   max_points: int = 8) -> dict:
+    """{graph: {input: (min, opt, max)}}: concrete shapes for every input of every graph.
+
+    N, Ms and M span what a run with per-frame keep in [keep_min, keep_max] can produce; opt is
+    keep_opt with a full memory bank (the steady state after num_maskmem frames). Fixed inputs
+    have min = opt = max. TensorRT optimisation profiles (export) and ONNX Runtime's TensorRT
+    provider (runtime) both read these.
+    """
+    dims = geometry(image_size, text_dim)
+    t = dims["T"]
+    k_min, k_opt, k_max = (keep_to_k(x, t) for x in (keep_min, keep_opt, keep_max))
+    ranges = memory_token_range(k_min, k_max, t, num_maskmem, max_obj_ptrs)
+    ms_opt = t + (num_maskmem - 1) * k_opt
+    opt = {"N": k_opt, "Ms": ms_opt, "M": ms_opt + max_obj_ptrs * PTR_TOKENS, "P": 1}
+    ranges["P"] = (1, max_points)
+
+    lo = {**dims, **{s: r[0] for s, r in ranges.items()}}
+    hi = {**dims, **{s: r[1] for s, r in ranges.items()}}
+    mid = {**dims, **opt}
+    out = {}
+    for gname, spec in GRAPHS.items():
+        out[gname] = {}
+        for tensor in spec.inputs:
+            shapes = tuple(tensor.resolve(d) for d in (lo, mid, hi))
+            if not all(isinstance(d, int) for shape in shapes for d in shape):
+                raise ValueError(f"{gname}.{tensor.name}: unresolved symbol in {shapes[1]}")
+            out[gname][tensor.name] = shapes
+    return out
+
+
+def dynamic_inputs(graph: str) -> list:
+    """Inputs of `graph` with a run-time dynamic axis (the ones optimisation profiles cover)."""
+    spec = GRAPHS[graph]
+    return [t.name for t in spec.inputs if any(d in spec.dynamic for d in t.shape)]

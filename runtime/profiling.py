@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fastsam2 import __version__
-from fastsam2.runtime.backends import create_sessions, pick_backend
+from fastsam2.runtime.backends import open_backend, pick_backend
 from fastsam2.runtime.bundle import load_bundle
 from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, PTR_TOKENS, geometry, keep_to_k
 from fastsam2.runtime.errors import InputError
@@ -247,14 +247,17 @@ def profile_bundle(bundle_dir, backend="ort-cpu", keeps=DEFAULT_KEEPS, memory_fr
     if not names:
         raise InputError("give a backend")
     bundle = load_bundle(bundle_dir)
-    chosen = list(dict.fromkeys(pick_backend(n, bundle) for n in names))  # check all before timing
+    # check all before timing; one run per backend they resolve to
+    chosen = {}
+    for n in names:
+        chosen.setdefault(pick_backend(n, bundle), n)
     m, s = bundle.manifest, bundle.settings
     dims = geometry(int(m["image_size"]), int(s.get("text_dim", 512)))
     dims.update(P=1, ptrs=int(s.get("max_obj_ptrs_in_encoder", 16)))
     T, floor = dims["T"], int(m.get("keep_floor", 64))
     results, sess_info = [], {}
-    for b in chosen:
-        sessions = create_sessions(bundle, b, threads)
+    for requested in chosen.values():
+        b, sessions = open_backend(requested, bundle, threads, warn=log or print)
         sess_info[b] = sorted({p for sess in sessions.values() for p in getattr(sess, "providers", [b])})
         for keep in keeps:
             k = keep_to_k(keep, T, floor)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastsam2.runtime.backends import create_sessions, pick_backend
+from fastsam2.runtime.backends import open_backend, pick_backend
 from fastsam2.runtime.bundle import load_bundle
 from fastsam2.runtime.errors import InputError
 from fastsam2.runtime.sam2_math import Resizer, mask_area_bbox
@@ -141,7 +141,7 @@ def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = 
         raise InputError("give --prompt, --point or --box")
     if max_frames is not None and max_frames < 1:
         raise InputError(f"--max-frames must be >= 1, got {max_frames}")
-    chosen = pick_backend(backend, bundle)
+    pick_backend(backend, bundle)  # refuse an unavailable backend before opening the input
     m = bundle.manifest
     for flag, msg in ((m.get("weights_random"), RANDOM_WEIGHTS), (not m.get("router_trained"), UNTRAINED_ROUTER),
                       (m["text"].get("random"), RANDOM_TEXT)):
@@ -151,7 +151,7 @@ def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = 
     source = open_frames(input_path)
     with source:
         ensure_writable_dir(out / "masks")
-        sessions = create_sessions(bundle, chosen, threads)
+        chosen, sessions = open_backend(backend, bundle, threads, warn=warn)
         # the whole video's length, as SAM2 uses it (it scales object-pointer positions when the
         # video is shorter than 16 frames), even when --max-frames stops early
         num_frames = source.num_frames
@@ -218,7 +218,8 @@ def track_davis_sequence(bundle_dir, frames_dir, first_frame_annotation_png, out
 
     bundle = load_bundle(bundle_dir) if bundle is None else bundle
     keep = _validate_keep(keep, bundle)
-    sessions = create_sessions(bundle, pick_backend(backend, bundle), threads) if sessions is None else sessions
+    if sessions is None:
+        sessions = open_backend(backend, bundle, threads)[1]
     ann = read_palette_png(first_frame_annotation_png)
     ids = [int(i) for i in np.unique(ann) if 0 < i < 255]
     if not ids:

@@ -33,15 +33,15 @@ def _import_trt():
     try:
         import tensorrt as trt
         from polygraphy import cuda
-    except ImportError as e:
-        raise BackendError(f"{_INSTALL_HINT}; here: {e}") from None
+    except (ImportError, OSError) as e:  # OSError: a wheel whose CUDA/TensorRT libraries are missing
+        raise BackendError(f"{_INSTALL_HINT}; here: {str(e).splitlines()[0] if str(e) else e!r}") from None
     return trt, cuda
 
 
 def tensorrt_version() -> str | None:
     try:
         import tensorrt as trt
-    except ImportError:
+    except (ImportError, OSError):
         return None
     return trt.__version__
 
@@ -188,7 +188,8 @@ class TensorRTSession:
                     f"engine's optimisation profile {self._profile_range(name)}; rebuild the "
                     "engines for this keep range"
                 )
-            buf = self._buffers[name]
+            # grow first: polygraphy refuses a host array larger than the device buffer
+            buf = self._buffers[name].resize(arr.shape)
             buf.copy_from(arr, stream=stream)
             ctx.set_tensor_address(name, buf.ptr)
             host_inputs.append(arr)

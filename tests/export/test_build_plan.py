@@ -157,6 +157,35 @@ def test_build_plan_polygraphy_checks(tmp_path):
     assert "'curr_idx:[0,4095]'" in lines[2]  # random indices stay inside the 64x64 grid
 
 
+@pytest.mark.parametrize("target", ["jetson-orin", "desktop-ada"])
+def test_build_plan_polygraphy_lines_run_against_onnxruntime(tmp_path, bundle_dir, target):
+    """Each check line of the plan, run as written except that ONNX Runtime stands in for the
+    TensorRT runner (no GPU here): Polygraphy must accept every flag, shape, value range and
+    per-output tolerance, and feed the real graphs at the opt shapes."""
+    poly = os.path.join(os.path.dirname(sys.executable), "polygraphy")
+    if not os.path.exists(poly):
+        pytest.skip("polygraphy is not installed (pip install fastsam2[dev])")
+    for f in bundle_dir.glob("*.onnx"):
+        (tmp_path / f.name).symlink_to(f)
+    p = load_profile(target)
+    plan = write_build_plan(tmp_path, p, shape_profiles(p, 256, 0.5))
+    lines = [ln.strip() for ln in plan.read_text().splitlines() if "polygraphy run" in ln]
+    assert len(lines) == len(GRAPHS)
+    for g, line in zip(GRAPHS, lines):
+        assert " --trt " in line
+        cmd = line.replace("polygraphy run", f"{shlex.quote(poly)} run", 1).replace(" --trt ", " --onnxrt ")
+        r = subprocess.run(["bash", "-c", cmd], cwd=plan.parent, capture_output=True, text=True, timeout=300)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, (g, out[-2000:])
+        # Polygraphy only warns about an unknown input name, a shape it cannot use or a tolerance
+        # for a missing output, then goes on with defaults: any such warning is a broken plan line
+        warned = [ln for ln in out.splitlines() if ln.startswith("[W]") and "'colored'" not in ln]
+        assert not warned, (g, warned)
+        matched = re.search(r"All outputs matched \| Outputs: \[(.*?)\]", out)
+        assert matched, (g, out[-2000:])
+        assert sorted(n.strip(" '") for n in matched.group(1).split(",")) == sorted(t.name for t in GRAPHS[g].outputs)
+
+
 def test_dla_only_where_the_profile_asks(tmp_path):
     _, _, orin = plan_for(tmp_path / "a", "jetson-orin")
     _, _, ada = plan_for(tmp_path / "b", "desktop-ada")

@@ -71,6 +71,17 @@ def test_jetson_target_writes_build_plan(tmp_path):
     text = plan.read_text()
     assert text.count("--saveEngine=") == 5 and "--useDLACore=0" in text
     assert "memory_attention.onnx" in text
+    # the runtime's ONNX Runtime TensorRT provider builds with the plan's own profiles
+    from fastsam2.export.tensorrt import shape_profiles
+    from fastsam2.profiles import load_profile
+
+    shapes = shape_profiles(load_profile("jetson-orin"), 256, 0.5)
+    ps = m["engines"]["profile_shapes"]
+    assert sorted(ps) == ["mask_decoder", "memory_attention"]
+    assert ps["memory_attention"]["curr"] == [list(x) for x in shapes["memory_attention"]["curr"]]
+    n_min, n_opt, n_max = (ps["memory_attention"]["curr"][i][0] for i in range(3))
+    assert f"--minShapes=curr:{n_min}x256" in text and f"--optShapes=curr:{n_opt}x256" in text
+    assert f"--maxShapes=curr:{n_max}x256" in text
 
 
 def test_list_targets():
