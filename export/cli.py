@@ -18,7 +18,7 @@ def _engines_hook(profile, keep: float, log):
     def hook(tmp: Path, manifest: dict) -> dict:
         if not profile.tensorrt:
             return {}
-        from fastsam2.export.tensorrt import build_engines, shape_profiles, write_build_plan
+        from fastsam2.export.tensorrt import build_engines, check_engines, shape_profiles, write_build_plan
         from fastsam2.runtime.contract import dynamic_inputs
         from fastsam2.runtime.trt_backend import current_gpu, tensorrt_available
 
@@ -39,6 +39,14 @@ def _engines_hook(profile, keep: float, log):
         gpu = current_gpu() if tensorrt_available() else None
         if gpu and gpu.get("compute_capability") == profile.compute_capability:
             built = build_engines(tmp, profile, shapes, log=log)
+            built["checks"] = check_engines(tmp, built, shapes, profile.precision)
+            bad = [g for g, r in built["checks"].items() if not r["passed"]]
+            for g in bad:
+                worst = max(built["checks"][g]["outputs"].items(), key=lambda kv: kv[1]["max_abs_err"] / kv[1]["tol"])
+                log(f"warning: {g} engine differs from ONNX Runtime beyond tolerance ({worst[0]}: max abs "
+                    f"error {worst[1]['max_abs_err']:.3g} > {worst[1]['tol']:.3g})")
+            log(f"engine checks vs ONNX Runtime: {len(built['checks']) - len(bad)}/{len(built['checks'])} "
+                "within tolerance")
             prefix = f"engines/{profile.name}/"
             built["graphs"] = {g: {**v, "file": prefix + Path(v["file"]).name} for g, v in built["graphs"].items()}
             info.update(built, built=True)

@@ -76,33 +76,27 @@ def _trtexec_line(graph: str, profile, shapes: dict) -> str:
     return " ".join(args)
 
 
-def _polygraphy_line(graph: str, profile, shapes: dict, image_size: int) -> str:
+def _polygraphy_lines(graph: str, profile, shapes: dict, image_size: int) -> list:
+    """Check the engine the plan saved (not a second build) against ONNX Runtime, in two steps:
+    ONNX Runtime on random inputs at the opt shapes, saving inputs and outputs; then the engine
+    on the same inputs, compared with the contract's tolerances (x10 fp16, x100 int8)."""
     spec = GRAPHS[graph]
     dyn = dynamic_inputs(graph)
     scale = _TOL_SCALE[profile.precision]
-    args = [f"polygraphy run ../../{graph}.onnx --trt --onnxrt"]
-    if profile.precision == "fp16":
-        args.append("--fp16")
-    elif profile.precision == "int8":
-        args.append(f"--int8 --fp16 --calibration-cache {CALIBRATION_CACHE.format(graph=graph)}")
-    args.append(f"--pool-limit workspace:{profile.workspace_mib}M")
-    args.append(f"--builder-optimization-level {profile.builder_optimization_level}")
-    if profile.dla_core >= 0:
-        # Polygraphy always takes DLA core 0; numerics do not depend on which core
-        args.append("--use-dla --allow-gpu-fallback")
-    args.append(f"--load-timing-cache {TIMING_CACHE}")
+    ref = [f"polygraphy run ../../{graph}.onnx --onnxrt"]
     if dyn:
-        for i, w in enumerate(("min", "opt", "max")):
-            args.append(f"--trt-{w}-shapes {_polygraphy_shapes(shapes[graph], dyn, i)}")
-        args.append(f"--input-shapes {_polygraphy_shapes(shapes[graph], dyn, 1)}")
+        ref.append(f"--input-shapes {_polygraphy_shapes(shapes[graph], dyn, 1)}")
     # random int64 inputs are gather indices into the token grid: keep them inside it
     t = geometry(image_size)["T"]
     idx = [x.name for x in spec.inputs if x.dtype == "int64"]
     if idx:
-        args.append("--val-range " + " ".join(f"'{n}:[0,{t - 1}]'" for n in idx))
-    args.append("--atol " + " ".join(f"{o}:{a * scale:g}" for o, a in spec.atol.items()))
-    args.append(f"--rtol {spec.rtol * scale:g}")
-    return " ".join(args)
+        ref.append("--val-range " + " ".join(f"'{n}:[0,{t - 1}]'" for n in idx))
+    ref.append(f"--save-inputs checks/{graph}.inputs.json --save-outputs checks/{graph}.onnxrt.json")
+    check = [f"polygraphy run {graph}.engine --model-type engine --trt",
+             f"--load-inputs checks/{graph}.inputs.json --load-outputs checks/{graph}.onnxrt.json",
+             "--atol " + " ".join(f"{o}:{a * scale:g}" for o, a in spec.atol.items()),
+             f"--rtol {spec.rtol * scale:g}"]
+    return [" ".join(ref), " ".join(check)]
 
 
 def write_build_plan(bundle_dir, profile, shapes: dict) -> Path:
@@ -129,9 +123,9 @@ def write_build_plan(bundle_dir, profile, shapes: dict) -> Path:
         "# bundle to the device and run, there:",
         f"#     bash bundle/engines/{profile.name}/build_plan.sh",
         "# TRTEXEC overrides the trtexec binary (JetPack keeps it in /usr/src/tensorrt/bin);",
-        "# SKIP_CHECKS=1 skips the Polygraphy parity checks (TensorRT vs ONNX Runtime on random",
-        "# inputs at the opt shapes). Their tolerances are the graph contract's, x10 for fp16",
-        "# (x100 for int8): reduced precision does not meet fp32 tolerances.",
+        "# SKIP_CHECKS=1 skips the Polygraphy parity checks (each saved engine vs ONNX Runtime on",
+        "# the same random inputs at the opt shapes; SKIP_BUILD=1 runs only them). Tolerances are",
+        "# the graph contract's, x10 for fp16 (x100 for int8): reduced precision misses fp32's.",
         "# Written for TensorRT 8.6 / 10.x (TensorRT 11 has no --fp16).",
         "set -euo pipefail",
         'cd "$(dirname "$0")"',
@@ -139,9 +133,12 @@ def write_build_plan(bundle_dir, profile, shapes: dict) -> Path:
         "",
         "# build",
     ]
-    lines += [_trtexec_line(g, profile, shapes) for g in GRAPHS]
-    lines += ["", "# check", 'if [[ "${SKIP_CHECKS:-0}" != 1 ]]; then']
-    lines += ["  " + _polygraphy_line(g, profile, shapes, image_size) for g in GRAPHS]
+    lines += ['if [[ "${SKIP_BUILD:-0}" != 1 ]]; then']
+    lines += ["  " + _trtexec_line(g, profile, shapes) for g in GRAPHS]
+    lines += ["fi"]
+    lines += ["", "# check each saved engine against ONNX Runtime", 'if [[ "${SKIP_CHECKS:-0}" != 1 ]]; then',
+              "  mkdir -p checks"]
+    lines += ["  " + ln for g in GRAPHS for ln in _polygraphy_lines(g, profile, shapes, image_size)]
     lines += ["fi", ""]
     path = out / "build_plan.sh"
     path.write_text("\n".join(lines))
@@ -271,6 +268,41 @@ def build_engines(bundle_dir, profile, shapes: dict, log=print) -> dict:
     finally:
         log_file.close()
     return result
+
+
+def check_engines(bundle_dir, built: dict, shapes: dict, precision: str, seed: int = 0) -> dict:
+    """Each engine `build_engines` wrote vs its ONNX graph on ONNX Runtime (CPU), on the same
+    seeded random inputs at the opt shapes (indices inside the token grid), with the contract's
+    tolerance, max|trt - ort| <= atol + rtol * max|ort|, scaled like the build plan's Polygraphy
+    checks (x10 fp16, x100 int8). Returns {graph: {output: {max_abs_err, tol}}, "passed": bool}."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from fastsam2.runtime.trt_backend import TensorRTSession
+
+    bundle_dir = Path(bundle_dir)
+    t = geometry(shapes["image_encoder"]["image"][1][-1])["T"]
+    scale = _TOL_SCALE[precision]
+    rng = np.random.default_rng(seed)
+    report = {}
+    for g, spec in GRAPHS.items():
+        feeds = {}
+        for x in spec.inputs:
+            shape = shapes[g][x.name][1]
+            feeds[x.name] = (rng.integers(0, t, shape, dtype=np.int64) if x.dtype == "int64"
+                             else rng.standard_normal(shape).astype(np.float32))
+        sess = ort.InferenceSession(str(bundle_dir / f"{g}.onnx"), providers=["CPUExecutionProvider"])
+        ref = dict(zip(spec.output_names, sess.run(spec.output_names, feeds)))
+        del sess
+        with TensorRTSession(bundle_dir / built["graphs"][g]["file"]) as engine:
+            got = engine.run(feeds)
+        outs = {}
+        for o in spec.output_names:
+            err = float(np.max(np.abs(got[o].astype(np.float32) - ref[o]))) if ref[o].size else 0.0
+            tol = spec.atol[o] * scale + spec.rtol * scale * float(np.max(np.abs(ref[o])) if ref[o].size else 0.0)
+            outs[o] = {"max_abs_err": err, "tol": tol}
+        report[g] = {"outputs": outs, "passed": all(v["max_abs_err"] <= v["tol"] for v in outs.values())}
+    return report
 
 
 def _set_int8(trt, config, calib_cache: Path):

@@ -18,7 +18,7 @@ import trt_emulation as emu  # noqa: E402
 from conftest import export_tiny_bundle  # noqa: E402
 from fastsam2.profiles import load_profile  # noqa: E402
 from fastsam2.runtime.bundle import load_bundle, sha256_file  # noqa: E402
-from fastsam2.runtime.contract import GRAPH_ORDER, dynamic_inputs  # noqa: E402
+from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, dynamic_inputs  # noqa: E402
 from fastsam2.runtime.errors import BundleError  # noqa: E402
 from fastsam2.runtime.track import PromptSpec, track  # noqa: E402
 
@@ -38,6 +38,10 @@ def test_export_builds_engines_for_this_gpu_and_run_uses_them(monkeypatch, tmp_p
         f = out / e["graphs"][g]["file"]
         assert f.parent == edir and f.name == f"{g}.engine" and e["graphs"][g]["sha256"] == sha256_file(f)
 
+    # each engine was checked against its ONNX graph; the emulated engines compute with ORT
+    assert sorted(e["checks"]) == sorted(GRAPH_ORDER) and all(c["passed"] for c in e["checks"].values())
+    errs = [o["max_abs_err"] for c in e["checks"].values() for o in c["outputs"].values()]
+    assert len(errs) == sum(len(GRAPHS[g].outputs) for g in GRAPH_ORDER) and max(errs) <= 1e-5
     assert [b["graph"] for b in builds] == list(GRAPH_ORDER)
     for b in builds:
         assert b["flags"] == {"FP16"} and b["workspace"] == p.workspace_mib << 20
@@ -52,7 +56,8 @@ def test_export_builds_engines_for_this_gpu_and_run_uses_them(monkeypatch, tmp_p
                 max_frames=9, warn=lambda _: None)
     ref = track(synth.frames_dir_or_file, out, prompt, tmp_path / "r2", backend="ort-cpu", overlay=False,
                 max_frames=9, warn=lambda _: None)
-    assert res["backend"] == "tensorrt" and len(engines) == len(GRAPH_ORDER)
+    # five engines loaded by the export's checks, five by the run
+    assert res["backend"] == "tensorrt" and len(engines) == 2 * len(GRAPH_ORDER)
     assert [f["mask_area"] for f in res["frames"]] == [f["mask_area"] for f in ref["frames"]]
     assert load_bundle(out).manifest["engines"]["built"] is True  # the bundle still verifies
 
@@ -80,3 +85,26 @@ def test_int8_without_calibration_cache_fails_cleanly(monkeypatch, tmp_path):
     with pytest.raises(BundleError, match=r"int8 needs a calibration cache at .*calibration_image_encoder\.cache"):
         export_tiny_bundle(out, target=str(src), keep=0.5)
     assert not out.exists() and not list(tmp_path.glob("b*"))  # nothing half-written
+
+
+def test_engine_that_differs_from_onnx_is_reported(monkeypatch, tmp_path):
+    """An engine whose numbers drift (here: the emulated router engine adds 0.5 to its outputs)
+    is built and recorded, with a failed check in the manifest and one warning line."""
+    import warnings
+
+    from fastsam2.export.cli import export_bundle
+
+    emu.install(monkeypatch)
+    monkeypatch.setattr(emu, "PERTURB", {"router": 0.5})
+    said = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = export_bundle(target="hopper", keep=0.5, prompts="cyclist", text_pretrained="random",
+                          image_size=256, out=str(tmp_path / "b"), log=said.append)
+    checks = m["engines"]["checks"]
+    assert m["engines"]["built"] is True and checks["router"]["passed"] is False
+    assert all(checks[g]["passed"] for g in GRAPH_ORDER if g != "router")
+    assert checks["router"]["outputs"]["scores"]["max_abs_err"] == pytest.approx(0.5, abs=1e-4)
+    warned = [s for s in said if s.startswith("warning: router engine differs")]
+    assert len(warned) == 1 and "\n" not in warned[0]
+    assert "engine checks vs ONNX Runtime: 4/5 within tolerance" in said

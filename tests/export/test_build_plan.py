@@ -137,31 +137,34 @@ def test_build_plan_trtexec_lines(tmp_path, target, image_size):
 def test_build_plan_polygraphy_checks(tmp_path):
     _, shapes, plan = plan_for(tmp_path, "desktop-ampere")
     lines = [ln.strip() for ln in plan.read_text().splitlines() if "polygraphy run" in ln]
-    assert len(lines) == len(GRAPHS)
-    for g, line in zip(GRAPHS, lines):
-        words = shlex.split(line)
-        assert words[:3] == ["polygraphy", "run", f"../../{g}.onnx"]
-        assert "--trt" in words and "--onnxrt" in words and "--fp16" in words
+    assert len(lines) == 2 * len(GRAPHS)
+    for g, ref, check in zip(GRAPHS, lines[0::2], lines[1::2]):
+        ref, check = shlex.split(ref), shlex.split(check)
+        # ONNX Runtime first, saving inputs and outputs; then the saved engine on those inputs
+        assert ref[:4] == ["polygraphy", "run", f"../../{g}.onnx", "--onnxrt"]
+        assert ref[ref.index("--save-inputs") + 1] == check[check.index("--load-inputs") + 1] == f"checks/{g}.inputs.json"
+        assert ref[ref.index("--save-outputs") + 1] == check[check.index("--load-outputs") + 1]
+        assert check[:6] == ["polygraphy", "run", f"{g}.engine", "--model-type", "engine", "--trt"]
         # fp16 relaxes the contract's tolerances x10
-        atol = dict(w.split(":") for w in words[words.index("--atol") + 1:words.index("--rtol")])
+        atol = dict(w.split(":") for w in check[check.index("--atol") + 1:check.index("--rtol")])
         assert {k: float(v) for k, v in atol.items()} == pytest.approx(
             {k: 10 * v for k, v in GRAPHS[g].atol.items()})
-        if "--input-shapes" in words:
-            i = words.index("--input-shapes") + 1
+        if "--input-shapes" in ref:
+            i = ref.index("--input-shapes") + 1
             given = {}
-            while i < len(words) and not words[i].startswith("--"):
-                name, dims = words[i].split(":")
+            while i < len(ref) and not ref[i].startswith("--"):
+                name, dims = ref[i].split(":")
                 given[name] = tuple(int(d) for d in dims.strip("[]").split(","))
                 i += 1
             assert given == {n: s[1] for n, s in shapes[g].items() if s[0] != s[2]}
-    assert "'curr_idx:[0,4095]'" in lines[2]  # random indices stay inside the 64x64 grid
+    assert "'curr_idx:[0,4095]'" in lines[4]  # random indices stay inside the 64x64 grid
 
 
 @pytest.mark.parametrize("target", ["jetson-orin", "desktop-ada"])
 def test_build_plan_polygraphy_lines_run_against_onnxruntime(tmp_path, bundle_dir, target):
-    """Each check line of the plan, run as written except that ONNX Runtime stands in for the
-    TensorRT runner (no GPU here): Polygraphy must accept every flag, shape, value range and
-    per-output tolerance, and feed the real graphs at the opt shapes."""
+    """The plan's check section, run as written except that the graph under ONNX Runtime stands in
+    for the engine (no GPU here): Polygraphy must accept every flag, shape, value range, saved
+    file and per-output tolerance, feed the real graphs at the opt shapes and compare."""
     poly = os.path.join(os.path.dirname(sys.executable), "polygraphy")
     if not os.path.exists(poly):
         pytest.skip("polygraphy is not installed (pip install fastsam2[dev])")
@@ -170,17 +173,21 @@ def test_build_plan_polygraphy_lines_run_against_onnxruntime(tmp_path, bundle_di
     p = load_profile(target)
     plan = write_build_plan(tmp_path, p, shape_profiles(p, 256, 0.5))
     lines = [ln.strip() for ln in plan.read_text().splitlines() if "polygraphy run" in ln]
-    assert len(lines) == len(GRAPHS)
-    for g, line in zip(GRAPHS, lines):
-        assert " --trt " in line
-        cmd = line.replace("polygraphy run", f"{shlex.quote(poly)} run", 1).replace(" --trt ", " --onnxrt ")
-        r = subprocess.run(["bash", "-c", cmd], cwd=plan.parent, capture_output=True, text=True, timeout=300)
-        out = r.stdout + r.stderr
-        assert r.returncode == 0, (g, out[-2000:])
-        # Polygraphy only warns about an unknown input name, a shape it cannot use or a tolerance
-        # for a missing output, then goes on with defaults: any such warning is a broken plan line
-        warned = [ln for ln in out.splitlines() if ln.startswith("[W]") and "'colored'" not in ln]
-        assert not warned, (g, warned)
+    assert len(lines) == 2 * len(GRAPHS)
+    (plan.parent / "checks").mkdir()
+    for g, ref, check in zip(GRAPHS, lines[0::2], lines[1::2]):
+        engine = f" {g}.engine --model-type engine --trt "
+        assert engine in check
+        for cmd in (ref, check.replace(engine, f" ../../{g}.onnx --onnxrt ")):
+            cmd = cmd.replace("polygraphy run", f"{shlex.quote(poly)} run", 1)
+            r = subprocess.run(["bash", "-c", cmd], cwd=plan.parent, capture_output=True, text=True, timeout=300)
+            out = r.stdout + r.stderr
+            assert r.returncode == 0, (g, out[-2000:])
+            # Polygraphy only warns about an unknown input name, a shape it cannot use or a
+            # tolerance for a missing output, then goes on: any such warning is a broken line
+            warned = [ln for ln in out.splitlines() if ln.startswith("[W]") and "'colored'" not in ln]
+            assert not warned, (g, warned)
+        assert (plan.parent / "checks" / f"{g}.inputs.json").is_file()
         matched = re.search(r"All outputs matched \| Outputs: \[(.*?)\]", out)
         assert matched, (g, out[-2000:])
         assert sorted(n.strip(" '") for n in matched.group(1).split(",")) == sorted(t.name for t in GRAPHS[g].outputs)
