@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fastsam2.runtime.contract import GRAPHS, dynamic_inputs, geometry, profile_shapes
 from fastsam2.runtime.errors import BackendError, BundleError, InputError
-from fastsam2.runtime.trt_backend import current_gpu, tensorrt_available  # noqa: F401
+from fastsam2.runtime import trt_backend
 from fastsam2.runtime.bundle import sha256_file
 
 TIMING_CACHE = "timing.cache"
@@ -162,7 +162,7 @@ def build_engines(bundle_dir, profile, shapes: dict, log=print) -> dict:
         ) from None
     if not profile.tensorrt:
         raise InputError(f"target {profile.name} runs on ONNX Runtime only; no engines to build")
-    gpu = current_gpu()
+    gpu = trt_backend.current_gpu()
     if gpu is None:
         raise BackendError("building engines needs a visible NVIDIA GPU; none found")
     bundle_dir = Path(bundle_dir)
