@@ -75,21 +75,22 @@ def _gpu_visible() -> bool:
     return current_gpu() is not None
 
 
+def _ort_backends() -> list:
+    """The ONNX Runtime backends this onnxruntime build has (GPU or not)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return []
+    prov = ort.get_available_providers()
+    return ["ort-cpu"] + [b for b in ("ort-cuda", "ort-trt") if _ORT_PROVIDERS[b][0] in prov]
+
+
 def available_backends() -> list:
     """Backends that can run here. onnxruntime-gpu lists its CUDA and TensorRT providers on
     any machine, GPU or not, so those count only where a CUDA GPU is visible."""
-    found = []
-    try:
-        import onnxruntime as ort
-
-        prov = ort.get_available_providers()
-        found.append("ort-cpu")
-        gpu_eps = [b for b, ep in (("ort-cuda", "CUDAExecutionProvider"),
-                                   ("ort-trt", "TensorrtExecutionProvider")) if ep in prov]
-        if gpu_eps and _gpu_visible():
-            found += gpu_eps
-    except ImportError:
-        pass
+    found = _ort_backends()
+    if len(found) > 1 and not _gpu_visible():
+        found = found[:1]
     from fastsam2.runtime.trt_backend import tensorrt_available
 
     if tensorrt_available():
@@ -109,6 +110,10 @@ def _candidates(requested: str, bundle) -> list:
         if not order:
             raise BackendError("no backend available: pip install fastsam2[runtime]")
         return order
+    if requested in ("ort-cuda", "ort-trt") and requested in _ort_backends():
+        # asked for by name: try it even where no GPU was detected (a Jetson without nvidia-smi
+        # queries, CUDA libraries only inside pip wheels); create_sessions checks it started
+        return [requested]
     if requested not in have:
         if requested == "tensorrt":
             hint = "pip install fastsam2[trt] and an NVIDIA GPU"

@@ -256,8 +256,10 @@ def profile_bundle(bundle_dir, backend="ort-cpu", keeps=DEFAULT_KEEPS, memory_fr
     dims.update(P=1, ptrs=int(s.get("max_obj_ptrs_in_encoder", 16)))
     T, floor = dims["T"], int(m.get("keep_floor", 64))
     results, sess_info = [], {}
+    ran = []  # what actually ran: `auto` may fall back from the backend it resolved to
     for requested in chosen.values():
         b, sessions = open_backend(requested, bundle, threads, warn=log or print)
+        ran.append(b)
         sess_info[b] = sorted({p for sess in sessions.values() for p in getattr(sess, "providers", [b])})
         for keep in keeps:
             k = keep_to_k(keep, T, floor)
@@ -280,8 +282,8 @@ def profile_bundle(bundle_dir, backend="ort-cpu", keeps=DEFAULT_KEEPS, memory_fr
         "fastsam2_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "bundle": {"path": str(bundle.path), **bundle.summary()},
-        "machine": machine_info(chosen) | {"session_providers": sess_info},
-        "settings": {"backends": chosen, "keeps": list(keeps), "memory_frames": memory_frames,
+        "machine": machine_info(ran) | {"session_providers": sess_info},
+        "settings": {"backends": ran, "keeps": list(keeps), "memory_frames": memory_frames,
                      "object_pointers": dims["ptrs"], "warmup": warmup, "iters": iters,
                      "threads": threads, "seed": seed, "keep_floor": floor},
         "geometry": {"image_size": dims["S"], "grid": dims["G"], "tokens": T},

@@ -47,13 +47,26 @@ def tensorrt_version() -> str | None:
 
 
 def _cudart():
-    """The CUDA runtime library as polygraphy loaded it, or None."""
+    """The CUDA runtime library (as polygraphy loaded it, else from the library path), or None."""
     try:
         from polygraphy import cuda
 
-        return cuda.wrapper().handle
+        handle = cuda.wrapper().handle
+        if handle is not None:
+            return handle
     except Exception:  # ImportError, or polygraphy's own error when libcudart is missing
-        return None
+        pass
+    import ctypes.util
+
+    # the runtime-only install has no polygraphy; JetPack and CUDA installs keep libcudart here
+    for name in (ctypes.util.find_library("cudart"), "libcudart.so", "libcudart.so.12",
+                 "libcudart.so.13", "libcudart.so.11.0", "/usr/local/cuda/lib64/libcudart.so"):
+        if name:
+            try:
+                return ctypes.CDLL(name)
+            except OSError:
+                continue
+    return None
 
 
 def _gpu_from_cudart(lib) -> dict | None:

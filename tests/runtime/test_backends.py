@@ -35,6 +35,18 @@ def test_gpu_providers_count_only_with_a_visible_gpu(monkeypatch, fake_gpu_eps):
     assert backends.available_backends() == ["ort-cpu", "ort-cuda", "ort-trt"]
 
 
+def test_named_gpu_provider_is_tried_even_without_a_detected_gpu(monkeypatch, fake_gpu_eps, bundle_dir):
+    """GPU detection can miss (no nvidia-smi queries on Jetson, CUDA only inside pip wheels):
+    `auto` skips undetected GPUs, a backend asked for by name is tried and checked."""
+    bundle = load_bundle(bundle_dir)
+    monkeypatch.setattr(trt_backend, "tensorrt_available", lambda: False)
+    monkeypatch.setattr(backends, "_gpu_visible", lambda: False)
+    assert backends._candidates("auto", bundle) == ["ort-cpu"]
+    assert backends._candidates("ort-trt", bundle) == ["ort-trt"]
+    with pytest.raises(BackendError, match="tensorrt.*not available"):
+        backends._candidates("tensorrt", bundle)
+
+
 def test_tensorrt_listed_when_tensorrt_and_gpu_are_there(monkeypatch):
     monkeypatch.setattr(trt_backend, "tensorrt_available", lambda: True)
     assert "tensorrt" in backends.available_backends()

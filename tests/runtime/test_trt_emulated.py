@@ -95,3 +95,17 @@ def test_keep_outside_the_engine_profile(emulated_device, engine_bundle, synth, 
     with pytest.raises(InputError, match=r"outside the engine's optimisation profile"):
         s.run(feeds)
     s.close()
+
+
+def test_profile_times_the_engines(emulated_device, engine_bundle):
+    from fastsam2.runtime.profiling import profile_bundle
+
+    rep = profile_bundle(engine_bundle, backend="tensorrt,ort-cpu", keeps=[0.5], memory_frames=3,
+                         warmup=1, iters=2)
+    assert rep["settings"]["backends"] == ["tensorrt", "ort-cpu"]
+    by = {r["backend"]: r for r in rep["results"]}
+    assert sorted(by) == ["ort-cpu", "tensorrt"]
+    # the same shapes went through the engines as through ONNX Runtime, and every graph was timed
+    assert by["tensorrt"]["shapes"] == by["ort-cpu"]["shapes"]
+    assert all(by["tensorrt"]["graphs"][g]["median_ms"] > 0 for g in GRAPH_ORDER)
+    assert sum(e.calls for e in emulated_device) == 3 * len(GRAPH_ORDER)  # 1 warm-up + 2 timed
