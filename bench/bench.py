@@ -18,6 +18,9 @@ What is measured (results JSON under --out, see docs/benchmarks.md):
   mask IoU vs keep 1.0 and vs the official masks, memory-bank tokens;
 - the RSS comparison on a --rss-frames video (official loads every frame up front);
 - the flat-cost check: a --long-frames video at --long-size px, keep 0.5, frame 10 vs frame 300.
+
+This file is the parent (scheduling, quiet-CPU checks, the runs); children.py holds what each
+child process runs, summary.py the tables, targets and plots.
 """
 
 from __future__ import annotations
@@ -35,57 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-STEADY_FROM = 7  # frames 0..6 fill the memory bank (num_maskmem = 7)
-STAGES = ("image_encoder", "router", "memory_attention", "memory_encoder", "mask_decoder")
-OFFICIAL_HOOKS = {  # SAM2Base method -> the graph that holds the same work
-    "forward_image": "image_encoder",
-    "_prepare_memory_conditioned_features": "memory_attention",
-    "_forward_sam_heads": "mask_decoder",
-    "_encode_new_memory": "memory_encoder",
-}
-TARGETS = {
-    "fps_keep03_vs_official": 2.0,
-    "memory_attention_speedup_keep03": 4.0,
-    "rss_keep03_vs_official": 0.6,
-    "fps_keep10_vs_official": 1.0,
-    "flat_cost_frame300_vs_frame10": 0.05,
-}
-
-
-# -- helpers shared by parent and children ---------------------------------------------------
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def save_masks(path: Path, masks: list) -> None:
-    a = np.stack(masks).astype(bool)
-    np.savez_compressed(path, bits=np.packbits(a, axis=-1), shape=np.array(a.shape))
-
-
-def load_masks(path: Path) -> np.ndarray:
-    with np.load(path) as z:
-        shape = tuple(z["shape"])
-        return np.unpackbits(z["bits"], axis=-1, count=shape[-1]).astype(bool).reshape(shape)
-
-
-def iou_per_frame(a: np.ndarray, b: np.ndarray) -> list:
-    n = min(len(a), len(b))
-    out = []
-    for x, y in zip(a[:n], b[:n]):
-        union = np.logical_or(x, y).sum()
-        out.append(1.0 if union == 0 else float(np.logical_and(x, y).sum() / union))
-    return out
-
-
-def median(v):
-    return float(np.median(v)) if len(v) else None
+from children import CHILDREN, write_json
+from summary import (STEADY_FROM, iou_per_frame, iou_summary, load_masks, median, plot, resummarise,
+                     stage_medians, steady_fps, summarise, targets)
 
 
 def machine() -> dict:
@@ -109,121 +64,6 @@ def _child_env(threads: int) -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     return env
-
-
-# -- children --------------------------------------------------------------------------------
-def child_export(spec: dict) -> dict:
-    import warnings
-
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    from fastsam2.export.cli import export_bundle
-
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_bundle(config=spec["config"], checkpoint=None, target="cpu", keep=1.0, prompts="object",
-                      text_pretrained="random", image_size=spec["image_size"], out=spec["bundle"],
-                      force=True, seed=spec["seed"], log=lambda m: None)
-    import onnxruntime
-    import sam2  # noqa: F401
-    from importlib.metadata import version
-
-    return {"seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "sam2": version("sam2")}
-
-
-def child_official(spec: dict) -> dict:
-    import warnings
-
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    warnings.filterwarnings("ignore")
-    from fastsam2.export.sam2_loader import load_sam2
-
-    pred = load_sam2(spec["config"], None, image_size=spec["image_size"], seed=spec["seed"], warn=False).model
-    rss_model = peak_rss_mb()
-    stage = {}
-
-    def hook(method, name):
-        def timed(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return method(*a, **kw)
-            finally:
-                stage[name] = stage.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
-        return timed
-
-    for meth, name in OFFICIAL_HOOKS.items():
-        setattr(pred, meth, hook(getattr(pred, meth), name))
-    load1 = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    state = pred.init_state(spec["frames"])
-    init_s = time.perf_counter() - t0
-    rss_init = peak_rss_mb()
-    t0 = time.perf_counter()
-    pred.add_new_points_or_box(state, frame_idx=0, obj_id=1, points=np.array([spec["point"]], np.float32),
-                               labels=np.array([1], np.int32))
-    prompt_ms = (time.perf_counter() - t0) * 1e3
-    prompt_stages = dict(stage)
-    stage.clear()
-    frames, masks = [], []
-    with torch.inference_mode():
-        last = time.perf_counter()
-        for fi, _, m in pred.propagate_in_video(state):
-            now = time.perf_counter()
-            frames.append({"frame": int(fi), "frame_ms": round((now - last) * 1e3, 2),
-                           "latency_ms": {k: round(v, 2) for k, v in stage.items()}})
-            stage.clear()
-            masks.append((m[0, 0] > 0).numpy().copy())
-            last = time.perf_counter()
-    rss = peak_rss_mb()
-    out = state["output_dict_per_obj"][0]
-    stored = sum(v.get("maskmem_features") is not None for d in ("cond_frame_outputs", "non_cond_frame_outputs")
-                 for v in out[d].values())
-    T = (spec["image_size"] // 16) ** 2
-    save_masks(Path(spec["masks"]), masks)
-    return {"frames": frames, "init_state_s": round(init_s, 2), "prompt_frame_ms": round(prompt_ms, 1),
-            "prompt_frame_stages_ms": {k: round(v, 1) for k, v in prompt_stages.items()},
-            "peak_rss_mb": rss, "rss_after_model_mb": rss_model, "rss_after_init_state_mb": rss_init,
-            "bank": {"frames_with_memory": int(stored), "stored_tokens": int(stored * T),
-                     "note": "SAM2VideoPredictor keeps every frame's memory in its state; it reads 7"},
-            "loadavg_1min": [round(load1, 2), round(os.getloadavg()[0], 2)],
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
-
-
-def child_fastsam2(spec: dict) -> dict:
-    from fastsam2.runtime.outputs import read_palette_png
-    from fastsam2.runtime.track import PromptSpec, track
-
-    out = Path(spec["run_dir"])
-    shutil.rmtree(out, ignore_errors=True)
-    load1 = os.getloadavg()[0]
-    res = track(spec["frames"], spec["bundle"], PromptSpec(points=[tuple(spec["point"])]), out,
-                keep=spec["keep"], backend="ort-cpu", overlay=False, threads=spec["threads"],
-                warn=lambda m: None)
-    rss = peak_rss_mb()
-    load2 = os.getloadavg()[0]
-    n = len(res["frames"])
-    save_masks(Path(spec["masks"]), [read_palette_png(out / "masks" / f"{i:05d}.png") > 0 for i in range(n)])
-    import onnxruntime
-
-    # What MemoryBank holds at the end: the conditioning frame's T tokens + the kept tokens of
-    # the last num_maskmem - 1 tracked frames (it reads them all, plus the pointers).
-    tracked = [f["kept_tokens"] for f in res["frames"][1:]]
-    nm = json.loads((Path(spec["bundle"]) / "manifest.json").read_text())["model"]["num_maskmem"]
-    stored = res["tokens"] + sum(tracked[-(nm - 1):])
-    return {"frames": [{"frame": f["frame"], "frame_ms": f["frame_ms"], "latency_ms": f["latency_ms"],
-                        "kept_tokens": f["kept_tokens"]} for f in res["frames"]],
-            "keep": res["keep"], "k": res["k"], "tokens": res["tokens"], "totals": res["totals"],
-            "peak_rss_mb": rss, "bank": {"stored_tokens": int(stored)},
-            "loadavg_1min": [round(load1, 2), round(load2, 2)],
-            "onnxruntime": onnxruntime.__version__, "torch_loaded": "torch" in sys.modules}
-
-
-CHILDREN = {"export": child_export, "official": child_official, "fastsam2": child_fastsam2}
 
 
 # -- parent ----------------------------------------------------------------------------------
@@ -311,24 +151,6 @@ class Runner:
         return r
 
 
-def stage_medians(frames: list) -> dict:
-    steady = frames[STEADY_FROM:] or frames[1:]
-    return {s: round(median([f["latency_ms"].get(s, 0.0) for f in steady]), 1)
-            for s in STAGES if any(s in f["latency_ms"] for f in steady)}
-
-
-def steady_fps(frames: list) -> tuple:
-    steady = [f["frame_ms"] for f in frames[STEADY_FROM:]] or [f["frame_ms"] for f in frames[1:]]
-    med = median(steady)
-    return (round(1e3 / med, 4) if med else None), (round(med, 1) if med else None), len(steady)
-
-
-def iou_summary(v: list) -> dict:
-    tracked = v[1:] or v
-    return {"mean": round(float(np.mean(tracked)), 4), "min": round(float(np.min(tracked)), 4),
-            "per_frame": [round(x, 4) for x in v]}
-
-
 def first_point(video) -> list:
     return [float(v) for v in video.first_frame_points[1]]
 
@@ -339,66 +161,6 @@ def make_frames(work: Path, name: str, n: int, size: tuple, seed: int):
     d = work / name
     shutil.rmtree(d, ignore_errors=True)
     return make_video(d, num_frames=n, size=size, seed=seed, fmt="jpg")
-
-
-def end_to_end_fps(name: str, c: dict):
-    """Frames / seconds for the whole video: the official predictor's up-front frame loading
-    (init_state) and prompt counted in, fastsam2's per-frame decoding and preprocessing too."""
-    n = len(c["frames"])
-    if name == "official":
-        secs = c["init_state_s"] + c["prompt_frame_ms"] / 1e3 + sum(f["frame_ms"] for f in c["frames"]) / 1e3
-    else:
-        secs = c["totals"]["seconds"]
-    return round(n / secs, 4) if secs else None
-
-
-def summarise(cfgs: dict) -> list:
-    off = cfgs["official"]
-    off_fps = off["steady_fps"]
-    rows = []
-    for name, c in cfgs.items():
-        rows.append({"config": name, "steady_fps": c["steady_fps"], "steady_frame_ms": c["steady_frame_ms"],
-                     "fps_vs_official": round(c["steady_fps"] / off_fps, 3) if off_fps else None,
-                     "end_to_end_fps": end_to_end_fps(name, c),
-                     "stages_ms": c["stages_ms"], "peak_rss_mb": c["peak_rss_mb"],
-                     "iou_vs_keep_1.0": c.get("iou_vs_keep_1.0"), "iou_vs_official": c.get("iou_vs_official"),
-                     "bank_stored_tokens": c["bank"]["stored_tokens"],
-                     "foreign_cpu_share": c.get("foreign_cpu_share"), "steal_cpu_share": c.get("steal_cpu_share"),
-                     "disturbed": c.get("disturbed")})
-    for r in rows:
-        for key in ("iou_vs_keep_1.0", "iou_vs_official"):
-            if r[key]:
-                r[key] = {k: v for k, v in r[key].items() if k != "per_frame"}
-    return rows
-
-
-def targets(cfgs: dict, rss: dict | None, flat: dict | None) -> dict:
-    """Each target of the issue: its goal, the measured value, met or not. Never tuned."""
-    off, k03, k10 = cfgs["official"], cfgs.get("keep_0.3"), cfgs["keep_1"]
-    ma = lambda c: c["stages_ms"].get("memory_attention")  # noqa: E731
-    measured = {
-        "fps_keep03_vs_official": round(k03["steady_fps"] / off["steady_fps"], 3) if k03 else None,
-        "memory_attention_speedup_keep03": round(ma(k10) / ma(k03), 3) if k03 else None,
-        "rss_keep03_vs_official": rss["ratio"] if rss else None,
-        "fps_keep10_vs_official": round(k10["steady_fps"] / off["steady_fps"], 3),
-        "flat_cost_frame300_vs_frame10": round(abs(flat["ratio_windows"] - 1), 4) if flat else None,
-    }
-    at_most = {"rss_keep03_vs_official", "flat_cost_frame300_vs_frame10"}
-    out = {}
-    for k, goal in TARGETS.items():
-        v = measured[k]
-        met = None if v is None else (v <= goal if k in at_most else v >= goal)
-        out[k] = {"target": goal, "kind": "at most" if k in at_most else "at least", "measured": v, "met": met}
-    return out
-
-
-def resummarise(path: Path) -> None:
-    """Recompute the table and targets of a results JSON from its raw per-frame data."""
-    result = json.loads(path.read_text())
-    result["table"] = summarise(result["configs"])
-    result["targets"] = targets(result["configs"], result.get("rss_run"), result.get("flat_cost"))
-    write_json(path, result)
-    print(json.dumps({"table": result["table"], "targets": result["targets"]}, indent=1))
 
 
 def main_parent(args) -> None:
@@ -525,50 +287,6 @@ def main_parent(args) -> None:
             log("plots skipped: pip install matplotlib")
     log(f"wrote {path}")
     print(json.dumps({"table": result["table"], "targets": result["targets"]}, indent=1))
-
-
-def plot(result: dict, stages_png: Path, flat_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["table"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    labels = [r["config"].replace("keep_", "keep ") for r in rows]
-    bottom = np.zeros(len(rows))
-    for s in STAGES:
-        vals = np.array([r["stages_ms"].get(s, 0.0) for r in rows])
-        ax.bar(labels, vals, bottom=bottom, label=s)
-        bottom += vals
-    for x, r in enumerate(rows):
-        ax.annotate(f"{r['steady_frame_ms']:.0f} ms/frame\n{r['steady_fps']:.2f} FPS", (x, bottom[x]),
-                    ha="center", va="bottom", fontsize=8)
-    st, mc = result["settings"], result["machine"]
-    ax.set_ylabel("median per-stage time, steady frames (ms)")
-    ax.set_title(f"SAM2VideoPredictor vs fastsam2 ort-cpu, {st['config']} {st['image_size']} px, "
-                 f"{mc['threads']} threads", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.margins(y=0.18)
-    fig.tight_layout()
-    fig.savefig(stages_png, dpi=120)
-    plt.close(fig)
-    flat = result.get("flat_cost")
-    if flat:
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        ax.plot(flat["frame_ms"], lw=0.8, label="frame")
-        ax.plot([v or 0 for v in flat["memory_attention_ms"]], lw=0.8, label="memory_attention")
-        ax.axvline(10, color="grey", ls=":")
-        ax.axvline(flat["later_frame"], color="grey", ls=":")
-        ax.set_xlabel("frame")
-        ax.set_ylabel("ms")
-        ax.set_title(f"fastsam2 per-frame time over {flat['frames']} frames ({flat['image_size']} px, keep 0.5)",
-                     fontsize=10)
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(flat_png, dpi=120)
-        plt.close(fig)
 
 
 def main(argv=None) -> None:

@@ -31,7 +31,8 @@ def _keeps(text: str) -> tuple:
 def main(bundle, backend, keep, memory_frames, warmup, iters, threads, out, quiet):
     """Time image encoder, router, memory attention, memory encoder and mask decoder separately
     on synthetic inputs with a full memory bank, at each keep ratio."""
-    from fastsam2.runtime.profiling import profile_bundle, write_report
+    from fastsam2.runtime.profile_report import write_report
+    from fastsam2.runtime.profiling import profile_bundle
 
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     try:

@@ -13,14 +13,12 @@ Numpy only: matplotlib is imported inside `write_report`, for the plot alone.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
 import subprocess
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 
@@ -301,108 +299,3 @@ def profile_bundle(bundle_dir, backend="ort-cpu", keeps=DEFAULT_KEEPS, memory_fr
 
 
 # -- report ----------------------------------------------------------------------------------
-def _fmt(v, nd=1) -> str:
-    return "–" if v is None else f"{v:.{nd}f}"
-
-
-def report_markdown(report: dict) -> str:
-    mc, st, geo = report["machine"], report["settings"], report["geometry"]
-    b = report["bundle"]
-    lines = [
-        "# fastsam2-profile",
-        "",
-        f"- bundle: `{b['path']}` ({b.get('config')}, {geo['image_size']} px, {geo['tokens']} tokens, "
-        f"weights {'random' if b.get('weights_random') else 'checkpoint'})",
-        f"- machine: {mc.get('cpu_model')}, {mc.get('cpu_cores')} cores; onnxruntime "
-        f"{mc.get('onnxruntime')}"
-        + (f"; GPU {mc.get('gpu_name')}, driver {mc.get('gpu_driver')}, TensorRT {mc.get('tensorrt')}"
-           if "gpu_name" in mc else ""),
-        f"- memory frames {st['memory_frames']} (conditioning frame + {st['memory_frames'] - 1} tracked), "
-        f"{st['object_pointers']} object pointers; {st['warmup']} warm-up + {st['iters']} timed "
-        f"iterations; threads {st['threads'] or 'default'}",
-        f"- created {report['created']}",
-        "",
-        "## Summary",
-        "",
-        "| backend | keep | k | M | frame median ms | p90 ms | FPS | speed-up vs first keep | peak RSS MB | device MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    first = {}
-    for r in report["results"]:
-        f = r["frame"]
-        base = first.setdefault(r["backend"], f["median_ms"])
-        lines.append(f"| {r['backend']} | {r['keep']:g} | {r['k']} | {r['shapes']['M']} | {_fmt(f['median_ms'])} "
-                     f"| {_fmt(f['p90_ms'])} | {_fmt(f['fps'], 2)} | {_fmt(base / f['median_ms'], 2)}× "
-                     f"| {_fmt(r['memory']['peak_rss_mb'])} | {_fmt(r['memory']['device_mb'])} |")
-    for r in report["results"]:
-        sh = r["shapes"]
-        frame_ms = r["frame"]["median_ms"]
-        lines += ["", f"## {r['backend']} · keep {r['keep']:g} (N = {sh['N']}, Ms = {sh['Ms']}, M = {sh['M']})",
-                  "", "| graph | in frame | median ms | p90 ms | min ms | share of frame |", "|---|---|---|---|---|---|"]
-        for g, v in r["graphs"].items():
-            share = f"{100 * v['median_ms'] / frame_ms:.0f} %" if v["in_frame"] and frame_ms > 0 else "–"
-            lines.append(f"| {g} | {'yes' if v['in_frame'] else 'no (k = T)'} | {_fmt(v['median_ms'], 2)} "
-                         f"| {_fmt(v['p90_ms'], 2)} | {_fmt(v['min_ms'], 2)} | {share} |")
-        f = r["frame"]
-        lines.append(f"| **frame** | | {_fmt(f['median_ms'], 2)} | {_fmt(f['p90_ms'], 2)} | "
-                     f"{_fmt(f['min_ms'], 2)} | {_fmt(f['fps'], 2)} FPS |")
-        if r["memory"]["device_note"]:
-            lines.append(f"\nDevice memory: {r['memory']['device_note']}.")
-    lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]], ""]
-    return "\n".join(lines)
-
-
-def plot_latency(report: dict, path) -> None:
-    """Stacked bar of per-graph median latency (graphs in the frame) per backend and keep."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    res = report["results"]
-    multi = len({r["backend"] for r in res}) > 1
-    labels = [(f"{r['backend']}\n" if multi else "") + f"keep {r['keep']:g}\nk={r['k']}" for r in res]
-    fig, ax = plt.subplots(figsize=(1.6 * len(res) + 3, 4.5))
-    bottom = np.zeros(len(res))
-    for g in GRAPH_ORDER:
-        vals = np.array([r["graphs"][g]["median_ms"] if r["graphs"][g]["in_frame"] else 0.0 for r in res])
-        ax.bar(labels, vals, bottom=bottom, label=g)
-        bottom += vals
-    for x, (r, top) in enumerate(zip(res, bottom)):
-        ax.annotate(f"{r['frame']['median_ms']:.0f} ms", (x, top), ha="center", va="bottom", fontsize=8)
-    geo, mc = report["geometry"], report["machine"]
-    where = mc.get("gpu_name") or mc.get("cpu_model")
-    ax.set_ylabel("median latency per frame (ms)")
-    ax.set_title(f"fastsam2 per-graph latency, {geo['image_size']} px ({where})", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
-    ax.margins(y=0.12)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_report(report: dict, out_dir, log=None) -> list:
-    """report.json, report.md and latency.png in out_dir; returns the paths written.
-
-    Without matplotlib (it is not a runtime dependency) the plot is skipped, with a log line.
-    """
-    from fastsam2.runtime.outputs import atomic_write_bytes, atomic_write_json, ensure_writable_dir
-
-    out = ensure_writable_dir(out_dir)
-    atomic_write_json(out / "report.json", report)
-    atomic_write_bytes(out / "report.md", report_markdown(report).encode())
-    written = [out / "report.json", out / "report.md"]
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        if log:
-            log("latency.png skipped: matplotlib is not installed (pip install matplotlib)")
-        return written
-    tmp = out / ".latency.png.tmp.png"
-    plot_latency(report, tmp)
-    os.replace(tmp, out / "latency.png")
-    return written + [out / "latency.png"]
-
-
-def load_report(path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -10,7 +10,8 @@ RUNTIME_MODULES = ["fastsam2.runtime", "fastsam2.runtime.run_cli", "fastsam2.run
                    "fastsam2.runtime.tracker", "fastsam2.runtime.bank", "fastsam2.runtime.backends",
                    "fastsam2.runtime.bundle", "fastsam2.runtime.video", "fastsam2.runtime.outputs",
                    "fastsam2.runtime.sam2_math", "fastsam2.runtime.trt_backend", "fastsam2.runtime.contract",
-                   "fastsam2.runtime.profiling", "fastsam2.runtime.profile_cli", "fastsam2.profiles"]
+                   "fastsam2.runtime.profiling", "fastsam2.runtime.profile_report", "fastsam2.runtime.profile_cli",
+                   "fastsam2.profiles"]
 
 
 def _py(code: str):

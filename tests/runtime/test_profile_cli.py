@@ -69,7 +69,8 @@ def test_markdown_has_a_row_per_graph_per_keep(report_dir):
 
 
 def test_library_call_matches_the_cli_shape(bundle_dir, tmp_path):
-    from fastsam2.runtime.profiling import profile_bundle, write_report
+    from fastsam2.runtime.profile_report import write_report
+    from fastsam2.runtime.profiling import profile_bundle
 
     rep = profile_bundle(bundle_dir, keeps=(0.3,), memory_frames=1, warmup=0, iters=1, threads=1)
     (r,) = rep["results"]
