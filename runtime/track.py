@@ -152,6 +152,8 @@ def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = 
     with source:
         ensure_writable_dir(out / "masks")
         chosen, sessions = open_backend(backend, bundle, threads, warn=warn)
+        if backend == "auto":
+            warn(f"backend: {chosen} (auto)")
         # the whole video's length, as SAM2 uses it (it scales object-pointer positions when the
         # video is shorter than 16 frames), even when --max-frames stops early
         num_frames = source.num_frames
