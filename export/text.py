@@ -120,6 +120,7 @@ def load_text_encoder(spec: TextEncoderSpec) -> TextEncoder:
                       "prompt embeddings are not meaningful", UserWarning, stacklevel=2)
     else:
         _check_tag(spec.model, spec.pretrained)
+        _check_reachable(spec.model, spec.pretrained)
         model = _create(spec.model, spec.pretrained, lambda e: InputError(
             f"could not fetch open_clip weights '{spec.model}/{spec.pretrained}' (no network?); "
             "pass --text-checkpoint FILE (a local open_clip checkpoint) "
@@ -188,6 +189,41 @@ def _check_tag(model: str, tag: str) -> None:
         hint = f"known tags: {', '.join(tags)}" if tags else "it has no published weights"
         raise InputError(f"unknown open_clip pretrained tag '{tag}' for {model} ({hint}); "
                          "pass --text-checkpoint FILE or --text-pretrained random")
+
+
+def _check_reachable(model: str, tag: str) -> None:
+    """Fail in a second, not after the hub's retries (~46 s measured), when the weights are
+    neither in the local cache nor reachable: one TCP connect to the host they come from."""
+    import socket
+    from urllib.parse import urlparse
+
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model, tag) or {}
+    repo = (cfg.get("hf_hub") or "").strip("/")
+    if repo:
+        try:
+            from huggingface_hub import constants
+
+            if (Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}").is_dir():
+                return  # cached: open_clip loads it without the network
+            offline = bool(constants.HF_HUB_OFFLINE)
+            host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        except ImportError:
+            return
+    elif cfg.get("url"):
+        offline, host = False, urlparse(cfg["url"]).hostname
+    else:
+        return
+    why = "HF_HUB_OFFLINE is set" if offline else None
+    if why is None:
+        try:
+            socket.create_connection((host, 443), timeout=5).close()
+            return
+        except OSError as e:
+            why = f"{host} is unreachable: {e.strerror or e}"
+    raise InputError(f"could not fetch open_clip weights '{model}/{tag}' ({why}); pass --text-checkpoint "
+                     "FILE (a local open_clip checkpoint) or --text-pretrained random")
 
 
 def _create(model: str, pretrained: str | None, error):

@@ -191,6 +191,53 @@ def test_unfetchable_tag_fails_fast_and_points_to_text_checkpoint(monkeypatch, t
     assert "ViT-B-32/laion2b_s34b_b79k" in msg and "\n" not in msg
 
 
+def test_unreachable_hub_fails_before_any_download(monkeypatch, tmp_path):
+    """Online mode, but the weights' host does not answer: one TCP probe decides, open_clip's
+    download (and the hub's retries) never starts."""
+    import socket
+
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    probed = []
+
+    def refuse(addr, timeout=None):
+        probed.append(addr)
+        raise OSError(101, "Network is unreachable")
+
+    def no_download(*a, **k):
+        raise AssertionError("open_clip.create_model must not be called")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(open_clip, "create_model", no_download)
+    with pytest.raises(InputError) as e:
+        compute_text_embeddings(["dog"], TextEncoderSpec("ViT-B-32", "laion2b_s34b_b79k"))
+    assert probed == [("huggingface.co", 443)]
+    assert "huggingface.co is unreachable: Network is unreachable" in str(e.value)
+    assert "--text-pretrained random" in str(e.value)
+
+
+def test_cached_weights_skip_the_probe(monkeypatch, tmp_path):
+    import socket
+
+    import huggingface_hub.constants as hf
+
+    (tmp_path / "hf" / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K").mkdir(parents=True)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed despite the cache"))
+    called = []
+
+    def fake_create(*a, **k):
+        called.append(k.get("pretrained"))
+        raise RuntimeError("stand-in for a load from the cache")
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create)
+    with pytest.raises(InputError, match="could not fetch open_clip weights"):
+        compute_text_embeddings(["dog"], TextEncoderSpec("ViT-B-32", "laion2b_s34b_b79k"))
+    assert called == ["laion2b_s34b_b79k"]
+
+
 # -- local checkpoints --------------------------------------------------------------------
 
 @pytest.mark.parametrize("wrapped", [False, True], ids=["state_dict", "wrapped"])
