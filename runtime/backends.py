@@ -6,7 +6,10 @@ the tracking loop needs.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
 from pathlib import Path
 
 from fastsam2.runtime.contract import GRAPH_ORDER, dynamic_inputs, profile_shapes
@@ -59,7 +62,14 @@ class OrtSession:
         if profile_dir is not None:
             opts.enable_profiling = True
             opts.profile_file_prefix = str(profile_dir)
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        # onnxruntime print()s an "EP Error" banner when a provider fails and it falls back:
+        # keep it off the user's stdout and keep its reason for our own one-line error
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self.fallback_reason = next((ln.split("EP Error", 1)[1].lstrip(": ").split(" when using")[0]
+                                     for ln in captured.getvalue().splitlines()
+                                     if ln.startswith("EP Error")), None)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
@@ -218,11 +228,23 @@ def _check_provider(session: OrtSession, wanted: str, backend: str, graph: str) 
     # onnxruntime drops a provider it cannot load (missing CUDA/cuDNN/TensorRT libraries) and
     # quietly runs on the CPU: refuse instead of reporting a GPU backend that is not in use
     if wanted not in session.providers:
+        reason = getattr(session, "fallback_reason", None)
+        why = (f"onnxruntime says: {_short(reason)}" if reason else
+               "its CUDA/cuDNN/TensorRT libraries or the GPU are missing")
         raise BackendError(
             f"onnxruntime could not start {wanted} for {graph} (it runs on "
-            f"{', '.join(session.providers)}): its CUDA/cuDNN/TensorRT libraries or the GPU are "
-            f"missing; install them or use --backend ort-cpu"
+            f"{', '.join(session.providers)}): {why}; install them or use --backend ort-cpu"
         )
+
+
+def _short(text: str, limit: int = 200) -> str:
+    # onnxruntime's reasons carry source paths ("/onnxruntime_src/...cc:729 void f(...) Please ...")
+    # and the C++ signature of the function that failed, before the sentence meant for users
+    text = " ".join(w for w in text.split() if not w.startswith("/onnxruntime_src"))
+    sig = re.search(r"::\w+\(.*?\)\s+(?=[A-Z])", text)
+    if sig:
+        text = text[sig.end():]
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def create_sessions(bundle, backend: str, threads: int | None = None) -> dict:

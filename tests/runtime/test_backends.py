@@ -154,3 +154,27 @@ def test_ort_trt_cache_falls_back_to_user_cache_for_read_only_bundle(monkeypatch
     d = backends._ort_trt_cache_dir(bundle)
     tag = bundle.manifest["graphs"]["memory_attention"]["sha256"][:12]
     assert d == tmp_path / "xdg" / "fastsam2" / "ort-trt" / tag and d.is_dir()
+
+
+def test_onnxruntime_fallback_banner_becomes_the_reason(monkeypatch, bundle_dir, capsys):
+    """onnxruntime-gpu print()s an "EP Error" banner and falls back to the CPU when a provider
+    cannot load: the banner stays off stdout and its sentence ends up in the one-line error."""
+    real = onnxruntime.InferenceSession
+
+    def gpu_build_without_tensorrt(path, sess_options=None, providers=None):
+        print("*************** EP Error ***************")
+        print("EP Error /onnxruntime_src/onnxruntime/python/onnxruntime_pybind_state.cc:729 void "
+              "onnxruntime::python::RegisterTensorRTPluginsAsCustomOps(PySessionOptions&, const "
+              "onnxruntime::ProviderOptions&) Please install TensorRT libraries as mentioned in the "
+              "GPU requirements page.\n when using [('TensorrtExecutionProvider', {})]")
+        print("Falling back to ['CUDAExecutionProvider', 'CPUExecutionProvider'] and retrying.")
+        return real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", gpu_build_without_tensorrt)
+    s = backends.OrtSession(bundle_dir / "memory_encoder.onnx", ["TensorrtExecutionProvider"])
+    assert capsys.readouterr().out == ""
+    with pytest.raises(BackendError) as e:
+        backends._check_provider(s, "TensorrtExecutionProvider", "ort-trt", "memory_encoder")
+    msg = str(e.value)
+    assert "onnxruntime says: Please install TensorRT libraries as mentioned in the GPU requirements page." in msg
+    assert "onnxruntime_src" not in msg and "::" not in msg and "\n" not in msg
