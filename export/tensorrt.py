@@ -122,7 +122,9 @@ def write_build_plan(bundle_dir, profile, shapes: dict) -> Path:
         "# Engines only load on the GPU and TensorRT version that built them: copy the whole",
         "# bundle to the device and run, there:",
         f"#     bash bundle/engines/{profile.name}/build_plan.sh",
-        "# TRTEXEC overrides the trtexec binary (JetPack keeps it in /usr/src/tensorrt/bin);",
+        "# TRTEXEC overrides the trtexec binary (JetPack keeps it in /usr/src/tensorrt/bin); after",
+        "# the builds, fastsam2 (pip install fastsam2[runtime,trt]) records them in engines.json",
+        "# so that `fastsam2-run --backend tensorrt` (or auto) uses them; PYTHON picks its python.",
         "# SKIP_CHECKS=1 skips the Polygraphy parity checks (each saved engine vs ONNX Runtime on",
         "# the same random inputs at the opt shapes; SKIP_BUILD=1 runs only them). Tolerances are",
         "# the graph contract's, x10 for fp16 (x100 for int8): reduced precision misses fp32's.",
@@ -135,6 +137,8 @@ def write_build_plan(bundle_dir, profile, shapes: dict) -> Path:
     ]
     lines += ['if [[ "${SKIP_BUILD:-0}" != 1 ]]; then']
     lines += ["  " + _trtexec_line(g, profile, shapes) for g in GRAPHS]
+    # the runtime needs to know which GPU and TensorRT built them (and their hashes)
+    lines += ['  "${PYTHON:-python3}" -m fastsam2.runtime.record_engines ../..']
     lines += ["fi"]
     lines += ["", "# check each saved engine against ONNX Runtime", 'if [[ "${SKIP_CHECKS:-0}" != 1 ]]; then',
               "  mkdir -p checks"]

@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 
 from fastsam2.runtime.contract import GRAPH_ORDER, dynamic_inputs, profile_shapes
-from fastsam2.runtime.errors import BackendError, InputError
+from fastsam2.runtime.bundle import sha256_file
+from fastsam2.runtime.errors import BackendError, BundleError, InputError
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
 _ORT_PROVIDERS = {
@@ -114,7 +115,7 @@ def _candidates(requested: str, bundle) -> list:
         raise InputError(f"unknown backend '{requested}'; choose from {', '.join(BACKENDS)}")
     have = available_backends()
     if requested == "auto":
-        engines = bundle.manifest.get("engines") or {}
+        engines = bundle.engines
         order = [n for n in ("tensorrt", "ort-trt", "ort-cuda", "ort-cpu")
                  if n in have and (n != "tensorrt" or engines.get("built"))]
         if not order:
@@ -174,7 +175,7 @@ def bundle_profile_shapes(bundle) -> dict:
     """{graph: {input: (min, opt, max)}} of the dynamic inputs, as the bundle's engines were
     (or would be) built: the export's TensorRT profile, or for an ONNX-only bundle the whole
     keep range down to the keep floor."""
-    engines = bundle.manifest.get("engines") or {}
+    engines = bundle.engines
     if engines.get("profile_shapes"):
         return {g: {n: tuple(tuple(x) for x in v) for n, v in d.items()}
                 for g, d in engines["profile_shapes"].items()}
@@ -196,7 +197,7 @@ def ort_trt_options(bundle, graph: str, cache_dir) -> dict:
     dynamic inputs (without it the provider rebuilds its engine whenever N or M grow past what
     it has seen: nearly every frame while the memory bank fills), the target's precision,
     workspace and DLA core, and on-disk engine + timing caches so the build happens once."""
-    engines = bundle.manifest.get("engines") or {}
+    engines = bundle.engines
     precision = engines.get("precision", "fp32")
     opts = {
         "trt_engine_cache_enable": True,
@@ -251,10 +252,17 @@ def create_sessions(bundle, backend: str, threads: int | None = None) -> dict:
     if backend == "tensorrt":
         from fastsam2.runtime.trt_backend import TensorRTSession, check_engine_compat
 
-        engines = bundle.manifest.get("engines") or {}
+        engines = bundle.engines
         if not engines.get("built"):
             raise BackendError(f"bundle {bundle.path} has no TensorRT engines (target {bundle.manifest['target']})")
         check_engine_compat(engines)
+        for g in GRAPH_ORDER:
+            f, digest = bundle.path / engines["graphs"][g]["file"], engines["graphs"][g].get("sha256")
+            if not f.is_file():
+                raise BundleError(f"TensorRT engine missing: {f}")
+            if digest and sha256_file(f) != digest:
+                raise BundleError(f"TensorRT engine {f} changed since it was recorded (sha256 mismatch): "
+                                  "build and record it again")
         return {g: TensorRTSession(bundle.path / engines["graphs"][g]["file"]) for g in GRAPH_ORDER}
     if backend not in _ORT_PROVIDERS:
         raise InputError(f"unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")

@@ -13,6 +13,9 @@ from fastsam2 import __version__
 from fastsam2.runtime.contract import GRAPH_ORDER
 from fastsam2.runtime.errors import BundleError
 
+# written on the device after build_plan.sh's trtexec builds: GPU, TensorRT version, engine hashes
+ENGINES_RECORD = "engines.json"
+
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -43,6 +46,22 @@ class Bundle:
     manifest: dict
     constants: dict
     text_embeddings: dict
+
+    @property
+    def engines(self) -> dict:
+        """The bundle's TensorRT engines: what export recorded (engines built at export), or,
+        when the engines were built on the device from build_plan.sh, what
+        `python3 -m fastsam2.runtime.record_engines` wrote beside them."""
+        info = dict(self.manifest.get("engines") or {})
+        if info.get("built") or not info.get("target"):
+            return info
+        record = self.path / "engines" / info["target"] / ENGINES_RECORD
+        if record.is_file():
+            try:
+                info.update(json.loads(record.read_text()))
+            except (OSError, ValueError) as e:
+                raise BundleError(f"cannot read {record}: {e}") from None
+        return info
 
     @property
     def settings(self) -> dict:

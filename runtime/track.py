@@ -95,7 +95,7 @@ def parse_keep(keep):
 
 def keep_range(bundle) -> tuple:
     """The keep ratios the bundle's engines cover (all of (0, 1] for ONNX Runtime)."""
-    rng = (bundle.manifest.get("engines") or {}).get("keep_range")
+    rng = bundle.engines.get("keep_range")
     return tuple(rng) if rng else (0.3, 1.0)
 
 
@@ -118,7 +118,7 @@ def _prompt_frame(tracker: Tracker, image, prompt: PromptSpec, w: int, h: int):
 
 def _validate_keep(keep, bundle):
     keep = parse_keep(bundle.manifest["keep"] if keep is None else keep)
-    rng = (bundle.manifest.get("engines") or {}).get("keep_range")
+    rng = bundle.engines.get("keep_range")
     if rng and keep != "auto" and not (rng[0] - 1e-9 <= keep <= rng[1] + 1e-9):
         raise InputError(f"--keep {keep} is outside the engines' profile range {rng[0]}..{rng[1]}")
     return keep

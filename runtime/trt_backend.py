@@ -240,3 +240,34 @@ class TensorRTSession:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def record_engines(bundle_dir, log=print) -> dict:
+    """After build_plan.sh built the engines on the device: write engines/<target>/engines.json
+    (GPU, compute capability, TensorRT version, engine sha256s), which the runtime reads as it
+    reads engines built at export. Returns what it wrote."""
+    from fastsam2.runtime.bundle import ENGINES_RECORD, load_bundle, sha256_file
+    from fastsam2.runtime.contract import GRAPH_ORDER
+    from fastsam2.runtime.outputs import atomic_write_json
+
+    bundle = load_bundle(bundle_dir)
+    info = bundle.manifest.get("engines") or {}
+    target = info.get("target")
+    if not target:
+        raise BundleError(f"bundle {bundle.path} was exported for a target without TensorRT engines")
+    env = engine_environment()
+    if env["tensorrt_version"] is None:
+        raise BackendError(f"recording engines needs the tensorrt Python package, which runs them: {_INSTALL_HINT}")
+    if env["gpu_name"] is None:
+        raise BackendError("recording engines needs the GPU that built them; no CUDA GPU is visible")
+    folder = bundle.path / "engines" / target
+    missing = [f"{g}.engine" for g in GRAPH_ORDER if not (folder / f"{g}.engine").is_file()]
+    if missing:
+        raise BundleError(f"{folder} lacks {', '.join(missing)}: run build_plan.sh there first")
+    record = {"target": target, "built": True, **env, "source": "build_plan.sh",
+              "graphs": {g: {"file": f"engines/{target}/{g}.engine",
+                             "sha256": sha256_file(folder / f"{g}.engine")} for g in GRAPH_ORDER}}
+    atomic_write_json(folder / ENGINES_RECORD, record)
+    log(f"recorded {len(GRAPH_ORDER)} engines for {env['gpu_name']} (sm {env['compute_capability']}, "
+        f"TensorRT {env['tensorrt_version']}) in {folder / ENGINES_RECORD}")
+    return record

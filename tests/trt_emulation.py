@@ -294,14 +294,69 @@ def emulated_tensorrt(engines: list, builds: list):
     return trt
 
 
-def install(monkeypatch, gpu=None):
-    """Swap in the emulated device; returns (engines, builds) lists the emulation fills."""
+def install(monkeypatch=None, gpu=None):
+    """Swap in the emulated device; returns (engines, builds) lists the emulation fills.
+    With a pytest monkeypatch the swap is undone after the test; without one (a child process,
+    see `fake_trtexec`) it lasts for the process."""
     import polygraphy.cuda.cuda as poly_cuda
 
     from fastsam2.runtime import trt_backend
 
     engines, builds = [], []
-    monkeypatch.setitem(sys.modules, "tensorrt", emulated_tensorrt(engines, builds))
-    monkeypatch.setattr(poly_cuda, "G_CUDA", HostCuda())
-    monkeypatch.setattr(trt_backend, "current_gpu", lambda: dict(gpu or EMU_GPU))
+    trt = emulated_tensorrt(engines, builds)
+    if monkeypatch is None:
+        sys.modules["tensorrt"] = trt
+        poly_cuda.G_CUDA = HostCuda()
+        trt_backend.current_gpu = lambda: dict(gpu or EMU_GPU)
+    else:
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        monkeypatch.setattr(poly_cuda, "G_CUDA", HostCuda())
+        monkeypatch.setattr(trt_backend, "current_gpu", lambda: dict(gpu or EMU_GPU))
     return engines, builds
+
+
+# -- build_plan.sh on the emulated device --------------------------------------------------------
+# trtexec flags the plan may use (TensorRT 8.6/10 spellings); anything else is an error here
+TRTEXEC_FLAGS = {"--onnx", "--saveEngine", "--minShapes", "--optShapes", "--maxShapes", "--fp16", "--int8",
+                 "--calib", "--memPoolSize", "--builderOptimizationLevel", "--useDLACore",
+                 "--allowGPUFallback", "--timingCacheFile"}
+
+
+def trtexec_main(argv) -> int:
+    """A stand-in for trtexec: checks the flags, builds an emulated engine with the profile the
+    plan gives (min/opt/max shapes) and saves it where --saveEngine says."""
+    opts = {}
+    for a in argv:
+        name, _, value = a.partition("=")
+        if name not in TRTEXEC_FLAGS:
+            print(f"unknown trtexec flag {a}", file=sys.stderr)
+            return 2
+        opts[name] = value
+    shapes = {}
+    for i, which in enumerate(("--minShapes", "--optShapes", "--maxShapes")):
+        for item in filter(None, opts.get(which, "").split(",")):
+            n, dims = item.split(":")
+            shapes.setdefault(n, [None] * 3)[i] = tuple(int(d) for d in dims.split("x"))
+    onnx_path = opts["--onnx"]
+    graph = onnx_path.rsplit("/", 1)[-1][:-len(".onnx")]
+    with open(opts["--saveEngine"], "wb") as f:
+        f.write(engine_blob(onnx_path, graph, shapes))
+    return 0
+
+
+def write_child_emulation(folder) -> dict:
+    """A `trtexec` and a sitecustomize.py that put child processes on the emulated device.
+    Returns the environment variables to run build_plan.sh with."""
+    import os
+    from pathlib import Path
+
+    folder = Path(folder)
+    here = Path(__file__).resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text("import trt_emulation\ntrt_emulation.install()\n")
+    exe = folder / "trtexec"
+    exe.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(here)!r})\n"
+                   "import trt_emulation\nsys.exit(trt_emulation.trtexec_main(sys.argv[1:]))\n")
+    exe.chmod(0o755)
+    path = os.pathsep.join([str(folder), str(here), os.environ.get("PYTHONPATH", "")])
+    return {"TRTEXEC": str(exe), "PYTHON": sys.executable, "PYTHONPATH": path}

@@ -11,6 +11,7 @@ RUNTIME_MODULES = ["fastsam2.runtime", "fastsam2.runtime.run_cli", "fastsam2.run
                    "fastsam2.runtime.bundle", "fastsam2.runtime.video", "fastsam2.runtime.outputs",
                    "fastsam2.runtime.sam2_math", "fastsam2.runtime.trt_backend", "fastsam2.runtime.contract",
                    "fastsam2.runtime.profiling", "fastsam2.runtime.profile_report", "fastsam2.runtime.profile_cli",
+                   "fastsam2.runtime.record_engines",
                    "fastsam2.profiles"]
 
 

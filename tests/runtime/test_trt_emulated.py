@@ -109,3 +109,51 @@ def test_profile_times_the_engines(emulated_device, engine_bundle):
     assert by["tensorrt"]["shapes"] == by["ort-cpu"]["shapes"]
     assert all(by["tensorrt"]["graphs"][g]["median_ms"] > 0 for g in GRAPH_ORDER)
     assert sum(e.calls for e in emulated_device) == 3 * len(GRAPH_ORDER)  # 1 warm-up + 2 timed
+
+
+def test_jetson_flow_build_plan_on_the_device_then_run(monkeypatch, tmp_path, synth):
+    """The Jetson story end to end: export for jetson-orin elsewhere (plan only), run
+    build_plan.sh on the "device" (stand-in trtexec, emulated GPU in the child processes), which
+    records the engines; then fastsam2-run picks them up and tracks like ONNX Runtime."""
+    import os
+    import subprocess
+
+    from conftest import export_tiny_bundle
+
+    emu.install(monkeypatch)  # this "machine" is an sm 9.0 GPU, not the Orin: plan only
+    out = tmp_path / "b"
+    m = export_tiny_bundle(out, target="jetson-orin", keep=0.5)
+    assert m["engines"]["built"] is False
+    plan = out / "engines" / "jetson-orin" / "build_plan.sh"
+    env = {**os.environ, **emu.write_child_emulation(tmp_path / "device"), "SKIP_CHECKS": "1"}
+    r = subprocess.run(["bash", str(plan)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "recorded 5 engines for Emulated GPU" in r.stdout + r.stderr
+    rec = json.loads((out / "engines" / "jetson-orin" / "engines.json").read_text())
+    assert rec["built"] is True and rec["gpu_name"] == "Emulated GPU" and rec["tensorrt_version"] == emu.EMU_TRT
+    # the engines carry the plan's optimisation profile, which is the manifest's
+    blob = (out / "engines" / "jetson-orin" / "memory_attention.engine").read_bytes()
+    head = json.loads(blob[4:blob.index(b"\n")])
+    want = m["engines"]["profile_shapes"]["memory_attention"]
+    assert head["profile"] == want
+
+    res = _run(out, synth, tmp_path / "r", "auto", frames=9)
+    ref = _run(out, synth, tmp_path / "r2", "ort-cpu", frames=9)
+    assert res["backend"] == "tensorrt"
+    assert [f["mask_area"] for f in res["frames"]] == [f["mask_area"] for f in ref["frames"]]
+
+    eng = out / "engines" / "jetson-orin" / "router.engine"
+    eng.write_bytes(eng.read_bytes() + b" ")
+    with pytest.raises(BundleError, match="changed since it was recorded"):
+        _run(out, synth, tmp_path / "r3", "tensorrt", frames=2)
+
+
+def test_record_without_built_engines_names_what_is_missing(emulated_device, bundle_dir, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(bundle_dir, b)
+    m = json.loads((b / "manifest.json").read_text())
+    m["engines"] = {"target": "jetson-orin", "keep_range": [0.3, 1.0], "built": False}
+    (b / "manifest.json").write_text(json.dumps(m))
+    (b / "engines" / "jetson-orin").mkdir(parents=True)
+    with pytest.raises(BundleError, match=r"lacks image_encoder.engine, router.engine, .* run build_plan.sh"):
+        trt_backend.record_engines(b, log=lambda _: None)
