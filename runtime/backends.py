@@ -263,7 +263,8 @@ def create_sessions(bundle, backend: str, threads: int | None = None) -> dict:
             if digest and sha256_file(f) != digest:
                 raise BundleError(f"TensorRT engine {f} changed since it was recorded (sha256 mismatch): "
                                   "build and record it again")
-        return {g: TensorRTSession(bundle.path / engines["graphs"][g]["file"]) for g in GRAPH_ORDER}
+        dla = int(engines.get("dla_core", -1))
+        return {g: TensorRTSession(bundle.path / engines["graphs"][g]["file"], dla_core=dla) for g in GRAPH_ORDER}
     if backend not in _ORT_PROVIDERS:
         raise InputError(f"unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
     cache = _ort_trt_cache_dir(bundle) if backend == "ort-trt" else None

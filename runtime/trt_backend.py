@@ -156,7 +156,7 @@ class TensorRTSession:
     into int32, TensorRT 10 keeps int64.
     """
 
-    def __init__(self, engine_path):
+    def __init__(self, engine_path, dla_core: int = -1):
         trt, cuda = _import_trt()
         self._trt, self._cuda = trt, cuda
         self.engine_path = Path(engine_path)
@@ -164,6 +164,9 @@ class TensorRTSession:
             raise BundleError(f"no TensorRT engine at {self.engine_path}")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
+        if dla_core >= 0:
+            # an engine built for a DLA core runs on the core the runtime names (Jetson Orin: 0, 1)
+            self._runtime.DLA_core = dla_core
         self._engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self._engine is None:
             raise BundleError(

@@ -265,6 +265,7 @@ def emulated_tensorrt(engines: list, builds: list):
             if not blob.startswith(b"EMU:"):
                 return None  # TensorRT cannot read an engine from another version/GPU
             engines.append(EmuEngine(blob))
+            engines[-1].dla_core = getattr(self, "DLA_core", None)  # what the session asked for
             return engines[-1]
 
     class Builder:

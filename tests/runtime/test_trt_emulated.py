@@ -137,9 +137,11 @@ def test_jetson_flow_build_plan_on_the_device_then_run(monkeypatch, tmp_path, sy
     want = m["engines"]["profile_shapes"]["memory_attention"]
     assert head["profile"] == want
 
+    engines = emu.install(monkeypatch)[0]
     res = _run(out, synth, tmp_path / "r", "auto", frames=9)
     ref = _run(out, synth, tmp_path / "r2", "ort-cpu", frames=9)
     assert res["backend"] == "tensorrt"
+    assert [e.dla_core for e in engines] == [0] * 5  # the profile's DLA core, set before loading
     assert [f["mask_area"] for f in res["frames"]] == [f["mask_area"] for f in ref["frames"]]
 
     eng = out / "engines" / "jetson-orin" / "router.engine"
