@@ -254,7 +254,10 @@ def create_sessions(bundle, backend: str, threads: int | None = None) -> dict:
 
         engines = bundle.engines
         if not engines.get("built"):
-            raise BackendError(f"bundle {bundle.path} has no TensorRT engines (target {bundle.manifest['target']})")
+            target = engines.get("target", bundle.manifest["target"])
+            hint = (f"; build them on this device with bash {bundle.path / engines['build_plan']}"
+                    if engines.get("build_plan") else "")
+            raise BackendError(f"bundle {bundle.path} has no TensorRT engines (target {target}){hint}")
         check_engine_compat(engines)
         for g in GRAPH_ORDER:
             f, digest = bundle.path / engines["graphs"][g]["file"], engines["graphs"][g].get("sha256")

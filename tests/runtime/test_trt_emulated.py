@@ -159,3 +159,16 @@ def test_record_without_built_engines_names_what_is_missing(emulated_device, bun
     (b / "engines" / "jetson-orin").mkdir(parents=True)
     with pytest.raises(BundleError, match=r"lacks image_encoder.engine, router.engine, .* run build_plan.sh"):
         trt_backend.record_engines(b, log=lambda _: None)
+
+
+def test_tensorrt_before_the_plan_ran_says_how_to_build(emulated_device, bundle_dir, synth, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(bundle_dir, b)
+    m = json.loads((b / "manifest.json").read_text())
+    m["engines"] = {"target": "jetson-orin", "keep_range": [0.3, 1.0], "built": False,
+                    "build_plan": "engines/jetson-orin/build_plan.sh"}
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(trt_backend.BackendError) as e:
+        _run(b, synth, tmp_path / "r", "tensorrt", frames=2)
+    assert "has no TensorRT engines" in str(e.value) and "engines/jetson-orin/build_plan.sh" in str(e.value)
+    assert _run(b, synth, tmp_path / "r2", "auto", frames=2)["backend"] == "ort-cpu"  # auto skips it
