@@ -28,7 +28,9 @@ def _xy(text: str, n: int, what: str) -> tuple:
 @click.option("--neg-point", "neg_points", multiple=True, help="Negative click x,y on the first frame; repeatable.")
 @click.option("--box", default=None, help="Box x0,y0,x1,y1 on the first frame (input pixels).")
 @click.option("--keep", default=None, help="Keep ratio in (0, 1], or 'auto' (per-frame budget from score mass and motion); default: the bundle's.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="auto: the bundle's TensorRT engines if built for this GPU, else ONNX Runtime "
+                   "with TensorRT, CUDA or CPU (the first that starts).")
 @click.option("--out", default="results", show_default=True, help="Output folder (masks/, overlay.mp4, results.json).")
 @click.option("--overlay/--no-overlay", default=True, show_default=True, help="Write overlay.mp4.")
 @click.option("--max-frames", type=int, default=None, help="Stop after N frames.")
