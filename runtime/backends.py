@@ -142,12 +142,13 @@ def pick_backend(requested: str, bundle) -> str:
 
 def open_backend(requested: str, bundle, threads: int | None = None, warn=print) -> tuple:
     """(backend name, sessions). `auto` falls back to the next backend when one fails to start
-    (e.g. onnxruntime-gpu without its CUDA libraries), and says so; a named backend does not."""
+    (onnxruntime-gpu without its CUDA libraries; engines built for another GPU or TensorRT, or
+    changed since), and says so; a named backend does not."""
     order = _candidates(requested, bundle)
     for i, name in enumerate(order):
         try:
             return name, create_sessions(bundle, name, threads)
-        except BackendError as e:
+        except (BackendError, BundleError) as e:
             if i + 1 == len(order):
                 raise
             warn(f"warning: {e}; falling back to {order[i + 1]}")

@@ -76,6 +76,12 @@ def test_engine_from_another_gpu_is_refused(emulated_device, engine_bundle, synt
     monkeypatch.setattr(trt_backend, "current_gpu", lambda: {"gpu_name": "Orin", "compute_capability": "8.7"})
     with pytest.raises(BundleError, match=r"built for GPU 'Emulated GPU', this machine has 'Orin'"):
         _run(engine_bundle, synth, tmp_path / "r", "tensorrt", frames=2)
+    # auto says why and runs on ONNX Runtime instead
+    said = []
+    res = track(synth.frames_dir_or_file, engine_bundle, PromptSpec(points=[synth.first_frame_points[1]]),
+                tmp_path / "r2", backend="auto", overlay=False, max_frames=2, warn=said.append)
+    assert res["backend"] == "ort-cpu"
+    assert any("built for GPU 'Emulated GPU'" in w and "falling back to ort-cpu" in w for w in said)
 
 
 def test_unreadable_engine_is_one_line(emulated_device, engine_bundle, synth, tmp_path):
