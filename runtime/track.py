@@ -99,10 +99,8 @@ def keep_range(bundle) -> tuple:
     return tuple(rng) if rng else (0.3, 1.0)
 
 
-def _prompt_frame(tracker: Tracker, image, prompt: PromptSpec, w: int, h: int):
+def _prompt_frame(tracker: Tracker, image, enc: dict, prompt: PromptSpec, w: int, h: int):
     """The first frame: the user's clicks/box, or the text's most relevant token."""
-    lat = {}
-    enc = tracker.encode(image, lat)
     p = model_prompt(prompt, w, h, tracker.S)
     if p is None:
         xy, rel = text_start_point(tracker, enc, w, h)
@@ -110,10 +108,46 @@ def _prompt_frame(tracker: Tracker, image, prompt: PromptSpec, w: int, h: int):
         p = model_prompt(PromptSpec(points=[xy]), w, h, tracker.S)
     else:
         start = {"source": "user", "points": p.points.tolist(), "labels": p.labels.tolist()}
-    r = tracker.add_prompt_frame(0, image, p, enc=enc)
-    for k, v in lat.items():  # the encoder (and router) ran before the tracker saw the frame
-        r.latency_ms[k] = r.latency_ms.get(k, 0.0) + v
-    return r, start
+    return tracker.add_prompt_frame(0, image, p, enc=enc), start
+
+
+def _object_prompts(prompt, bundle) -> dict:
+    """{object id: PromptSpec}: one PromptSpec is object 1 (fastsam2-run's plain flags)."""
+    prompts = {1: prompt} if isinstance(prompt, PromptSpec) else dict(prompt)
+    if not prompts:
+        raise InputError("give --prompt, --point or --box")
+    for o, spec in prompts.items():
+        if not (isinstance(o, int) and 1 <= o <= 254):
+            raise InputError(f"object ids must be 1..254 (one palette index each), got {o!r}")
+        if spec.text is not None and spec.text not in bundle.text_embeddings:
+            known = ", ".join(repr(t) for t in bundle.text_embeddings)
+            raise InputError(f"prompt {spec.text!r} is not in the bundle (it has {known}); "
+                             f"export again with --prompts to add it")
+        if spec.text is None and not (spec.points or spec.box):
+            who = "" if len(prompts) == 1 else f" for object {o}"
+            raise InputError(f"give --prompt, --point or --box{who}")
+    return dict(sorted(prompts.items()))
+
+
+def _frame_record(i: int, per: dict, masks: dict, enc_ms: float) -> dict:
+    """results.json's entry for one frame: the object's numbers (several objects: per object,
+    under "objects"), kept tokens and per-graph latency (the shared encoder counted once)."""
+    objs = {}
+    lat = {"image_encoder": enc_ms}
+    for o, r in per.items():
+        area, bbox = mask_area_bbox(masks[o])
+        objs[o] = {"object_score": round(r.object_score, 4), "iou": round(r.iou, 4), "mask_area": area,
+                   "bbox": bbox, "kept_tokens": r.kept_tokens}
+        for k, v in r.latency_ms.items():
+            lat[k] = lat.get(k, 0.0) + v
+    rec = {"frame": i}
+    if len(objs) == 1:
+        rec.update(next(iter(objs.values())))
+    else:
+        rec.update(kept_tokens=int(round(np.mean([v["kept_tokens"] for v in objs.values()]))),
+                   objects={str(o): v for o, v in objs.items()})
+    rec["latency_ms"] = {k: round(v, 2) for k, v in lat.items()}
+    return rec
 
 
 def _validate_keep(keep, bundle):
@@ -124,21 +158,19 @@ def _validate_keep(keep, bundle):
     return keep
 
 
-def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = None,
+def track(input_path, bundle_dir, prompt, out, keep: float | None = None,
           backend: str = "auto", overlay: bool = True, max_frames: int | None = None,
           fill: str = "no_mem", threads: int | None = None, progress=None, warn=print) -> dict:
-    """Track one object through a video or frames folder; returns the results dict."""
+    """Track one object (a PromptSpec) or several ({object id: PromptSpec}) through a video or
+    frames folder; returns the results dict. Objects share the image encoder; each has its own
+    memory bank, as in SAM2's video predictor. Where masks overlap, a pixel goes to the object
+    with the highest logit (one palette index per pixel)."""
     from fastsam2.runtime.outputs import OverlayWriter, atomic_write_json, ensure_writable_dir, write_palette_png
     from fastsam2.runtime.video import open_frames
 
     bundle = load_bundle(bundle_dir)
     keep = _validate_keep(keep, bundle)
-    if prompt.text is not None and prompt.text not in bundle.text_embeddings:
-        known = ", ".join(repr(p) for p in bundle.text_embeddings)
-        raise InputError(f"prompt {prompt.text!r} is not in the bundle (it has {known}); "
-                         f"export again with --prompts to add it")
-    if prompt.text is None and not (prompt.points or prompt.box):
-        raise InputError("give --prompt, --point or --box")
+    prompts = _object_prompts(prompt, bundle)
     if max_frames is not None and max_frames < 1:
         raise InputError(f"--max-frames must be >= 1, got {max_frames}")
     pick_backend(backend, bundle)  # refuse an unavailable backend before opening the input
@@ -158,13 +190,16 @@ def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = 
         # video is shorter than 16 frames), even when --max-frames stops early
         num_frames = source.num_frames
         expected_frames = num_frames if max_frames is None else min(max_frames, num_frames or max_frames)
-        text_emb = bundle.text_embeddings.get(prompt.text) if prompt.text else None
-        tracker = Tracker(sessions, bundle.constants, bundle.settings, keep=keep,
-                          keep_floor=m.get("keep_floor", 64), fill=fill, text_emb=text_emb,
-                          num_frames=num_frames, keep_range=keep_range(bundle))
+        trackers = {o: Tracker(sessions, bundle.constants, bundle.settings, keep=keep,
+                               keep_floor=m.get("keep_floor", 64), fill=fill,
+                               text_emb=bundle.text_embeddings.get(p.text) if p.text else None,
+                               num_frames=num_frames, keep_range=keep_range(bundle))
+                    for o, p in prompts.items()}
+        ids = list(trackers)
+        first = trackers[ids[0]]
         w, h = source.width, source.height
         resize = Resizer()
-        frames, start, t_start = [], None, time.perf_counter()
+        frames, starts, t_start = [], {}, time.perf_counter()
         with contextlib.ExitStack() as stack:
             # the overlay is renamed into place on success and removed on any error
             writer = stack.enter_context(OverlayWriter(out / "overlay.mp4", w, h, source.fps)) if overlay else None
@@ -172,32 +207,40 @@ def track(input_path, bundle_dir, prompt: PromptSpec, out, keep: float | None = 
                 if max_frames is not None and i >= max_frames:
                     break
                 t0 = time.perf_counter()
-                image = tracker.preprocess(rgb)
-                if i == 0:
-                    r, start = _prompt_frame(tracker, image, prompt, w, h)
+                image = first.preprocess(rgb)
+                enc_lat = {}
+                enc = first.encode(image, enc_lat)
+                per = {}
+                for o, tr in trackers.items():
+                    if i == 0:
+                        per[o], starts[o] = _prompt_frame(tr, image, enc, prompts[o], w, h)
+                    else:
+                        per[o] = tr.track(i, image, enc=enc)
+                logits = {o: resize(r.low_res_logits[0, 0], (h, w)) for o, r in per.items()}
+                masks = {o: v > 0 for o, v in logits.items()}
+                if len(ids) == 1:
+                    index = masks[ids[0]].astype(np.uint8) * np.uint8(ids[0])
                 else:
-                    r = tracker.track(i, image)
-                logits = resize(r.low_res_logits[0, 0], (h, w))
-                binary = logits > 0
-                index = binary.astype(np.uint8)  # object id 1
+                    stack_l = np.stack([logits[o] for o in ids])
+                    best = np.asarray(ids, np.uint8)[np.argmax(stack_l, axis=0)]
+                    index = np.where(stack_l.max(axis=0) > 0, best, 0).astype(np.uint8)
                 write_palette_png(out / "masks" / f"{i:05d}.png", index)
                 if writer is not None:
                     writer.write(rgb, index)
-                area, bbox = mask_area_bbox(binary)
-                frames.append({"frame": i, "object_score": round(r.object_score, 4), "iou": round(r.iou, 4),
-                               "mask_area": area, "bbox": bbox, "kept_tokens": r.kept_tokens,
-                               "latency_ms": {k: round(v, 2) for k, v in r.latency_ms.items()},
-                               "frame_ms": round((time.perf_counter() - t0) * 1e3, 2)})
+                frames.append(_frame_record(i, per, masks, enc_lat["image_encoder"]))
+                frames[-1]["frame_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
                 if progress is not None:
                     progress(i, expected_frames, frames[-1])
             if not frames:
                 raise InputError(f"{input_path} has no frames")
     total = time.perf_counter() - t_start
     steady = [f["frame_ms"] for f in frames[min(len(frames) - 1, bundle.settings["num_maskmem"]):]]
+    start_of = {o: {"text": prompts[o].text, **starts.get(o, {})} for o in ids}
     results = {
         "input": str(input_path), "backend": chosen, "keep": keep,
-        "k": tracker.k if keep != "auto" else None, "tokens": tracker.T, "fill": fill,
-        "prompt": {"text": prompt.text, **(start or {})},
+        "k": first.k if keep != "auto" else None, "tokens": first.T, "fill": fill,
+        "prompt": start_of[ids[0]] if len(ids) == 1 else {"objects": {str(o): v for o, v in start_of.items()}},
+        "objects": ids,
         "video": {"width": w, "height": h, "fps": source.fps, "frames": len(frames)},
         "totals": {"seconds": round(total, 3), "fps": round(len(frames) / total, 3),
                    "steady_fps": round(1e3 / float(np.median(steady)), 3) if steady else None,
