@@ -178,3 +178,13 @@ def mask_area_bbox(binary: np.ndarray):
     ys = np.flatnonzero(binary.any(axis=1))
     xs = np.flatnonzero(binary.any(axis=0))
     return area, [int(xs[0]), int(ys[0]), int(xs[-1]), int(ys[-1])]
+
+
+def compose_objects(logits: np.ndarray, ids) -> np.ndarray:
+    """[O, H, W] per-object logits -> one palette-index mask: a pixel goes to the object with
+    the highest logit where that logit is positive, else background 0 (SAM2 keeps per-object
+    masks, which may overlap; a DAVIS-style PNG holds one id per pixel)."""
+    ids = np.asarray(ids, np.uint8)
+    if len(ids) == 1:
+        return np.where(logits[0] > 0, ids[0], 0).astype(np.uint8)
+    return np.where(logits.max(axis=0) > 0, ids[np.argmax(logits, axis=0)], 0).astype(np.uint8)

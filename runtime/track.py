@@ -18,7 +18,7 @@ import numpy as np
 from fastsam2.runtime.backends import open_backend, pick_backend
 from fastsam2.runtime.bundle import load_bundle
 from fastsam2.runtime.errors import InputError
-from fastsam2.runtime.sam2_math import Resizer, mask_area_bbox
+from fastsam2.runtime.sam2_math import Resizer, compose_objects, mask_area_bbox
 from fastsam2.runtime.tracker import Prompt, Tracker
 
 UNTRAINED_ROUTER = ("the bundle's router is untrained: its text term is noise, so pruning and "
@@ -218,12 +218,7 @@ def track(input_path, bundle_dir, prompt, out, keep: float | None = None,
                         per[o] = tr.track(i, image, enc=enc)
                 logits = {o: resize(r.low_res_logits[0, 0], (h, w)) for o, r in per.items()}
                 masks = {o: v > 0 for o, v in logits.items()}
-                if len(ids) == 1:
-                    index = masks[ids[0]].astype(np.uint8) * np.uint8(ids[0])
-                else:
-                    stack_l = np.stack([logits[o] for o in ids])
-                    best = np.asarray(ids, np.uint8)[np.argmax(stack_l, axis=0)]
-                    index = np.where(stack_l.max(axis=0) > 0, best, 0).astype(np.uint8)
+                index = compose_objects(np.stack([logits[o] for o in ids]), ids)
                 write_palette_png(out / "masks" / f"{i:05d}.png", index)
                 if writer is not None:
                     writer.write(rgb, index)
@@ -292,8 +287,7 @@ def track_davis_sequence(bundle_dir, frames_dir, first_frame_annotation_png, out
                 r = tr.add_mask_frame(0, image, ann == o, enc=enc) if i == 0 else tr.track(i, image, enc=enc)
                 logits[j] = resize(r.low_res_logits[0, 0], (source.height, source.width))
                 kept.append(r.kept_tokens)
-            best = np.argmax(logits, axis=0)
-            index = np.where(logits.max(axis=0) > 0, np.asarray(ids, np.uint8)[best], 0).astype(np.uint8)
+            index = compose_objects(logits, ids)
             write_palette_png(out / f"{names[i] if names else f'{i:05d}'}.png", index)
     return {"objects": ids, "frames": i + 1, "seconds": time.perf_counter() - t0,
             "mean_kept_tokens": float(np.mean(kept)), "keep": keep}

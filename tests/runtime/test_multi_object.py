@@ -116,3 +116,12 @@ def test_bad_object_prompts_are_one_line(bundle_dir, two_objects, tmp_path, args
     assert code == 2 and message in text and "Traceback" not in text
     assert len(text.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_compose_objects_rule():
+    from fastsam2.runtime.sam2_math import compose_objects
+
+    logits = np.array([[[1.0, -1.0, 0.5, -2.0]], [[0.5, 2.0, 0.7, -0.1]]], np.float32)  # [2, 1, 4]
+    assert compose_objects(logits, [3, 7]).tolist() == [[3, 7, 7, 0]]
+    assert compose_objects(logits[:1], [5]).tolist() == [[5, 0, 5, 0]]
+    assert compose_objects(logits, [3, 7]).dtype == np.uint8
