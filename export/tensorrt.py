@@ -303,7 +303,7 @@ def check_engines(bundle_dir, built: dict, shapes: dict, precision: str, seed: i
         outs = {}
         for o in spec.output_names:
             err = float(np.max(np.abs(got[o].astype(np.float32) - ref[o]))) if ref[o].size else 0.0
-            tol = spec.atol[o] * scale + spec.rtol * scale * float(np.max(np.abs(ref[o])) if ref[o].size else 0.0)
+            tol = spec.tolerance(o, ref[o], scale)
             outs[o] = {"max_abs_err": err, "tol": tol}
         report[g] = {"outputs": outs, "passed": all(v["max_abs_err"] <= v["tol"] for v in outs.values())}
     return report

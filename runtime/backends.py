@@ -226,7 +226,7 @@ def ort_trt_options(bundle, graph: str, cache_dir) -> dict:
     return opts
 
 
-def _check_provider(session: OrtSession, wanted: str, backend: str, graph: str) -> None:
+def _check_provider(session: OrtSession, wanted: str, graph: str) -> None:
     # onnxruntime drops a provider it cannot load (missing CUDA/cuDNN/TensorRT libraries) and
     # quietly runs on the CPU: refuse instead of reporting a GPU backend that is not in use
     if wanted not in session.providers:
@@ -278,7 +278,7 @@ def create_sessions(bundle, backend: str, threads: int | None = None) -> dict:
         if backend == "ort-trt":
             providers[0] = (providers[0], ort_trt_options(bundle, g, cache))
         sessions[g] = OrtSession(bundle.graph_path(g), providers, threads)
-        _check_provider(sessions[g], _ORT_PROVIDERS[backend][0], backend, g)
+        _check_provider(sessions[g], _ORT_PROVIDERS[backend][0], g)
     # the fused-attention variant runs on ORT's CPU and CUDA providers, not its TensorRT one
     fused = bundle.graph_path("memory_attention", ort_variant=True)
     if backend in ("ort-cpu", "ort-cuda") and fused != bundle.graph_path("memory_attention"):

@@ -42,6 +42,14 @@ class GraphSpec:
     atol: dict = field(default_factory=dict)
     rtol: float = 1e-4
 
+    def tolerance(self, output: str, ref, scale: float = 1.0) -> float:
+        """The parity bound for `output` against reference values `ref` (numpy array):
+        atol + rtol * max|ref|, both scaled by `scale` (x10 fp16, x100 int8 engines)."""
+        import numpy as np
+
+        peak = float(np.max(np.abs(ref))) if np.size(ref) else 0.0
+        return scale * (self.atol[output] + self.rtol * peak)
+
     @property
     def input_names(self) -> list:
         return [t.name for t in self.inputs]

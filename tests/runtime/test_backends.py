@@ -174,7 +174,7 @@ def test_onnxruntime_fallback_banner_becomes_the_reason(monkeypatch, bundle_dir,
     s = backends.OrtSession(bundle_dir / "memory_encoder.onnx", ["TensorrtExecutionProvider"])
     assert capsys.readouterr().out == ""
     with pytest.raises(BackendError) as e:
-        backends._check_provider(s, "TensorrtExecutionProvider", "ort-trt", "memory_encoder")
+        backends._check_provider(s, "TensorrtExecutionProvider", "memory_encoder")
     msg = str(e.value)
     assert "onnxruntime says: Please install TensorRT libraries as mentioned in the GPU requirements page." in msg
     assert "onnxruntime_src" not in msg and "::" not in msg and "\n" not in msg
