@@ -67,12 +67,16 @@ class Bundle:
     def settings(self) -> dict:
         return self.manifest["model"]
 
+    def file(self, rel: str) -> Path:
+        """A file the manifest names, as a path inside the bundle folder."""
+        return self.path / rel
+
     def graph_path(self, name: str, ort_variant: bool = False) -> Path:
         """The graph's file; with ort_variant, its ONNX Runtime-only variant when it has one."""
         g = self.manifest["graphs"][name]
         if ort_variant and g.get("ort_variant"):
-            return self.path / g["ort_variant"]["file"]
-        return self.path / g["file"]
+            return self.file(g["ort_variant"]["file"])
+        return self.file(g["file"])
 
     def summary(self) -> dict:
         m = self.manifest

@@ -28,3 +28,14 @@ class BackendError(FastSam2Error):
 
 class OutputError(FastSam2Error):
     """An output folder that exists (without --force) or cannot be written."""
+
+
+class IncompleteInputError(FastSam2Error):
+    """The input ended before it said it would (a video cut short: fewer frames decoded than
+    its container declares). The outputs of the frames that were read are complete and kept."""
+
+    exit_code = 3
+
+
+class SourceError(InputError):
+    """A live source (camera, network stream) that cannot be opened or stopped delivering."""
