@@ -65,7 +65,7 @@ QUEUE_FRAMES = 2  # decoded frames waiting in order: the decode of the next over
 OPEN_GRACE_S = 2.0  # on top of open_timeout: FFmpeg's own timeout should fire first
 WATCHDOG_GRACE_S = 5.0  # on top of read_timeout, for a reader stuck where FFmpeg cannot time out
 CLOSE_JOIN_S = 1.0  # close() waits this long for the reader; it finishes on its own after
-PROBE_SECONDS = 1.0  # analyzeduration for streams: how much stream FFmpeg reads to learn its format
+PROBE_SECONDS = 0.5  # analyzeduration for streams: how much stream FFmpeg reads to learn its format
 AVFMT_NOTIMESTAMPS = 0x80
 # Protocols that end by closing the connection: there, an I/O error after the first frame is
 # the server hanging up (FFmpeg's http reader reports a close without a final chunk as EIO).
@@ -217,7 +217,8 @@ def _read_error(r: _Reader, e: BaseException) -> SourceError | None:
     t = r.target
     if isinstance(e, EOFError):
         return None
-    if isinstance(e, av.ExitError):
+    if isinstance(e, av.ExitError) or (isinstance(e, OSError) and e.errno == errno.ETIMEDOUT):
+        # PyAV's interrupt (ExitError) or FFmpeg's own rw_timeout (ETIMEDOUT), whichever fires first
         return SourceError(f"{t.display} stopped delivering frames (nothing for {r.read_timeout:g} s)")
     if isinstance(e, OSError) and e.errno == errno.EIO and t.scheme in CLOSING_SCHEMES:
         return None

@@ -225,13 +225,14 @@ def _frames(clip, args) -> Iterator[tuple[int, np.ndarray]]:
 
 
 class _SocketFile:
-    """The write end PyAV muxes into: a connected socket, or UDP datagrams of 7 TS packets."""
+    """The write end PyAV muxes into: a connected socket, HTTP chunks or UDP datagrams."""
 
     def __init__(self, send):
-        self.send, self.pending = send, b""
+        self.send = send
 
     def write(self, data) -> int:
-        self.send(bytes(data))
+        if len(data):  # an empty HTTP chunk would end the response
+            self.send(bytes(data))
         return len(data)
 
     def flush(self) -> None:
@@ -292,9 +293,11 @@ def _send_mjpeg(conn: socket.socket, clip, args) -> None:
 
 
 def _chunked(conn: socket.socket, content_type: str):
-    """Send an HTTP/1.1 chunked response; send(b"") ends it. Without a length or the final
-    chunk, FFmpeg's http reader takes the server closing the connection for a broken stream
-    ("Stream ends prematurely"), so this is how a server says the stream is over."""
+    """Start an HTTP/1.1 chunked response; send(data) sends a chunk, send(b"") ends it.
+
+    Without a length or the final empty chunk, FFmpeg's http reader takes the server closing
+    the connection for a broken stream ("Stream ends prematurely"), so a server that means the
+    stream is over says so this way."""
     conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n"
                  f"Cache-Control: no-cache\r\nConnection: close\r\n\r\n".encode())
 

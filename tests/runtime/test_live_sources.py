@@ -1,0 +1,283 @@
+"""Cameras and network streams (fastsam2.runtime.live) read from localhost streams a subprocess
+serves at real time (tests/stream_server.py), never an outside address.
+
+The server stamps its frame counter into every frame (stream_server.stamp), so a test knows
+exactly which frames it was handed. Every test is bounded by its own deadline (no
+pytest-timeout here); the deadlines are hang guards, far above the time the test needs.
+"""
+
+from __future__ import annotations
+
+import gc
+import http.server
+import os
+import socket
+import threading
+import time
+
+import av
+import numpy as np
+import pytest
+
+from fastsam2.runtime.errors import SourceError
+from fastsam2.runtime.video import Frame, open_frames
+from stream_server import read_stamp, serve_stream
+
+FPS = 24.0
+SIZE = (96, 128)  # small frames: the server renders and encodes them on a shared 2-core machine
+HANG_S = 30.0  # a test that has not finished by then is hung; normal runs take ~1-4 s
+
+
+def bounded(fn, seconds: float = HANG_S):
+    """fn() on a thread; its result, its exception, or a failure if it outlives `seconds`."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # handed back to the test
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        pytest.fail(f"did not finish within {seconds} s")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def read_all(src, per_frame_s: float = 0.0, limit: int | None = None) -> list[tuple[int, int, float]]:
+    """(index, stamp, timestamp) of every frame handed out; sleeps per frame (a slow consumer)."""
+    got = []
+    for f in src.frames():
+        assert isinstance(f, Frame)
+        assert f.rgb.dtype == np.uint8 and f.rgb.shape == (src.height, src.width, 3)
+        got.append((f.index, read_stamp(f.rgb), f.timestamp))
+        if limit is not None and len(got) >= limit:
+            break
+        time.sleep(per_frame_s)
+    return got
+
+
+def refused_port():
+    """A bound TCP port nobody listens on: connecting is refused, and no other process can
+    take the port while the socket is held."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s, s.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", ["http", "tcp", "mjpeg"])
+def test_in_order_hands_out_every_frame(kind):
+    with serve_stream(kind, fps=FPS, frames=24, size=SIZE, stamp=True) as served:
+        def run():
+            with open_frames(served.url, open_timeout=10) as src:
+                assert (src.kind, src.live, src.num_frames) == ("stream", True, None)
+                assert (src.width, src.height) == (128, 96) and src.fps == FPS
+                # 1.5 frame intervals per frame: slower than the stream, so only the network
+                # buffering keeps every frame
+                return read_all(src, per_frame_s=1.5 / FPS), src.dropped, src.dropped_ranges
+
+        got, dropped, ranges = bounded(run)
+    # the server closed the stream after its 24 frames: the iteration ended by itself
+    assert [g[0] for g in got] == list(range(24))
+    assert [g[1] for g in got] == list(range(24))  # frame i is the server's i-th frame
+    assert dropped == 0 and ranges == []
+    ts = np.array([g[2] for g in got])
+    assert ts[0] == 0.0 and np.all(np.diff(ts) > 0)
+    if kind != "mjpeg":  # MPEG-TS carries pts: exactly i / fps (MJPEG: arrival times)
+        assert np.allclose(ts, np.arange(24) / FPS, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["http", "mjpeg"])
+def test_realtime_slow_consumer_gets_the_newest_and_counts_the_rest(kind):
+    with serve_stream(kind, fps=FPS, frames=36, size=SIZE, stamp=True) as served:
+        def run():
+            with open_frames(served.url, realtime=True, open_timeout=10) as src:
+                assert src.realtime
+                got = read_all(src, per_frame_s=6 / FPS)  # a consumer 6x slower than the stream
+                return got, src.dropped, src.dropped_ranges
+
+        got, dropped, ranges = bounded(run)
+    idx = [g[0] for g in got]
+    assert [g[1] for g in got] == idx  # index i is the server's i-th frame: drops are counted
+    assert idx == sorted(set(idx)) and idx[-1] == 35  # increasing; the last frame is handed out
+    assert len(idx) < 36 and dropped > 0
+    skipped = [i for a, b in ranges for i in range(a, b + 1)]
+    assert len(skipped) == dropped
+    # handed out and dropped together are every frame, each once
+    assert sorted(idx + skipped) == list(range(36))
+
+
+def test_udp_reader_joins_mid_stream_in_order():
+    with serve_stream("udp", fps=FPS, frames=24, size=SIZE, stamp=True, loop=True) as served:
+        def run():
+            with open_frames(served.url, open_timeout=10) as src:
+                return read_all(src, limit=30), src.dropped
+
+        got, dropped = bounded(run)
+    stamps = [g[1] for g in got]
+    # UDP has no connection: the reader starts at the sender's next keyframe (one per second),
+    # and from there on gets every frame in order.
+    assert stamps[0] % 24 == 0
+    assert stamps == list(range(stamps[0], stamps[0] + 30))
+    assert [g[0] for g in got] == list(range(30)) and dropped == 0
+
+
+def test_stop_from_another_thread_ends_a_live_iteration():
+    with serve_stream("http", fps=FPS, frames=24, size=SIZE, loop=True) as served:
+        src = bounded(lambda: open_frames(served.url, realtime=True, open_timeout=10))
+        first = threading.Event()
+
+        def consume():
+            n = 0
+            for _ in src.frames():
+                n += 1
+                first.set()
+            return n
+
+        def stop_soon():
+            first.wait(HANG_S)
+            src.stop()
+
+        threading.Thread(target=stop_soon, daemon=True).start()
+        n = bounded(consume)  # the stream loops forever: only stop() can end this
+        assert n >= 1
+        assert list(src.frames()) == []  # stop is sticky
+        src.close()
+        assert not src._thread.is_alive()
+
+
+def test_stop_inside_the_loop_hands_out_no_further_frame():
+    with serve_stream("http", fps=FPS, frames=24, size=SIZE, loop=True) as served:
+        def run():
+            with open_frames(served.url, open_timeout=10) as src:
+                got = []
+                for f in src.frames():
+                    got.append(f.index)
+                    if len(got) == 5:
+                        src.stop()
+                return got
+
+        assert bounded(run) == [0, 1, 2, 3, 4]
+
+
+def test_reader_stops_when_the_consumer_raises_or_drops_the_source():
+    with serve_stream("http", fps=FPS, frames=24, size=SIZE, loop=True) as served:
+        def raise_inside():
+            with open_frames(served.url, open_timeout=10) as src:
+                thread = src._thread
+                try:
+                    for _ in src.frames():
+                        raise KeyError("consumer bug")
+                except KeyError:
+                    pass
+            return thread
+
+        thread = bounded(raise_inside)
+        thread.join(HANG_S)
+        assert not thread.is_alive()
+
+        def drop():
+            src = open_frames(served.url, realtime=True, open_timeout=10)
+            next(iter(src.frames()))
+            return src._thread
+
+        thread = bounded(drop)  # the source is garbage once drop() returns
+        gc.collect()
+        thread.join(HANG_S)
+        assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("scheme", ["http", "tcp", "rtsp"])
+def test_refused_connection_is_a_source_error(scheme):
+    sock, port = refused_port()
+    with sock:
+        url = f"{scheme}://user:secret@127.0.0.1:{port}/cam" if scheme == "rtsp" else \
+            f"{scheme}://127.0.0.1:{port}/live"
+        with pytest.raises(SourceError, match="cannot open stream .*refused") as e:
+            bounded(lambda: open_frames(url, open_timeout=5))
+    assert "secret" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_silent_server_times_out():
+    with socket.socket() as srv:  # accepts connections, never answers
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        url = f"http://127.0.0.1:{srv.getsockname()[1]}/live.ts"
+        with pytest.raises(SourceError, match="no answer within 1 s"):
+            bounded(lambda: open_frames(url, open_timeout=1.0))
+
+
+def test_stream_that_stops_delivering_is_a_source_error_after_its_frames():
+    with serve_stream("http", fps=FPS, frames=24, size=SIZE, stall_after=12, stamp=True) as served:
+        got = []
+
+        def run():
+            with open_frames(served.url, open_timeout=10, read_timeout=1.0) as src:
+                for f in src.frames():
+                    got.append(read_stamp(f.rgb))
+
+        with pytest.raises(SourceError, match="stopped delivering frames"):
+            bounded(run)
+    assert got == list(range(12))
+
+
+@pytest.mark.parametrize("url, match", [
+    ("srt://127.0.0.1:9/x", "cannot read srt://"),
+    ("http://no-such-host.invalid/live.ts", "unknown host no-such-host.invalid"),
+])
+def test_unusable_urls(url, match):
+    with pytest.raises(SourceError, match=match):
+        bounded(lambda: open_frames(url, open_timeout=2))
+
+
+@pytest.mark.parametrize("path, match", [
+    ("/dev/video97", "no camera at /dev/video97"),
+    ("97", "no camera at /dev/video97"),  # a bare number, as OpenCV users type it
+    ("/dev/null", "cannot open camera /dev/null"),  # a device that is not a V4L2 camera
+])
+def test_missing_or_unusable_camera(path, match):
+    if path != "/dev/null" and os.path.exists("/dev/video97"):
+        pytest.skip("this machine has a /dev/video97")
+    with pytest.raises(SourceError, match=match):
+        bounded(lambda: open_frames(path, open_timeout=2))
+
+
+def test_finished_file_over_http_is_read_like_a_file(tmp_path):
+    # An mp4 behind a plain web server declares its length: not live, every frame in order
+    # even with realtime=True (reading it as fast as possible would otherwise drop nearly all).
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=24)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(12):
+            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 20, np.uint8), format="rgb24")
+            f.pts = i
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(tmp_path), **kw)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        def run():
+            with open_frames(f"http://127.0.0.1:{httpd.server_port}/clip.mp4", realtime=True) as src:
+                return src.live, src.realtime, src.num_frames, [f.index for f in src.frames()], src.dropped
+
+        live, realtime, n, idx, dropped = bounded(run)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert (live, realtime, n, dropped) == (False, False, 12, 0)
+    assert idx == list(range(12))
