@@ -312,12 +312,11 @@ class VideoSource(FrameSource):
 
     def _decode(self):
         """Decoded video frames of one pass; keeps _rec up to date for check_complete."""
-        import av
-
         rec, st, c = self._rec, self._stream, self._container
         video_start = float(st.start_time * st.time_base) if st.start_time is not None else 0.0
         any_start = c.start_time / 1e6 if c.start_time is not None else 0.0
         frame_s = 1.0 / self.fps
+        held = None  # a video packet the demuxer flagged corrupt, until we know if it is the last
         try:
             # All streams: a container's duration may be set by its audio, which then must count.
             for packet in c.demux():
@@ -333,15 +332,29 @@ class VideoSource(FrameSource):
                         rec.any_end = max(rec.any_end or 0.0, end - any_start)
                 if packet.stream.index != st.index:
                     continue
-                try:
-                    frames = packet.decode()
-                except av.FFmpegError:
-                    rec.decode_errors += 1
+                if held is not None:
+                    # Mid-file, a damaged packet is decoded as ffmpeg would (concealment). The
+                    # last one is a sample cut short by the end of the file: feeding it to a
+                    # frame-threaded decoder would also lose the good frames still in flight.
+                    if packet.size:
+                        yield from self._decode_packet(held)
+                    held = None
+                if packet.size and packet.is_corrupt:
+                    held = packet
                     continue
-                yield from frames
+                yield from self._decode_packet(packet)
         except _av_errors() as e:
             rec.read_error = _reason(e)
+            yield from self._decode_packet(None)  # the frames the decoder still holds
         rec.exhausted = True
+
+    def _decode_packet(self, packet) -> list:
+        """Frames from one packet (None: drain the decoder); [] if the decoder rejects it."""
+        try:
+            return self._stream.decode(packet)
+        except _av_errors():
+            self._rec.decode_errors += 1
+            return []
 
     def _next_frame(self):
         if self._frames is None:  # closed while a loop was still iterating

@@ -266,7 +266,9 @@ def _encode_ts(out: _SocketFile, clip, args) -> None:
         s.width, s.height, s.pix_fmt = w & ~1, h & ~1, "yuv420p"
         # zerolatency: no B-frames or lookahead, a frame is encoded as soon as it is given;
         # a keyframe every second so a UDP reader that joins mid-stream soon starts decoding.
-        s.codec_context.options = {"preset": "ultrafast", "tune": "zerolatency", "crf": "18"}
+        # scenecut=0: keyframes exactly every gop frames, so where a UDP reader starts is known.
+        s.codec_context.options = {"preset": "ultrafast", "tune": "zerolatency", "crf": "18",
+                                   "x264-params": "scenecut=0"}
         s.codec_context.gop_size = max(1, int(round(args.fps)))
         for i, rgb in _frames(clip, args):
             f = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[: h & ~1, : w & ~1]), format="rgb24")

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from fastsam2.calibration.synthetic import make_video
-from fastsam2.runtime.errors import InputError
+from fastsam2.runtime.errors import IncompleteInputError, InputError
 from fastsam2.runtime.outputs import (
     DAVIS_PALETTE,
     OverlayWriter,
@@ -23,7 +23,7 @@ from fastsam2.runtime.outputs import (
     read_palette_png,
     write_palette_png,
 )
-from fastsam2.runtime.video import open_frames
+from fastsam2.runtime.video import Frame, open_frames
 
 # Measured on this synthetic video with PyAV 18 / libx264 crf 18: mean |mp4 - source| is
 # about 6 grey levels, almost all of it the per-pixel colour noise that yuv420p chroma
@@ -264,3 +264,124 @@ def test_overlay_mp4_decodes_with_tinted_objects(tmp_path, clip):
     assert np.abs(got - expected[inside].mean(0)).max() < 8
     outside = m0 == 0
     assert np.abs(frames[0][outside].astype(np.float32).mean(0) - src0[outside].mean(0)).max() < 4
+
+
+# --------------------------------------------------------------------- Frame API, stop, check_complete
+
+
+def test_frames_api_on_files(clip):
+    png, mp4 = clip
+    for path in (png.frames_dir_or_file, mp4.frames_dir_or_file):
+        with open_frames(path) as src:
+            assert src.live is False and src.dropped == 0 and src.dropped_ranges == []
+            frames = list(src.frames())
+            src.check_complete()  # a complete file or folder: nothing to say
+        assert all(isinstance(f, Frame) for f in frames)
+        assert [f.index for f in frames] == list(range(12))
+        # mp4: from pts (frame i at i/24 s); folder: index / fps
+        assert np.allclose([f.timestamp for f in frames], np.arange(12) / 24.0, atol=1e-6)
+
+
+def test_stop_ends_a_file_iteration(clip):
+    _, mp4 = clip
+    with open_frames(mp4.frames_dir_or_file) as src:
+        got = []
+        for i, _ in src:
+            got.append(i)
+            if i == 4:
+                src.stop()
+        assert got == [0, 1, 2, 3, 4]
+        src.check_complete()  # stopped early: not read to the end, so nothing is claimed
+
+
+def _write_video(path, n=24, fmt=None, options=None, size=(48, 64), shift=0):
+    """n frames of noise (so that every frame is a packet of some size); shift > 0 moves every
+    timestamp back by that many frames (mp4 then writes an edit list hiding those frames)."""
+    h, w = size
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", format=fmt, options=options or {}) as c:
+        s = c.add_stream("libx264", rate=24)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.codec_context.gop_size = 6
+        for i in range(n):
+            f = av.VideoFrame.from_ndarray(rng.integers(0, 256, (h, w, 3), np.uint8), format="rgb24")
+            f.pts = i - shift
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    return path
+
+
+def _decode_all(path):
+    with open_frames(path) as src:
+        frames = [rgb.copy() for _, rgb in src]
+        try:
+            src.check_complete()
+            error = None
+        except IncompleteInputError as e:
+            error = e
+    return frames, error
+
+
+def _packet_offsets(path):
+    with av.open(str(path)) as c:
+        return [p.pos for p in c.demux(video=0) if p.size]
+
+
+@pytest.mark.parametrize("fmt, cut", [
+    ("mp4", "mid-packet"),  # faststart: the index comes first, the cut takes frames away
+    ("mp4", "at-packet"),  # ends exactly between two samples: no decoder error at all
+    ("matroska", "mid-packet"),  # declares its duration, no frame count
+])
+def test_truncated_video_is_incomplete_after_its_good_frames(tmp_path, fmt, cut):
+    ext = "mp4" if fmt == "mp4" else "mkv"
+    opts = {"movflags": "faststart"} if fmt == "mp4" else {}
+    intact = _write_video(tmp_path / f"intact.{ext}", fmt=fmt, options=opts)
+    full, error = _decode_all(intact)
+    assert len(full) == 24 and error is None
+    data = intact.read_bytes()
+    offsets = _packet_offsets(intact)
+    end = offsets[18] if cut == "at-packet" else offsets[18] + 40
+    cut_path = tmp_path / f"cut.{ext}"
+    cut_path.write_bytes(data[:end])
+    frames, error = _decode_all(cut_path)
+    assert isinstance(error, IncompleteInputError) and error.exit_code == 3
+    assert "cut short" in str(error) and str(cut_path) in str(error)
+    # Every complete frame before the cut is handed out, and nothing else: the packet cut in
+    # half is not decoded (a frame-threaded decoder fed it also lost the 2 good frames it had
+    # in flight: 16 of 18 here), and none is garbage.
+    assert len(frames) == 18
+    assert all(np.array_equal(a, b) for a, b in zip(frames, full))
+    assert "ended after 18 " in str(error)
+    if fmt == "mp4":
+        assert "18 of its 24 frames" in str(error)
+    else:  # Matroska declares a duration for the whole file, not a frame count
+        assert "at 0.75 s of its 1.00 s" in str(error)
+
+
+def test_edit_list_mp4_is_complete(tmp_path):
+    # A trimmed mp4 (an edit list hides the first 10 frames) has more samples than it shows:
+    # comparing decoded frames with the sample count would call it truncated.
+    path = _write_video(tmp_path / "trimmed.mp4", shift=10)
+    with open_frames(path) as src:
+        n = sum(1 for _ in src)
+        assert src.num_frames == n == 14
+        src.check_complete()
+
+
+def test_stream_without_declared_length_is_not_judged(tmp_path):
+    # MPEG-TS declares no length: a cut one cannot be told from a short one (documented).
+    path = _write_video(tmp_path / "clip.ts", fmt="mpegts")
+    cut = tmp_path / "cut.ts"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    frames, error = _decode_all(cut)
+    assert 0 < len(frames) < 24 and error is None
+
+
+def test_moov_at_end_mp4_cut_does_not_open(tmp_path):
+    path = _write_video(tmp_path / "plain.mp4")  # the index (moov) is written last
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size * 9 // 10])
+    with pytest.raises(InputError, match="cannot open video"):
+        open_frames(cut)
