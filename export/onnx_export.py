@@ -18,6 +18,7 @@ import numpy as np
 
 from fastsam2 import __version__
 from fastsam2.runtime.bundle import sha256_file
+from fastsam2.runtime.bundle_files import SEAL_KEY, make_seal
 from fastsam2.runtime.contract import GRAPHS, memory_token_range, keep_to_k
 from fastsam2.runtime.errors import OutputError
 from fastsam2.runtime.outputs import ensure_writable_dir
@@ -189,7 +190,7 @@ def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
         }
         if engines_hook is not None:
             manifest["engines"] = engines_hook(tmp, manifest) or {}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        write_manifest(tmp, manifest)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -197,6 +198,19 @@ def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def write_manifest(bundle_dir: Path, manifest: dict) -> None:
+    """Seal the bundle and write manifest.json, last: the seal is one digest over the manifest's
+    content and every file written so far (fastsam2.runtime.bundle_files.sealed_names), which
+    load_bundle checks. The manifest must pass the runtime's own schema, so that a field added
+    here without a bound there fails at export, not on the device."""
+    from fastsam2.runtime.manifest_schema import validate_manifest
+
+    validate_manifest(manifest, "the manifest being exported")
+    manifest[SEAL_KEY] = make_seal(bundle_dir, manifest)
+    # strict JSON: NaN or Infinity would break other readers of the manifest
+    (Path(bundle_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
 
 
 def _umask() -> int:
