@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 from fractions import Fraction
@@ -16,6 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from fastsam2.runtime.errors import InputError, OutputError
+# one output folder = one run, and signals that clean up: re-exported for the CLIs
+from fastsam2.runtime.run_folder import (RUN_OUTPUTS, RunFolder, Terminated, cli_interrupts,  # noqa: F401
+                                         exit_code_of, signals_as_exceptions)
 
 
 def _davis_palette() -> np.ndarray:
@@ -94,8 +98,40 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def finite_or_none(x, ndigits: int | None = None):
+    """x as a float (rounded to ndigits), or None where it is NaN or infinite: JSON outputs are
+    strict, and null is what strict JSON has for "no number" (an object score of a diverged
+    frame, fps over zero seconds, a video whose container declares no frame rate)."""
+    if x is None:
+        return None
+    x = float(x)
+    if not math.isfinite(x):
+        return None
+    return round(x, ndigits) if ndigits is not None else x
+
+
+def _nonfinite_at(obj, where: str = "") -> str | None:
+    """Where in obj the first non-finite float is (for the error message), or None."""
+    stack = [(obj, where)]
+    while stack:
+        v, w = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return w or "the value"
+        if isinstance(v, dict):
+            stack.extend((x, f"{w}.{k}" if w else str(k)) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, f"{w}[{i}]") for i, x in enumerate(v))
+    return None
+
+
 def atomic_write_json(path: str | Path, obj) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    """Strict JSON (RFC 8259): a NaN or Infinity is a bug where the value was made (map it with
+    finite_or_none there); it raises ValueError naming the field, and nothing is written."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    except ValueError:
+        raise ValueError(f"{path}: non-finite number at {_nonfinite_at(obj)}; "
+                         "map it to None where it is produced (outputs.finite_or_none)") from None
     atomic_write_bytes(path, text.encode("utf-8"))
 
 

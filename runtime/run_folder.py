@@ -1,0 +1,265 @@
+"""One output folder = one run, and a run stopped by a signal cleans up like one that failed.
+
+RunFolder holds a lock on the folder for the run's duration (a second run on it is refused),
+refuses an earlier run's outputs without force and removes them as a unit with it (only the
+names fastsam2 writes, never other files), removes the hidden temp files a killed run left,
+and creates sub-folders (masks/) on their first file, so an early error leaves no empty one.
+
+signals_as_exceptions / cli_interrupts turn SIGTERM and SIGHUP into an exception (SIGINT is
+KeyboardInterrupt already), so the `with` blocks that write files atomically remove their temp
+files on the way out; the CLI then exits 130 (Ctrl-C) or 128 + the signal (143 for SIGTERM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from fastsam2.runtime.errors import OutputError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, the rest still holds
+    fcntl = None
+
+LOCK_NAME = ".fastsam2.lock"
+# what fastsam2-run writes: {name: None for a file, or the pattern of the files in a folder}
+RUN_OUTPUTS = {"masks": r"\d+\.png", "overlay.mp4": None, "results.json": None}
+
+
+class RunFolder:
+    """`with RunFolder(out, force=...) as run:` ... `run.mask_path(i)`, `run.file("results.json")`."""
+
+    def __init__(self, path, force: bool = False, outputs: dict = RUN_OUTPUTS):
+        if isinstance(path, str) and not path.strip():
+            raise OutputError("the output folder name is empty")
+        self.path = Path(path)
+        self.force = force
+        self.outputs = dict(outputs)
+        self.replaced: list = []  # the earlier run's outputs that force removed
+        self._fd = None
+        self._created = False
+        self._made = set()  # sub-folders this run created
+
+    # -- the run's names --------------------------------------------------------------------
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def subfolder(self, name: str) -> Path:
+        """path/name, created on the first call (so an early error leaves no empty folder)."""
+        d = self.path / name
+        if name not in self._made:
+            try:
+                d.mkdir(exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"cannot create {d}: {e.strerror or e}") from None
+            self._made.add(name)
+        return d
+
+    def mask_path(self, i: int) -> Path:
+        return self.subfolder("masks") / f"{i:05d}.png"
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def __enter__(self):
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputError(f"{self.path} exists and is not a folder")
+        self._created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create {self.path}: {e.strerror or e}") from None
+        if not os.access(self.path, os.W_OK):
+            raise OutputError(f"cannot write to {self.path}")
+        self._lock()
+        try:
+            self._remove_temps()
+            earlier = self.earlier_outputs()
+            if earlier and not self.force:
+                listed = ", ".join(n + ("/" if self.outputs[n] else "") for n in earlier)
+                raise OutputError(f"{self.path} holds an earlier run's outputs ({listed}); pass --force to "
+                                  "replace them, or choose another output folder")
+            for name in earlier:
+                self._remove_output(name)
+            self.replaced = earlier
+        except BaseException:
+            self._unlock()
+            self._remove_if_unused()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._unlock()
+        if exc_type is not None:
+            self._remove_if_unused()
+
+    # -- what is ours -----------------------------------------------------------------------
+    def _ours(self, name: str, pattern) -> bool:
+        return bool(re.fullmatch(pattern, name)) if pattern else False
+
+    def _is_temp(self, entry: str, names) -> bool:
+        # outputs.py's temp names: ".<final name>.<mkstemp letters><suffix>"
+        return entry.startswith(".") and any(entry.startswith(f".{n}.") for n in names)
+
+    def earlier_outputs(self) -> list:
+        found = []
+        for name, pattern in self.outputs.items():
+            p = self.path / name
+            if pattern is None:
+                if p.is_file() or p.is_symlink():
+                    found.append(name)
+            elif p.is_dir() and not p.is_symlink():
+                if any(self._ours(e, pattern) for e in os.listdir(p)):
+                    found.append(name)
+        return found
+
+    def _remove_output(self, name: str) -> None:
+        p, pattern = self.path / name, self.outputs[name]
+        try:
+            if pattern is None:
+                p.unlink()
+                return
+            for e in os.listdir(p):
+                if self._ours(e, pattern) and not (p / e).is_dir():
+                    (p / e).unlink()
+            with contextlib.suppress(OSError):
+                p.rmdir()  # only when nothing of the user's is left in it
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise OutputError(f"cannot remove the earlier {p}: {e.strerror or e}") from None
+
+    def _remove_temps(self) -> None:
+        """Hidden temp files of a run that was killed (SIGKILL, power loss): never outputs,
+        and nobody else writes them while we hold the lock."""
+        folders = [(self.path, [n for n, pat in self.outputs.items() if pat is None])]
+        for name, pattern in self.outputs.items():
+            d = self.path / name
+            if pattern is not None and d.is_dir() and not d.is_symlink():
+                folders.append((d, None))
+        for d, names in folders:
+            for e in os.listdir(d):
+                if names is not None:
+                    ours = self._is_temp(e, names)
+                else:  # inside an output folder: ".<file the pattern matches>.<letters><suffix>"
+                    pattern = self.outputs[d.name]
+                    ours = e.startswith(".") and any(self._ours(e[1:i], pattern)
+                                                     for i in range(2, len(e)) if e[i] == ".")
+                if ours and (d / e).is_file():
+                    with contextlib.suppress(FileNotFoundError):
+                        (d / e).unlink()
+
+    def _remove_if_unused(self) -> None:
+        for name in sorted(self._made):
+            with contextlib.suppress(OSError):
+                (self.path / name).rmdir()  # only if empty: finished masks stay
+        if self._created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+
+    # -- the lock -----------------------------------------------------------------------------
+    def _lock(self) -> None:
+        if fcntl is None:
+            return
+        lock = self.path / LOCK_NAME
+        for _ in range(20):
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except OSError as e:
+                raise OutputError(f"cannot lock {self.path}: {e.strerror or e}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                who = f" (pid {holder})" if holder.isdigit() else ""
+                raise OutputError(f"{self.path} is in use by another fastsam2 run{who}; wait for it to "
+                                  "finish or choose another output folder") from None
+            except OSError:
+                os.close(fd)  # a filesystem without locks (some network mounts): run unlocked
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+                return
+            # a run that finishes unlinks the lock file: make sure ours is still the named one
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(lock))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self._fd = fd
+                return
+            os.close(fd)
+        raise OutputError(f"cannot lock {self.path}: the lock file keeps changing")
+
+    def _unlock(self) -> None:
+        if self._fd is None:
+            return
+        # unlink before close: whoever waits re-checks that its lock is on the named file
+        with contextlib.suppress(OSError):
+            os.unlink(self.path / LOCK_NAME)
+        os.close(self._fd)
+        self._fd = None
+
+
+# -- signals ---------------------------------------------------------------------------------
+
+class Terminated(BaseException):
+    """A SIGTERM/SIGHUP raised where the program was, like KeyboardInterrupt for Ctrl-C: not an
+    Exception, so only cleanup (`with`, `finally`, `except BaseException`) sees it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+def exit_code_of(exc: BaseException) -> int | None:
+    """The shell's exit status for a run stopped by exc: 130 for Ctrl-C, 128 + N for signal N."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    if isinstance(exc, Terminated):
+        return exc.exit_code
+    return None
+
+
+@contextlib.contextmanager
+def signals_as_exceptions(signals=(signal.SIGTERM, signal.SIGHUP)):
+    """Inside the block, each of `signals` raises Terminated once (a second one while the first
+    unwinds is ignored, so cleanup finishes); handlers are restored after. Only the main thread
+    can set handlers: elsewhere the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = []
+
+    def handler(signum, frame):
+        if not raised:
+            raised.append(signum)
+            raise Terminated(signum)
+
+    old = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def cli_interrupts(echo=None):
+    """A CLI's body: SIGTERM/SIGHUP/Ctrl-C unwind it as exceptions (temp files removed by the
+    writers' own cleanup), then one `error:` line and exit 130 / 128 + signal."""
+    echo = echo or (lambda m: print(m, file=sys.stderr))
+    try:
+        with signals_as_exceptions():
+            yield
+    except (KeyboardInterrupt, Terminated) as e:
+        how = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else str(e)
+        echo(f"error: interrupted by {how}; the files finished so far are kept, partial ones removed")
+        sys.exit(exit_code_of(e))
