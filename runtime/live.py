@@ -106,12 +106,12 @@ def live_target(path) -> LiveTarget | None:
     if m:
         scheme = m.group(1).lower()
         if scheme == "file":
-            return None
+            return None  # open_frames reads file:// URLs as paths
         parts = urlsplit(text)
         stem = Path(parts.path).stem
         return LiveTarget("stream", text, None, _hide_credentials(text),
                           stem or parts.hostname or scheme)
-    if text.isdigit():
+    if text.isdigit() and not Path(text).exists():
         text = f"/dev/video{int(text)}"
     p = Path(text)
     try:
@@ -210,7 +210,7 @@ def _open_error(r: _Reader, e: BaseException) -> SourceError:
     return SourceError(f"cannot open {what} {t.display}: {why}")
 
 
-def _read_error(r: _Reader, e: BaseException) -> SourceError | None:
+def _read_error(r: _Reader, e: BaseException, silent_s: float) -> SourceError | None:
     """SourceError for an error after the first frame, or None when it means a normal end."""
     import av
 
@@ -218,8 +218,10 @@ def _read_error(r: _Reader, e: BaseException) -> SourceError | None:
     if isinstance(e, EOFError):
         return None
     if isinstance(e, av.ExitError) or (isinstance(e, OSError) and e.errno == errno.ETIMEDOUT):
-        # PyAV's interrupt (ExitError) or FFmpeg's own rw_timeout (ETIMEDOUT), whichever fires first
-        return SourceError(f"{t.display} stopped delivering frames (nothing for {r.read_timeout:g} s)")
+        # PyAV's interrupt (ExitError) or FFmpeg's own rw_timeout (ETIMEDOUT), whichever fires
+        # first. The silence is measured: a stream that went quiet while FFmpeg was still
+        # probing it hit the open timeout there, and reports it when the probed frames are out.
+        return SourceError(f"{t.display} stopped delivering frames (nothing for {silent_s:.1f} s)")
     if isinstance(e, OSError) and e.errno == errno.EIO and t.scheme in CLOSING_SCHEMES:
         return None
     if t.kind == "camera" and isinstance(e, OSError) and e.errno in (errno.ENODEV, errno.EIO):
@@ -259,7 +261,7 @@ def _run(r: _Reader) -> None:
                     r.decode_errors += 1  # a damaged packet (UDP loss): skip it like ffmpeg does
                     continue
                 for f in decoded:
-                    now = time.monotonic()
+                    now = last_arrival = time.monotonic()
                     if index == 0:
                         first_pts, first_arrival = f.pts, now
                         r.info = _stream_info(r, container, st, f)
@@ -281,7 +283,7 @@ def _run(r: _Reader) -> None:
         except (av.FFmpegError, OSError, EOFError) as e:
             if index == 0:
                 raise _open_error(r, e) from None
-            err = _read_error(r, e)
+            err = _read_error(r, e, time.monotonic() - last_arrival)
             if err is not None:
                 raise err from None
         if index == 0:

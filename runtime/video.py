@@ -312,6 +312,11 @@ class VideoSource(FrameSource):
 
     def _decode(self):
         """Decoded video frames of one pass; keeps _rec up to date for check_complete."""
+        import av
+
+        # Bound now: evaluating the except clause must not import anything when the generator
+        # is finalised at interpreter exit.
+        av_errors = (av.FFmpegError, OSError)
         rec, st, c = self._rec, self._stream, self._container
         video_start = float(st.start_time * st.time_base) if st.start_time is not None else 0.0
         any_start = c.start_time / 1e6 if c.start_time is not None else 0.0
@@ -343,7 +348,7 @@ class VideoSource(FrameSource):
                     held = packet
                     continue
                 yield from self._decode_packet(packet)
-        except _av_errors() as e:
+        except av_errors as e:
             rec.read_error = _reason(e)
             yield from self._decode_packet(None)  # the frames the decoder still holds
         rec.exhausted = True
@@ -447,6 +452,10 @@ def open_frames(path: str | Path, fps: float | None = None, realtime: bool = Fal
     if target is not None:
         return live.LiveSource(target, fps=fps, realtime=realtime, open_timeout=open_timeout,
                                read_timeout=read_timeout)
+    if str(path).lower().startswith("file://"):
+        from urllib.parse import unquote, urlsplit
+
+        path = unquote(urlsplit(str(path)).path)
     p = Path(path)
     if not p.exists():
         raise InputError(f"no such file or folder: {p}")
