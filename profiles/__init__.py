@@ -3,6 +3,12 @@
 A profile says how to build for a target (precision, workspace, builder level, DLA core), which
 keep ratios its TensorRT optimisation profiles cover, and which ONNX Runtime providers the
 fallback tries. `--target` names one; a path to a .toml file works too, for custom devices.
+
+CPU targets also say which reduced precisions each graph may run in on CPU backends
+(`cpu_precisions`, tried by export's agreement gate, fastest passing one wins) and, for
+OpenVINO, the device and the precision fp32 graphs run in there (`openvino_device`: set on the
+intel-* targets, which makes `--backend auto` try OpenVINO before ONNX Runtime's CPU provider).
+These three fields are optional: a profile without them is fp32 everywhere.
 """
 
 from __future__ import annotations
@@ -11,13 +17,16 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10 (JetPack 6's system Python): the same parser from PyPI
     import tomli as tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
 from fastsam2.runtime.errors import InputError
 
 PRECISIONS = ("fp32", "fp16", "int8")
+CPU_PRECISIONS = ("fp32", "bf16", "int8")  # fastsam2.runtime.precision's, per graph on CPU backends
+OPENVINO_DEVICES = ("", "CPU", "GPU", "NPU", "AUTO")  # "": OpenVINO not preferred (CPU when named)
+OPENVINO_PRECISIONS = ("fp32", "fp16", "bf16")
 # JetPack 6.0 ships TensorRT 8.6, whose ONNX parser stops at opset 17
 MAX_OPSET = 17
 
@@ -38,6 +47,10 @@ class Profile:
     opset: int
     ort_providers: tuple
     max_points: int  # prompt points per call: P in 1..max_points
+    # {graph: candidate CPU precisions, preferred first}; empty: fp32 everywhere
+    cpu_precisions: dict = field(default_factory=dict)
+    openvino_device: str = ""
+    openvino_precision: str = "fp32"
 
 
 # field -> accepted TOML types (bool is an int in Python, so ints exclude it explicitly)
@@ -55,7 +68,11 @@ _TYPES = {
     "opset": (int,),
     "ort_providers": (list,),
     "max_points": (int,),
+    "cpu_precisions": (dict,),
+    "openvino_device": (str,),
+    "openvino_precision": (str,),
 }
+_OPTIONAL = {"cpu_precisions": {}, "openvino_device": "", "openvino_precision": "fp32"}
 assert set(_TYPES) == {f.name for f in fields(Profile)} - {"name"}
 
 
@@ -95,6 +112,9 @@ def _parse(name: str, where: str, raw: bytes) -> Profile:
         raise InputError(f"profile {where}: unknown field {unknown[0]!r}")
     values = {}
     for key, types in _TYPES.items():
+        if key not in data and key in _OPTIONAL:
+            values[key] = _OPTIONAL[key]
+            continue
         if key not in data:
             raise InputError(f"profile {where}: missing field {key!r}")
         v = data[key]
@@ -131,7 +151,26 @@ def _parse(name: str, where: str, raw: bytes) -> Profile:
     if not providers or not all(isinstance(p, str) for p in providers):
         raise bad("ort_providers", "must be a non-empty list of provider names")
 
+    _check_cpu_fields(values, bad)
     values["keep_min"] = float(values["keep_min"])
     values["keep_max"] = float(values["keep_max"])
     values["ort_providers"] = tuple(providers)
     return Profile(name=name, **values)
+
+
+def _check_cpu_fields(values: dict, bad) -> None:
+    from fastsam2.runtime.contract import GRAPH_ORDER
+
+    cp = values["cpu_precisions"]
+    for g, cands in cp.items():
+        if g not in GRAPH_ORDER:
+            raise bad("cpu_precisions", f"names unknown graph {g!r} (graphs: {', '.join(GRAPH_ORDER)})")
+        if (not isinstance(cands, list) or not cands or len(set(cands)) != len(cands)
+                or not all(isinstance(p, str) and p in CPU_PRECISIONS for p in cands)):
+            raise bad("cpu_precisions", f"must map each graph to a list of distinct precisions from "
+                                        f"{', '.join(CPU_PRECISIONS)}")
+    values["cpu_precisions"] = {g: tuple(c) for g, c in cp.items()}
+    if values["openvino_device"] not in OPENVINO_DEVICES:
+        raise bad("openvino_device", f"must be one of {', '.join(repr(d) for d in OPENVINO_DEVICES)}")
+    if values["openvino_precision"] not in OPENVINO_PRECISIONS:
+        raise bad("openvino_precision", f"must be one of {', '.join(OPENVINO_PRECISIONS)}")

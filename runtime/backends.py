@@ -1,7 +1,10 @@
-"""Backends: ONNX Runtime (CPU, CUDA, TensorRT EP) and native TensorRT engines.
+"""Backends: ONNX Runtime (CPU, CUDA, TensorRT EP), OpenVINO and native TensorRT engines.
 
 Every backend gives one session per graph with `.run(feeds) -> {output: array}`, which is all
-the tracking loop needs.
+the tracking loop needs. On the CPU backends (ort-cpu, openvino) each graph also runs in a
+precision: fp32 (the exported graph), int8 (a quantised variant file in the bundle) or bf16 (a
+runtime hint, only where the CPU has bf16); the bundle records which one export picked per graph
+(manifest["precision"]), FASTSAM2_PRECISION or `precision=` overrides it.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from pathlib import Path
 from fastsam2.runtime.contract import GRAPH_ORDER, dynamic_inputs, profile_shapes
 from fastsam2.runtime.bundle import sha256_file
 from fastsam2.runtime.errors import BackendError, BundleError, InputError
+from fastsam2.runtime.precision import graph_precisions, variant_path
 
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "openvino")
+
 _ORT_PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
     "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -49,10 +54,37 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def check_threads(threads) -> int | None:
+    """`--threads` within 1..the CPUs this process may use (None: all of them).
+
+    Refused rather than clamped: a thread count above the machine's is a command copied from
+    a bigger machine (or a typo), and a run that silently used fewer threads than it reports
+    makes timings lie; onnxruntime itself hangs at 1000 threads and crashes at 100000."""
+    if threads is None:
+        return None
+    have = default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= have:
+        raise InputError(f"--threads must be in 1..{have} (the CPUs this process may use), got {threads}")
+    return threads
+
+
+_TELEMETRY_OFF = False
+
+
+def _telemetry_off(ort) -> None:
+    """ONNX Runtime's telemetry events off (a no-op on Linux builds; on Windows they go to ETW)."""
+    global _TELEMETRY_OFF
+    if not _TELEMETRY_OFF:
+        with contextlib.suppress(Exception):
+            ort.disable_telemetry_events()
+        _TELEMETRY_OFF = True
+
+
 class OrtSession:
-    def __init__(self, path, providers, threads: int | None = None, profile_dir=None):
+    def __init__(self, path, providers, threads: int | None = None, profile_dir=None, precision: str = "fp32"):
         import onnxruntime as ort
 
+        _telemetry_off(ort)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or default_threads()
@@ -60,6 +92,9 @@ class OrtSession:
         if first == "CPUExecutionProvider" and _share_cpu_arena(ort):
             opts.add_session_config_entry("session.use_env_allocators", "1")
         opts.log_severity_level = 3  # shape-merge warnings of the exported Hiera are harmless
+        if precision == "bf16":  # MLAS's bf16 GEMMs (ARM64 only; checked by graph_precisions)
+            opts.add_session_config_entry("mlas.enable_gemm_fastmath_arm64_bfloat16", "1")
+        self.precision = precision
         if profile_dir is not None:
             opts.enable_profiling = True
             opts.profile_file_prefix = str(profile_dir)
@@ -106,6 +141,10 @@ def available_backends() -> list:
 
     if tensorrt_available():
         found.append("tensorrt")
+    from fastsam2.runtime.openvino_backend import openvino_available
+
+    if openvino_available():
+        found.append("openvino")
     return found
 
 
@@ -116,7 +155,11 @@ def _candidates(requested: str, bundle) -> list:
     have = available_backends()
     if requested == "auto":
         engines = bundle.engines
-        order = [n for n in ("tensorrt", "ort-trt", "ort-cuda", "ort-cpu")
+        # OpenVINO before ONNX Runtime's CPU provider only for a target that asks for it (the
+        # intel-* ones): on this project's AMD CPU it was not faster (docs/benchmarks.md)
+        cpu = (["openvino", "ort-cpu"] if (bundle.manifest.get("openvino") or {}).get("preferred")
+               else ["ort-cpu", "openvino"])
+        order = [n for n in ("tensorrt", "ort-trt", "ort-cuda", *cpu)
                  if n in have and (n != "tensorrt" or engines.get("built"))]
         if not order:
             raise BackendError("no backend available: pip install fastsam2[runtime]")
@@ -128,6 +171,8 @@ def _candidates(requested: str, bundle) -> list:
     if requested not in have:
         if requested == "tensorrt":
             hint = "pip install fastsam2[trt] and an NVIDIA GPU"
+        elif requested == "openvino":
+            hint = "pip install fastsam2[openvino]"
         else:
             hint = "pip install onnxruntime-gpu and an NVIDIA GPU"
         raise BackendError(f"backend '{requested}' is not available here ({hint}); "
@@ -140,14 +185,17 @@ def pick_backend(requested: str, bundle) -> str:
     return _candidates(requested, bundle)[0]
 
 
-def open_backend(requested: str, bundle, threads: int | None = None, warn=print) -> tuple:
+def open_backend(requested: str, bundle, threads: int | None = None, warn=print,
+                 precision: str | None = None) -> tuple:
     """(backend name, sessions). `auto` falls back to the next backend when one fails to start
     (onnxruntime-gpu without its CUDA libraries; engines built for another GPU or TensorRT, or
-    changed since), and says so; a named backend does not."""
+    changed since), and says so; a named backend does not. `precision` overrides the bundle's
+    CPU precisions (see graph_precisions); each session's `.precision` says what it runs."""
+    check_threads(threads)
     order = _candidates(requested, bundle)
     for i, name in enumerate(order):
         try:
-            return name, create_sessions(bundle, name, threads)
+            return name, create_sessions(bundle, name, threads, precision=precision, warn=warn)
         except (BackendError, BundleError) as e:
             if i + 1 == len(order):
                 raise
@@ -249,7 +297,11 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def create_sessions(bundle, backend: str, threads: int | None = None) -> dict:
+def create_sessions(bundle, backend: str, threads: int | None = None, precision: str | None = None,
+                    warn=print) -> dict:
+    threads = check_threads(threads)
+    if backend == "openvino":
+        return _openvino_sessions(bundle, threads, graph_precisions(bundle, backend, precision, warn))
     if backend == "tensorrt":
         from fastsam2.runtime.trt_backend import TensorRTSession, check_engine_compat
 
@@ -272,19 +324,45 @@ def create_sessions(bundle, backend: str, threads: int | None = None) -> dict:
     if backend not in _ORT_PROVIDERS:
         raise InputError(f"unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
     cache = _ort_trt_cache_dir(bundle) if backend == "ort-trt" else None
+    precisions = graph_precisions(bundle, backend, precision, warn)
     sessions = {}
     for g in GRAPH_ORDER:
         providers = list(_ORT_PROVIDERS[backend])
         if backend == "ort-trt":
             providers[0] = (providers[0], ort_trt_options(bundle, g, cache))
-        sessions[g] = OrtSession(bundle.graph_path(g), providers, threads)
+        sessions[g] = OrtSession(variant_path(bundle, g, precisions[g]), providers, threads,
+                                 precision=precisions[g])
         _check_provider(sessions[g], _ORT_PROVIDERS[backend][0], g)
     # the fused-attention variant runs on ORT's CPU and CUDA providers, not its TensorRT one
     fused = bundle.graph_path("memory_attention", ort_variant=True)
-    if backend in ("ort-cpu", "ort-cuda") and fused != bundle.graph_path("memory_attention"):
+    if (backend in ("ort-cpu", "ort-cuda") and fused != bundle.graph_path("memory_attention")
+            and precisions["memory_attention"] == "fp32"):
         providers = _ORT_PROVIDERS[backend]
         sessions["memory_attention"] = AttentionBySize(sessions["memory_attention"],
                                                        OrtSession(fused, providers, threads))
+    return sessions
+
+
+def _openvino_sessions(bundle, threads, precisions: dict) -> dict:
+    from fastsam2.runtime.contract import GRAPHS
+    from fastsam2.runtime.openvino_backend import (DEVICES, OpenVINOSession, cache_dir, devices,
+                                                   graph_device)
+
+    ov = bundle.manifest.get("openvino") or {}
+    device = (os.environ.get("FASTSAM2_OPENVINO_DEVICE") or ov.get("device") or "CPU").upper()
+    if device not in DEVICES:
+        raise InputError(f"OpenVINO device {device!r}: use one of {', '.join(DEVICES)}")
+    have = devices()
+    base = ov.get("precision", "fp32")  # what fp32 graphs run in off the CPU (NPUs: fp16)
+    sessions = {}
+    for g in GRAPH_ORDER:
+        dev = graph_device(device, bool(GRAPHS[g].dynamic))
+        if dev != "AUTO" and not any(d.split(".")[0] == dev for d in have):
+            raise BackendError(f"OpenVINO has no {dev} device here (it has: {', '.join(have) or 'none'})")
+        prec = precisions[g] if dev == "CPU" or precisions[g] != "fp32" else base
+        path = variant_path(bundle, g, precisions[g])
+        sessions[g] = OpenVINOSession(path, dev, threads, prec,
+                                      cache=cache_dir(bundle.manifest["graphs"][g]["sha256"]))
     return sessions
 
 

@@ -8,10 +8,11 @@ import pytest
 from fastsam2.profiles import list_targets, load_profile
 from fastsam2.runtime.errors import InputError
 
-TARGETS = ["cpu", "desktop-ada", "desktop-ampere", "hopper", "jetson-orin", "jetson-orin-nano"]
+TARGETS = ["cpu", "desktop-ada", "desktop-ampere", "hopper", "intel-cpu", "intel-npu", "jetson-orin",
+           "jetson-orin-nano"]
 
 
-def test_list_targets_has_all_six():
+def test_list_targets_has_all_eight():
     assert list_targets() == TARGETS
 
 
@@ -90,6 +91,37 @@ def test_malformed_toml_names_the_file(tmp_path):
 def test_bad_field_names_file_and_field(tmp_path, edit, field):
     path = tmp_path / "bad.toml"
     path.write_text(edit(_shipped_text("desktop-ada")))
+    with pytest.raises(InputError) as e:
+        load_profile(str(path))
+    msg = str(e.value)
+    assert "bad.toml" in msg and repr(field) in msg and "\n" not in msg
+
+
+def test_cpu_precision_fields():
+    """The intel-* pair asks for OpenVINO and lists CPU precisions per graph; the GPU targets
+    leave the optional fields at their defaults (fp32 everywhere, OpenVINO not preferred)."""
+    ic, npu = load_profile("intel-cpu"), load_profile("intel-npu")
+    assert ic.openvino_device == "CPU" and ic.openvino_precision == "fp32"
+    assert ic.cpu_precisions["image_encoder"] == ("bf16", "int8", "fp32")
+    assert npu.openvino_device == "NPU" and npu.openvino_precision == "fp16"
+    assert "image_encoder" not in npu.cpu_precisions  # static: it runs on the NPU itself
+    for t in ("desktop-ada", "hopper", "jetson-orin"):
+        p = load_profile(t)
+        assert p.cpu_precisions == {} and p.openvino_device == "" and p.openvino_precision == "fp32"
+
+
+@pytest.mark.parametrize("line, field", [
+    ('cpu_precisions = { image_encoder = ["fp8"] }', "cpu_precisions"),
+    ('cpu_precisions = { encoder = ["int8"] }', "cpu_precisions"),  # not a graph name
+    ('cpu_precisions = { image_encoder = ["int8", "int8"] }', "cpu_precisions"),
+    ('cpu_precisions = { image_encoder = [] }', "cpu_precisions"),
+    ('cpu_precisions = ["int8"]', "cpu_precisions"),
+    ('openvino_device = "TPU"', "openvino_device"),
+    ('openvino_precision = "int4"', "openvino_precision"),
+])
+def test_bad_cpu_precision_fields(tmp_path, line, field):
+    path = tmp_path / "bad.toml"
+    path.write_text(_shipped_text("desktop-ada") + "\n" + line + "\n")
     with pytest.raises(InputError) as e:
         load_profile(str(path))
     msg = str(e.value)

@@ -1,0 +1,105 @@
+"""OpenVINO backend: the bundle's ONNX graphs through OpenVINO's runtime (Intel CPUs, iGPUs, NPUs).
+
+OpenVINO reads ONNX directly, so a bundle needs no second format. Per graph it gets:
+- a device: the target's (`CPU`, `GPU`, `NPU`, `AUTO`); NPUs compile static shapes only, so the
+  graphs with dynamic inputs (memory attention's N/M/Ms, the decoder's P) run on the CPU there;
+- an inference precision: `f32` for fp32 graphs, set explicitly because OpenVINO's CPU plugin
+  defaults to bf16 on CPUs that have it (AVX512_BF16/AMX), which would change fp32 numerics
+  silently; `bf16` where the bundle picked bf16 and the device has it; int8 graphs are QDQ
+  ONNX files that OpenVINO runs with its int8 kernels;
+- a model cache (compiled blobs) in the user cache, never inside the bundle: a bundle may be
+  read-only or sealed, and the cache is per machine anyway.
+
+Like the rest of the runtime, this never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fastsam2.runtime.errors import BackendError
+
+# fastsam2 precision -> OpenVINO inference precision hint
+OV_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+DEVICES = ("CPU", "GPU", "NPU", "AUTO")
+
+_CORE = None
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def core():
+    """One OpenVINO Core per process (it owns the plugins and their thread pools)."""
+    global _CORE
+    if _CORE is None:
+        import openvino as ov
+
+        _CORE = ov.Core()
+    return _CORE
+
+
+def devices() -> list:
+    return list(core().available_devices) if openvino_available() else []
+
+
+def device_has_bf16(device: str = "CPU") -> bool:
+    """Whether OpenVINO can run bf16 on `device` (CPU: AVX512_BF16 or AMX)."""
+    try:
+        caps = core().get_property(device, "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # the device is not there, or does not report capabilities
+        return False
+    return "BF16" in [str(c).upper() for c in caps]
+
+
+def cache_dir(sha256: str) -> Path:
+    """OpenVINO's compiled-model cache for one bundle: $XDG_CACHE_HOME/fastsam2/openvino/<sha>."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "fastsam2" / "openvino" / sha256[:16]
+
+
+def graph_device(device: str, dynamic: bool) -> str:
+    """The device one graph compiles for: NPUs take static shapes only."""
+    return "CPU" if device == "NPU" and dynamic else device
+
+
+class OpenVINOSession:
+    """One compiled graph with `.run(feeds) -> {output: array}` like OrtSession."""
+
+    def __init__(self, path, device: str = "CPU", threads: int | None = None, precision: str = "fp32",
+                 cache: Path | None = None):
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if device == "CPU" and threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if device != "NPU":  # the NPU computes in fp16 whatever it is told; CPU and GPU obey
+            config["INFERENCE_PRECISION_HINT"] = OV_HINTS[precision]
+        if cache is not None:
+            try:
+                Path(cache).mkdir(parents=True, exist_ok=True)
+                config["CACHE_DIR"] = str(cache)
+            except OSError:
+                pass  # an unwritable cache only costs compile time
+        try:
+            self.compiled = core().compile_model(str(path), device, config)
+        except RuntimeError as e:
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise BackendError(f"OpenVINO could not compile {Path(path).name} for {device}: {first[:200]}") from None
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
+        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        self.device, self.precision = device, precision
+        self.providers = [f"OpenVINO:{device}:{OV_HINTS[precision]}"]
+
+    def run(self, feeds: dict) -> dict:
+        res = self.request.infer({n: feeds[n] for n in self.input_names})
+        # copies: the request reuses its output buffers on the next call, and the tracking
+        # loop keeps some outputs (features, memories) across calls
+        return {n: np.array(res[o], copy=True) for n, o in zip(self.output_names, self.compiled.outputs)}
