@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from fastsam2.runtime.errors import FastSam2Error, InputError, OutputError
-from fastsam2.export.cli import echo_random_warnings
+from fastsam2.export.cli import echo_random_warnings, one_line, require_export_extra
+from fastsam2.runtime.outputs import cli_interrupts
 
 
 def _point(text: str) -> tuple:
@@ -25,9 +26,13 @@ def _point(text: str) -> tuple:
 
 
 def _fail(e: FastSam2Error):
-    # one line, whatever the message held: scripts grep stderr
-    click.echo(f"error: {' '.join(str(e).split())}", err=True)
+    # one line, whatever the message held (and without torch's weights_only advice): scripts grep stderr
+    click.echo(f"error: {one_line(e)}", err=True)
     sys.exit(e.exit_code)
+
+
+def _echo_err(m: str) -> None:
+    click.echo(m, err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,18 +60,20 @@ def main():
 def router_cmd(frames, prompts, points, config, checkpoint, image_size, text_model, text_pretrained,
                text_checkpoint, steps, lr, batch, max_frames, seed, out, force):
     """Train the router's projections and uncertainty head from CLIP and unpruned SAM2 (no labels)."""
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            meta = calibrate_router(frames, prompts, points, config, checkpoint, image_size, text_model,
-                                    text_pretrained, text_checkpoint, steps, lr, batch, max_frames, seed,
-                                    out, force, log=lambda m: click.echo(m, err=True))
-        echo_random_warnings(caught)
-        f = meta["final"]
-        click.echo(f"wrote {out}: loss {meta['initial']['loss']:.4f} -> {f['loss']:.4f}, "
-                   f"important-token recall {meta['recall_before']:.3f} -> {meta['recall_after']:.3f}")
-    except FastSam2Error as e:
-        _fail(e)
+    with cli_interrupts(_echo_err):
+        try:
+            require_export_extra("fastsam2-calibrate router")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                meta = calibrate_router(frames, prompts, points, config, checkpoint, image_size, text_model,
+                                        text_pretrained, text_checkpoint, steps, lr, batch, max_frames, seed,
+                                        out, force, log=_echo_err)
+            echo_random_warnings(caught)
+            f = meta["final"]
+            click.echo(f"wrote {out}: loss {meta['initial']['loss']:.4f} -> {f['loss']:.4f}, "
+                       f"important-token recall {meta['recall_before']:.3f} -> {meta['recall_after']:.3f}")
+        except FastSam2Error as e:
+            _fail(e)
 
 
 def calibrate_router(frames, prompts, points=(), config="sam2.1_hiera_t", checkpoint=None,
@@ -128,6 +135,34 @@ def calibrate_router(frames, prompts, points=(), config="sam2.1_hiera_t", checkp
     return meta
 
 
+def bundle_target(manifest: dict) -> str:
+    """The bundle's target profile by name. A bundle exported for a TOML file records its path:
+    never opened from the manifest (it may come from elsewhere); --target names it instead."""
+    name = (manifest.get("engines") or {}).get("target") or manifest["target"]
+    if "/" in name or "\\" in name or name.endswith(".toml"):
+        raise InputError(f"the bundle was exported for the target file {name!r}: pass --target with that file")
+    return name
+
+
+def int8_keep(keep, bundle_dir, target):
+    """The keep ratio to record at: --keep, else the bundle's; `auto` (a per-frame budget) records
+    at the middle of the target's keep range, where export optimised the engines for auto."""
+    from fastsam2.runtime.bundle import read_manifest
+    from fastsam2.runtime.track import parse_keep
+
+    manifest = read_manifest(bundle_dir)
+    keep = parse_keep(manifest["keep"] if keep is None else keep)
+    if keep != "auto":
+        return keep, manifest
+    lo_hi = (manifest.get("engines") or {}).get("keep_range")
+    if not lo_hi:
+        from fastsam2.profiles import load_profile
+
+        p = load_profile(target or bundle_target(manifest))
+        lo_hi = (p.keep_min, p.keep_max)
+    return round((lo_hi[0] + lo_hi[1]) / 2, 4), manifest
+
+
 @main.command("int8")
 @click.option("--bundle", "bundle_dir", required=True, help="Bundle folder written by fastsam2-export.")
 @click.option("--frames", required=True, help="Representative frames folder or video.")
@@ -135,22 +170,27 @@ def calibrate_router(frames, prompts, points=(), config="sam2.1_hiera_t", checkp
 @click.option("--target", default=None, help="Target profile (default: the bundle's).")
 @click.option("--prompt", default=None, help="Bundle prompt to track (default: its first).")
 @click.option("--point", default=None, help="x,y first-frame click in input pixels (default: text start).")
-@click.option("--keep", type=float, default=None, help="Keep ratio the engines will run at (default: the bundle's).")
+@click.option("--keep", default=None, help="Keep ratio in (0, 1] the engines will run at, or 'auto' (the middle "
+                                           "of the target's keep range); default: the bundle's.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores).")
 def int8_cmd(bundle_dir, frames, max_frames, target, prompt, point, keep, threads):
-    """Record every graph's real inputs over FRAMES for TensorRT INT8 calibration."""
+    """Record every graph's real inputs over FRAMES for TensorRT INT8 calibration (the inputs are
+    recorded on ONNX Runtime's CPU provider: the graphs' own numbers, whatever runs them later)."""
     from fastsam2.calibration.int8 import write_int8_calibration
 
-    try:
-        summary = write_int8_calibration(bundle_dir, frames, max_frames=max_frames, target=target,
-                                         prompt=prompt, point=_point(point) if point else None,
-                                         keep=keep, threads=threads, log=lambda m: click.echo(m, err=True))
-        n = sum(g["batches"] for g in summary["graphs"].values())
-        caches = ", ".join(summary["caches"]) or "no TensorRT here: build caches on the device"
-        click.echo(f"wrote {len(summary['graphs'])} calibration files ({n} batches) to "
-                   f"{summary['dir']}; caches: {caches}")
-    except FastSam2Error as e:
-        _fail(e)
+    with cli_interrupts(_echo_err):
+        try:
+            keep, manifest = int8_keep(keep, bundle_dir, target)
+            target = target or bundle_target(manifest)
+            summary = write_int8_calibration(bundle_dir, frames, max_frames=max_frames, target=target,
+                                             prompt=prompt, point=_point(point) if point else None,
+                                             keep=keep, threads=threads, log=_echo_err)
+            n = sum(g["batches"] for g in summary["graphs"].values())
+            caches = ", ".join(summary["caches"]) or "no TensorRT here: build caches on the device"
+            click.echo(f"wrote {len(summary['graphs'])} calibration files ({n} batches) to "
+                       f"{summary['dir']}; caches: {caches}")
+        except FastSam2Error as e:
+            _fail(e)
 
 
 if __name__ == "__main__":

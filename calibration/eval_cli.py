@@ -12,15 +12,25 @@ import click
 
 from fastsam2.calibration import davis
 from fastsam2.runtime.errors import FastSam2Error, InputError
+from fastsam2.runtime.outputs import RunFolder, cli_interrupts
 
 
-def track_davis(davis_root, split, bundle_dir, out_dir, keep, backend="ort-cpu", sequences=None):
-    """Run the bundle on each sequence from its first annotation, writing <out>/<seq>/<frame>.png."""
+def run_outputs(names, split) -> dict:
+    """What run mode writes into --out (RunFolder's names): <seq>/<frame>.png and the CSVs."""
+    out = {seq: r"[^/]+\.png" for seq in names}
+    out.update({f"global_results-{split}.csv": None, f"per-sequence_results-{split}.csv": None})
+    return out
+
+
+def track_davis(davis_root, split, bundle_dir, out_dir, keep=None, backend="auto", sequences=None):
+    """Run the bundle on each sequence from its first annotation, writing <out>/<seq>/<frame>.png.
+    keep None: the bundle's; "auto": the per-frame budget, as fastsam2-run."""
     try:
         # imported here so scoring never needs the runtime's backends installed
-        from fastsam2.runtime.track import track_davis_sequence
+        from fastsam2.runtime.track import parse_keep, track_davis_sequence
     except ImportError as e:
         raise InputError(f"run mode needs the fastsam2 runtime (fastsam2.runtime.track): {e}") from None
+    keep = None if keep is None else parse_keep(keep)
     names = davis.list_sequences(davis_root, split) if sequences is None else list(sequences)
     for seq in names:
         images, annotations = davis.sequence_files(davis_root, seq)
@@ -43,28 +53,37 @@ def _score(davis_root, split, results_dir, sequences):
 @click.option("--results", "results_dir", default=None, help="Score this folder of <seq>/<frame>.png masks.")
 @click.option("--sequences", default=None, help="Comma-separated sequences instead of the whole split.")
 @click.option("--bundle", "bundle_dir", default=None, help="Run this bundle over DAVIS first (run mode).")
-@click.option("--keep", type=float, default=None, help="Keep ratio of the router (run mode).")
+@click.option("--keep", default=None, help="Keep ratio in (0, 1], or 'auto' (per-frame budget), as fastsam2-run "
+                                           "(run mode; default: the bundle's).")
 @click.option("--out", "out_dir", default=None, help="Where run mode writes its masks, then scores them.")
-@click.option("--backend", default="ort-cpu", show_default=True, help="Runtime backend (run mode).")
-def main(davis_root, split, results_dir, sequences, bundle_dir, keep, out_dir, backend):
+@click.option("--force", is_flag=True, help="Replace an earlier run's masks in --out (run mode).")
+@click.option("--backend", default="auto", show_default=True,
+              help="Runtime backend, as fastsam2-run: auto, ort-cpu, ort-cuda, ort-trt or tensorrt (run mode).")
+def main(davis_root, split, results_dir, sequences, bundle_dir, keep, out_dir, force, backend):
     """Score DAVIS 2017 semi-supervised results with the official J&F definitions."""
     seqs = [s.strip() for s in sequences.split(",") if s.strip()] if sequences else None
-    try:
-        if bundle_dir is not None:
-            if results_dir is not None:
-                raise InputError("give either --results (score) or --bundle (run then score), not both")
-            if out_dir is None or keep is None:
-                raise InputError("run mode needs --bundle, --keep and --out")
-            davis.list_sequences(davis_root, split)  # fail on a bad DAVIS folder before any tracking
-            track_davis(davis_root, split, bundle_dir, out_dir, keep, backend, seqs)
-            results_dir = out_dir
-        elif results_dir is None:
-            raise InputError("give --results to score, or --bundle/--keep/--out to run then score")
-        _score(davis_root, split, results_dir, seqs)
-    except FastSam2Error as e:
-        # one line, whatever the message held: scripts grep stderr
-        click.echo(f"error: {' '.join(str(e).split())}", err=True)
-        sys.exit(e.exit_code)
+    echo = lambda m: click.echo(m, err=True)  # noqa: E731
+    with cli_interrupts(echo):
+        try:
+            if bundle_dir is not None:
+                if results_dir is not None:
+                    raise InputError("give either --results (score) or --bundle (run then score), not both")
+                if not out_dir:
+                    raise InputError("run mode needs --bundle and --out")
+                names = davis.list_sequences(davis_root, split)  # a bad DAVIS folder fails before tracking
+                # one folder = one run: locked while it runs and is scored; an earlier run's
+                # masks (any sequence of the split) refused without --force, replaced with it
+                with RunFolder(out_dir, force=force, outputs=run_outputs(names, split)):
+                    track_davis(davis_root, split, bundle_dir, out_dir, keep, backend, seqs or names)
+                    _score(davis_root, split, out_dir, seqs)
+            elif results_dir is None:
+                raise InputError("give --results to score, or --bundle and --out to run then score")
+            else:
+                _score(davis_root, split, results_dir, seqs)
+        except FastSam2Error as e:
+            # one line, whatever the message held: scripts grep stderr
+            echo(f"error: {' '.join(str(e).split())}")
+            sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

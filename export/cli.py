@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -10,6 +12,45 @@ from pathlib import Path
 import click
 
 from fastsam2.runtime.errors import FastSam2Error, InputError
+
+# what the [export] extra brings (pyproject.toml): the torch side of fastsam2
+EXPORT_MODULES = ("torch", "sam2", "onnx", "open_clip")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_NOT_UNPICKLED = ("it holds Python objects besides tensors and plain containers, which fastsam2 does not "
+                  "unpickle (a state dict saved with torch.save loads)")
+
+
+def require_export_extra(command: str) -> None:
+    """FastSam2Error naming the extra to install, where the torch side is missing (a device
+    with the runtime extra only): one line instead of a torch ImportError traceback."""
+    missing = []
+    for mod in EXPORT_MODULES:
+        try:
+            importlib.import_module(mod)
+        except (ImportError, OSError):  # OSError: a torch wheel whose CUDA libraries are missing
+            missing.append(mod)
+    if missing:
+        raise FastSam2Error(f"{command} needs the export extra (missing: {', '.join(missing)}): "
+                            'pip install "fastsam2[export]"')
+
+
+def torch_load_reason(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, without torch's advice to turn
+    weights_only off (which would run the file's code): for the checkpoint and router loaders."""
+    text = _ANSI.sub("", str(exc))
+    if "Weights only load failed" in text:
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text, re.S)
+        return f"{_NOT_UNPICKLED}: {' '.join(m.group(1).split())}" if m else _NOT_UNPICKLED
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:200]
+
+
+def one_line(e: BaseException) -> str:
+    """The `error:` line for a user error: one line, torch's weights_only advice replaced by
+    what it means (the loaders keep torch's first line, which is that advice)."""
+    text = _ANSI.sub("", str(e))
+    text = re.sub(r"Weights only load failed.*", _NOT_UNPICKLED, text, flags=re.S)
+    return " ".join(text.split())
 
 
 def _engines_hook(profile, keep: float, log):
@@ -39,12 +80,17 @@ def _engines_hook(profile, keep: float, log):
         gpu = current_gpu() if tensorrt_available() else None
         if gpu and gpu.get("compute_capability") == profile.compute_capability:
             built = build_engines(tmp, profile, shapes, log=log)
-            built["checks"] = check_engines(tmp, built, shapes, profile.precision)
+            built["checks"] = _finite_checks(check_engines(tmp, built, shapes, profile.precision))
             bad = [g for g, r in built["checks"].items() if not r["passed"]]
             for g in bad:
-                worst = max(built["checks"][g]["outputs"].items(), key=lambda kv: kv[1]["max_abs_err"] / kv[1]["tol"])
+                # a null error is a non-finite one: the worst there is
+                worst = max(built["checks"][g]["outputs"].items(),
+                            key=lambda kv: float("inf") if kv[1]["max_abs_err"] is None or not kv[1]["tol"]
+                            else kv[1]["max_abs_err"] / kv[1]["tol"])
+                err, tol = worst[1]["max_abs_err"], worst[1]["tol"]
                 log(f"warning: {g} engine differs from ONNX Runtime beyond tolerance ({worst[0]}: max abs "
-                    f"error {worst[1]['max_abs_err']:.3g} > {worst[1]['tol']:.3g})")
+                    f"error {'non-finite' if err is None else format(err, '.3g')} > "
+                    f"{'?' if tol is None else format(tol, '.3g')})")
             log(f"engine checks vs ONNX Runtime: {len(built['checks']) - len(bad)}/{len(built['checks'])} "
                 "within tolerance")
             prefix = f"engines/{profile.name}/"
@@ -58,6 +104,20 @@ def _engines_hook(profile, keep: float, log):
         return info
 
     return hook
+
+
+def _finite_checks(checks: dict) -> dict:
+    """Engine-vs-ONNX Runtime errors as the strict-JSON manifest holds them: an engine whose
+    outputs hold NaN has a NaN error, recorded as null (and the check as failed)."""
+    from fastsam2.runtime.outputs import finite_or_none
+
+    for r in checks.values():
+        for o in r["outputs"].values():
+            err = finite_or_none(o["max_abs_err"])
+            if err is None:
+                r["passed"] = False
+            o["max_abs_err"], o["tol"] = err, finite_or_none(o["tol"])
+    return checks
 
 
 def echo_random_warnings(caught) -> None:
@@ -141,8 +201,9 @@ def main(config, checkpoint, target, keep, prompts, prompts_file, text_model, te
             return
         if not target:
             raise InputError("--target is required (see --list-targets)")
-        if not out:
+        if not out or not out.strip():
             raise InputError("--out is required")
+        require_export_extra("fastsam2-export")
         # open_clip logs "No pretrained weights loaded" on the root logger for random inits;
         # the one warning line below says it in our words
         logging.getLogger().setLevel(logging.ERROR)
@@ -156,7 +217,7 @@ def main(config, checkpoint, target, keep, prompts, prompts_file, text_model, te
         click.echo(f"wrote bundle {out} ({sizes:.1f} MB of ONNX, {manifest['export_seconds']:.1f} s, "
                    f"target {target}, keep {keep})")
     except FastSam2Error as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {one_line(e)}", err=True)
         sys.exit(e.exit_code)
 
 

@@ -7,6 +7,10 @@ import sys
 import click
 
 from fastsam2.runtime.errors import FastSam2Error, InputError
+from fastsam2.runtime.outputs import RunFolder, cli_interrupts
+
+# what a report folder holds (profile_report.write_report): replaced as a unit by each run
+REPORT_OUTPUTS = {"report.json": None, "report.md": None, "latency.png": None}
 
 
 def _keeps(text: str) -> tuple:
@@ -31,17 +35,24 @@ def _keeps(text: str) -> tuple:
 def main(bundle, backend, keep, memory_frames, warmup, iters, threads, out, quiet):
     """Time image encoder, router, memory attention, memory encoder and mask decoder separately
     on synthetic inputs with a full memory bank, at each keep ratio."""
+    from fastsam2.runtime.bundle import read_manifest
     from fastsam2.runtime.profile_report import write_report
     from fastsam2.runtime.profiling import profile_bundle
 
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
-    try:
-        report = profile_bundle(bundle, backend=backend, keeps=_keeps(keep), memory_frames=memory_frames,
-                                warmup=warmup, iters=iters, threads=threads, log=log)
-        written = write_report(report, out, log=log)
-    except FastSam2Error as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+    with cli_interrupts(lambda m: click.echo(m, err=True)):
+        try:
+            keeps = _keeps(keep)
+            read_manifest(bundle)  # a bad bundle fails before the report folder is touched
+            # the folder holds one report: locked while profiling, an earlier report replaced
+            # whole (a plot from an older run never sits beside new numbers)
+            with RunFolder(out, force=True, outputs=REPORT_OUTPUTS):
+                report = profile_bundle(bundle, backend=backend, keeps=keeps, memory_frames=memory_frames,
+                                        warmup=warmup, iters=iters, threads=threads, log=log)
+                written = write_report(report, out, log=log)
+        except FastSam2Error as e:
+            click.echo(f"error: {' '.join(str(e).split())}", err=True)
+            sys.exit(e.exit_code)
     for r in report["results"]:
         f = r["frame"]
         click.echo(f"{r['backend']} keep {r['keep']:g} (k {r['k']}/{report['geometry']['tokens']}): "

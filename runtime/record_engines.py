@@ -11,6 +11,7 @@ import sys
 
 from fastsam2.runtime import trt_backend
 from fastsam2.runtime.errors import FastSam2Error
+from fastsam2.runtime.outputs import cli_interrupts
 
 
 def main(argv=None) -> None:
@@ -18,11 +19,13 @@ def main(argv=None) -> None:
                                 description="Record the engines build_plan.sh built into the bundle.")
     p.add_argument("bundle", help="the bundle folder")
     args = p.parse_args(argv)
-    try:
-        trt_backend.record_engines(args.bundle)
-    except FastSam2Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    # engines.json is written atomically; a signal on the way leaves the old one or none
+    with cli_interrupts():
+        try:
+            trt_backend.record_engines(args.bundle)
+        except FastSam2Error as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

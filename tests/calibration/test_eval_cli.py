@@ -145,8 +145,31 @@ def test_neither_results_nor_bundle(davis_root):
     assert_one_line_error(run("--davis", davis_root), "--results")
 
 
-def test_run_mode_needs_keep_and_out(davis_root, tmp_path):
-    assert_one_line_error(run("--davis", davis_root, "--bundle", tmp_path), "--keep")
+def test_run_mode_needs_out(davis_root, tmp_path):
+    assert_one_line_error(run("--davis", davis_root, "--bundle", tmp_path), "--out")
+
+
+def test_run_mode_keep_auto_and_one_run_per_folder(bundle_dir, tmp_path):
+    """--keep auto and the default --backend (auto), as fastsam2-run; --out holding an earlier
+    run's masks is refused without --force and replaced whole with it (the user's files stay)."""
+    from fastsam2.calibration.synthetic import make_davis_layout
+
+    root = tmp_path / "DAVIS"
+    make_davis_layout(root, {"one": dict(num_frames=3, seed=6, size=(96, 128))})
+    out = tmp_path / "res"
+    (out / "one").mkdir(parents=True)
+    (out / "one" / "00007.png").write_bytes(b"an earlier run's mask")
+    (out / "notes.txt").write_text("mine")
+    args = ["--davis", root, "--split", "val", "--bundle", bundle_dir, "--keep", "auto", "--out", out]
+    assert_one_line_error(run(*args), "earlier run's outputs (one/)", "--force")
+    assert (out / "one" / "00007.png").exists()
+    res = run(*args, "--force")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (out / "one").iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["global_results-val.csv", "notes.txt", "one",
+                                                    "per-sequence_results-val.csv"]
+    assert_one_line_error(run("--davis", root, "--bundle", bundle_dir, "--keep", "most", "--out", tmp_path / "r2"),
+                          "--keep")
 
 
 def test_run_mode_tracks_davis_layout_and_scores(bundle_dir, tmp_path):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -114,6 +117,76 @@ def test_corrupt_checkpoint(tmp_path):
     bad.write_bytes(b"not a checkpoint at all")
     code, text = run(BASE + ["--checkpoint", str(bad), "--out", str(tmp_path / "o")])
     assert code == 2 and text.startswith("error: cannot read checkpoint") and "Traceback" not in text
+
+
+def _one_line_error(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in text, text
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def pickled_object_file(tmp_path_factory):
+    """A .pt whose pickle holds an object beyond tensors and plain containers: torch.load with
+    weights_only refuses it with advice to turn weights_only off, which we must not repeat."""
+    import fractions
+
+    path = tmp_path_factory.mktemp("pickled") / "odd.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "ratio": fractions.Fraction(1, 3)}, path)
+    return path
+
+
+def test_checkpoint_and_router_errors_do_not_repeat_torchs_advice(tmp_path, pickled_object_file):
+    for flag, start in (("--checkpoint", "error: cannot read checkpoint"),
+                        ("--router-weights", "error: cannot read router weights")):
+        code, text = run(BASE + [flag, str(pickled_object_file), "--out", str(tmp_path / "o")])
+        line = _one_line_error(text)
+        assert code == 2 and line.startswith(start), line
+        assert "Python objects besides tensors" in line
+        for advice in ("weights_only", "trust", "arbitrary code", "\x1b["):
+            assert advice not in line, line
+        assert not (tmp_path / "o").exists()
+
+
+# a runtime-only install: importing torch fails as it does where it is not installed
+NO_TORCH = textwrap.dedent("""
+    import sys
+
+    class NoTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "torch":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, NoTorch())
+    module, *args = sys.argv[1:]
+    __import__(module, fromlist=["main"]).main(args)
+""")
+
+
+@pytest.mark.parametrize("module, args, words", [
+    ("fastsam2.export.cli", ["--target", "cpu", "--out", "{tmp}/b"], ["fastsam2-export needs the export extra"]),
+    ("fastsam2.calibration.calibrate_cli", ["router", "--frames", "{tmp}/f", "--prompt", "ball"],
+     ["fastsam2-calibrate router needs the export extra"]),
+])
+def test_runtime_only_install_names_the_extra(tmp_path, module, args, words):
+    args = [a.format(tmp=tmp_path) for a in args]
+    r = subprocess.run([sys.executable, "-c", NO_TORCH, module, *args], capture_output=True, text=True,
+                       timeout=120)
+    line = _one_line_error(r.stderr)
+    assert r.returncode == 2 and r.stdout == ""
+    assert 'pip install "fastsam2[export]"' in line and "torch" in line, line
+    for w in words:
+        assert w in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibrate_int8_needs_no_torch(tmp_path):
+    """int8 recording runs on the runtime: without torch it reaches the bundle check."""
+    r = subprocess.run([sys.executable, "-c", NO_TORCH, "fastsam2.calibration.calibrate_cli", "int8", "--bundle",
+                        str(tmp_path / "nope"), "--frames", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and _one_line_error(r.stderr).startswith("error: bundle folder not found")
 
 
 def test_existing_output_needs_force_and_unwritable_output(tmp_path):
