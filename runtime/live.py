@@ -25,8 +25,10 @@ Frame.index counts every frame decoded, so handed-out indices plus dropped range
 0..last without gaps. Frame.timestamp is from the stream's pts relative to the first frame; for
 streams without timestamps (MJPEG over HTTP) it is the arrival time relative to the first frame.
 
-Time bounds: open_timeout bounds the time to the first decoded frame (connect, probe, decode);
-read_timeout the silence between frames; both give SourceError (one line; FFmpeg's own log is
+Time bounds: open_timeout bounds the time to the first decoded frame (connect, probe, decode;
+the constructor gives up OPEN_GRACE_S after it at the latest, even where FFmpeg cannot be
+interrupted, e.g. a hanging name lookup); read_timeout the silence between frames; both give
+SourceError (one line; FFmpeg's own log is
 silenced). A stream the server ends (EOF, or the server closing the connection) ends the
 iteration normally. UDP has no end: a sender that stops reads as a silent stream (SourceError
 after read_timeout).
@@ -37,7 +39,9 @@ container itself. close(), the end of a with-block and garbage collection of the
 same, also when the consumer raised.
 
 RTSP is read over TCP (rtsp_transport=tcp): no packet loss and it passes NAT; a camera also
-needs no UDP ports open. Cameras are asked for `fps` frames/s when it is given.
+needs no UDP ports open. Cameras are asked for `fps` frames/s when it is given. FFmpeg reads
+PROBE_SECONDS of a stream before the first frame is out, and MPEG-TS/H.264 holds the newest
+frame until the next one starts, so a TS stream is ~2 frames behind the sender.
 """
 
 from __future__ import annotations
@@ -378,7 +382,7 @@ class LiveSource(FrameSource):
         _silence_ffmpeg()
         r = self._reader = _Reader(target, _options(target, fps, read_timeout), realtime, fps,
                                    open_timeout, read_timeout, self._stop_event)
-        self._drops = r.drops
+        self._drops, self._drops_lock = r.drops, r.cond
         self._thread = threading.Thread(target=_run, args=(r,), daemon=True,
                                         name=f"fastsam2-reader {target.display}")
         self._finalizer = weakref.finalize(self, _Reader.shutdown, r)

@@ -16,10 +16,17 @@ live), live (a camera or stream: no end), frame_names (folders only), and:
   timestamp is in seconds (file: from pts, relative to the stream's start; live: from pts
   relative to the first frame, or arrival time where the stream carries no timestamps;
   folder: index / fps). Iterating the source itself yields (index, rgb) pairs.
-- dropped, dropped_ranges: frames skipped by realtime=True (live sources only; 0 and [] else).
+- realtime: True only for a live source opened with realtime=True (then frames() hands out
+  the newest frame and drops the ones that arrived while the consumer was busy).
+- dropped, dropped_ranges: how many frames realtime dropped, and which, as inclusive
+  [first, last] index ranges (the newest DROP_RANGES_KEPT ranges; `dropped` stays exact).
+  0 and [] for every other source.
+- decode_errors: damaged packets the decoder rejected and that were skipped.
 - stop(): thread-safe; the iteration in progress (or the next) ends at the next frame. Sticky.
 - check_complete(): after a file was read to its end, raises IncompleteInputError (exit 3) if
-  the file ended before its container said it would (see VideoSource); a no-op otherwise.
+  the file ended before its container said it would (see VideoSource); a no-op otherwise
+  (folders, live sources, a pass that was stopped or broken off early). Call it after the
+  loop, once the outputs of the frames read are written: they are complete and are kept.
 - close() / with-block: releases the decoder (and a live source's reader thread).
 
 Sources never keep more than the frames they are about to hand out; memory stays flat
@@ -28,6 +35,7 @@ however long the video is.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from collections import deque
@@ -91,10 +99,13 @@ class FrameSource:
     fps: float = DEFAULT_FOLDER_FPS
     num_frames: int | None = None
     live: bool = False
+    realtime: bool = False  # True only for a live source opened with realtime=True
+    decode_errors: int = 0  # damaged packets the decoder rejected and that were skipped
 
     def __init__(self) -> None:
         self._stop_event = threading.Event()
         self._drops = DropRecord()
+        self._drops_lock = contextlib.nullcontext()  # a live source's reader updates _drops
 
     def frames(self) -> Iterator[Frame]:
         raise NotImplementedError
@@ -105,11 +116,15 @@ class FrameSource:
 
     @property
     def dropped(self) -> int:
-        return self._drops.count
+        with self._drops_lock:
+            return self._drops.count
 
     @property
     def dropped_ranges(self) -> list[list[int]]:
-        return [list(r) for r in self._drops.ranges]
+        """Inclusive [first, last] index ranges of the dropped frames, oldest first; only the
+        newest DROP_RANGES_KEPT ranges are kept (`dropped` stays exact)."""
+        with self._drops_lock:
+            return [list(r) for r in self._drops.ranges]
 
     @property
     def stopped(self) -> bool:
