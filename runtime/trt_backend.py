@@ -201,8 +201,8 @@ class TensorRTSession:
             if not ctx.set_input_shape(name, tuple(int(d) for d in arr.shape)):
                 raise InputError(
                     f"{self.engine_path.name}: input {name} of shape {arr.shape} is outside the "
-                    f"engine's optimisation profile {self._profile_range(name)}; rebuild the "
-                    "engines for this keep range"
+                    f"engine's optimisation profile {self._profile_range(name)}, which the target's "
+                    "keep range and prompt-point count set; rebuild the engines for a wider one"
                 )
             # grow first: polygraphy refuses a host array larger than the device buffer
             buf = self._buffers[name].resize(arr.shape)

@@ -1,72 +1,211 @@
-"""An emulated CUDA device + `tensorrt` module, for testing fastsam2's TensorRT code without a GPU.
+"""An emulated CUDA device and `tensorrt` module (8.6 or 10.x API), for testing fastsam2's
+TensorRT code without a GPU, and strict where a GPU is.
 
-What stays real: fastsam2's code (engine build loop, manifest, TensorRTSession, the tracking
-loop) and Polygraphy's `DeviceArray`/`Stream` (with their buffer-size and dtype checks).
-What is emulated:
-- CUDA: Polygraphy's global wrapper is swapped for `HostCuda`, which "allocates" host memory and
-  copies with memmove.
-- TensorRT: the builder parses the ONNX file's inputs (-1 for dynamic axes, like TensorRT),
-  records the optimisation profile and flags it is given, and serialises an "engine" that is a
-  small JSON naming the ONNX graph and that profile. The runtime deserialises it into an engine
-  that enforces the profile, declares int64 index inputs as int32 (TensorRT 8.6 does), reads its
-  inputs from the device addresses it was given, runs onnxruntime and writes its outputs back.
+What stays real: fastsam2's code (engine builds, build plan, manifest, TensorRTSession, GPU
+detection through libcudart's API, the tracking loop) and Polygraphy's DeviceArray/Stream.
+What is emulated, and how it fails where a GPU would:
+- CUDA (`EmulatedDevice`, in place of Polygraphy's global wrapper). Device memory is blocks of
+  its own, uninitialised (0xFF: NaN floats, -1 indices) until written. A copy must go the way its
+  kind says, between a host pointer and a device block large enough. Work on a stream runs only
+  when the stream is synchronised or a synchronous call drains it: a device-to-host copy leaves
+  0xFF in the host array and delivers its bytes at synchronize. Stricter than CUDA: work queued
+  behind output copies never synchronised, or memory freed while they are pending, is an error
+  (fastsam2 reads outputs after every run). Its `handle` answers libcudart's device queries, so
+  `trt_backend.current_gpu` runs unpatched.
+- TensorRT (`emulated_tensorrt`): the builder parses the ONNX inputs (-1 for dynamic axes; 8.6
+  wants an explicit-batch network), validates the optimisation profile as TensorRT does (every
+  dynamic input, min <= opt <= max, static dims kept), DLA only on a device with DLA cores and with
+  GPU fallback, int8 only with a calibration cache. Its engine records graph, profile, precision,
+  DLA core, TensorRT version and compute capability, and loads only where both match. Index
+  inputs are int64 on 10.x and int32 on 8.6. The context enforces the profile, wants every tensor
+  address on a device block large enough, and computes with onnxruntime when its stream runs.
+- trtexec (`trtexec_main`, trtexec_stub.py): checks each flag's value, builds through the builder.
 
-This proves plumbing (names, shapes, dtypes, buffers, profiles, files, manifest), not TensorRT's
-parser coverage, numerics or speed.
+This proves plumbing: names, shapes, dtypes, buffers, copies, synchronisation, profiles, flags,
+files, manifest. Not TensorRT's parser coverage, tactics, fp16/int8 numerics, memory or speed.
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
 import ctypes
+import enum
 import importlib.machinery
 import json
 import sys
 import types
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fastsam2.runtime.contract import GRAPHS, geometry
 
 EMU_GPU = {"gpu_name": "Emulated GPU", "compute_capability": "9.0"}
+ORIN_GPU = {"gpu_name": "Orin (nvgpu)", "compute_capability": "8.7", "dla_cores": 2}
 EMU_TRT = "10.0.0-emulated"
+TRT86 = "8.6.1-emulated"  # JetPack 6.0
+TRT_VERSIONS = (TRT86, EMU_TRT)
 PERTURB = {}  # graph -> offset the emulated engine adds to its outputs (tests of the checks)
+POISON = 0xFF  # bytes of memory nothing wrote yet: NaN as float32, -1 as an index
 
 
-class HostCuda:
-    """Polygraphy's CUDA wrapper, over host memory."""
+class EmulatedCudaError(RuntimeError):
+    """A CUDA call that would have returned an error status."""
 
-    handle = None
 
-    def __init__(self):
-        self.blocks = {}
+class _Cudart:
+    """libcudart's device queries (what `trt_backend._gpu_from_cudart` calls), for the emulated GPU."""
+
+    def __init__(self, device):
+        self._device = device
+
+    def cudaGetDeviceCount(self, count):  # noqa: N802 (CUDA's names)
+        count._obj.value = 1
+        return 0
+
+    def cudaDeviceGetAttribute(self, value, attr, device):  # noqa: N802
+        major, minor = self._device.gpu["compute_capability"].split(".")
+        value._obj.value = int({75: major, 76: minor}[attr])
+        return 0
+
+    def cudaGetDeviceProperties_v2(self, prop, device):  # noqa: N802
+        name = self._device.gpu["gpu_name"].encode()[:255]
+        ctypes.memmove(prop, name, len(name))
+        return 0
+
+
+class EmulatedDevice:
+    """Polygraphy's CUDA wrapper (malloc/free/memcpy/streams) over an emulated device."""
+
+    def __init__(self, gpu):
+        self.gpu = dict(gpu)
+        self.handle = _Cudart(self)
+        self._blocks, self._starts = {}, []  # start address -> ctypes buffer; sorted starts
+        self._streams, self._next_stream = {}, 0x5000
+        self.stats = collections.Counter()
+
+    @property
+    def dla_cores(self) -> int:
+        return int(self.gpu.get("dla_cores", 0))
 
     def malloc(self, nbytes):
-        buf = ctypes.create_string_buffer(int(nbytes))
-        self.blocks[ctypes.addressof(buf)] = buf
-        return ctypes.addressof(buf)
+        buf = ctypes.create_string_buffer(max(int(nbytes), 1))
+        ctypes.memset(buf, POISON, len(buf))  # cudaMalloc hands out whatever was there
+        start = ctypes.addressof(buf)
+        self._blocks[start] = buf
+        bisect.insort(self._starts, start)
+        return start
 
     def free(self, ptr):
-        self.blocks.pop(int(ptr or 0), None)
+        ptr = int(ptr or 0)
+        if not ptr:
+            return
+        if ptr not in self._blocks:
+            raise EmulatedCudaError(f"cudaFree({ptr:#x}): not the start of a device allocation")
+        self._drain_all("cudaFree")  # cudaFree waits for the device
+        del self._blocks[ptr]
+        self._starts.remove(ptr)
+
+    def block(self, ptr, nbytes):
+        """The address range [ptr, ptr + nbytes) inside one device block, or None."""
+        i = bisect.bisect_right(self._starts, int(ptr)) - 1
+        if i < 0:
+            return None
+        start = self._starts[i]
+        return (start, int(ptr) - start) if int(ptr) - start + nbytes <= len(self._blocks[start]) else None
 
     def memcpy(self, dst, src, nbytes, kind, stream_ptr=None):
-        ctypes.memmove(int(dst), int(src), int(nbytes))
+        kind, dst, src, nbytes = getattr(kind, "value", kind), int(dst), int(src), int(nbytes)
+        names = {1: "HostToDevice", 2: "DeviceToHost"}
+        if kind not in names:
+            raise EmulatedCudaError(f"cudaMemcpy kind {kind}: fastsam2 copies between host and device only")
+        dev, host = (dst, src) if kind == 1 else (src, dst)
+        if self.block(dev, nbytes) is None or self.block(host, 1) is not None:
+            raise EmulatedCudaError(
+                f"cudaMemcpy{'Async' if stream_ptr is not None else ''} {names[kind]} of {nbytes} bytes "
+                f"from {src:#x} to {dst:#x}: {'destination' if kind == 1 else 'source'} is not device "
+                f"memory that large, or the {'source' if kind == 1 else 'destination'} is (cudaErrorInvalidValue)")
+        self.stats[names[kind]] += 1
+        if kind == 1:  # pageable host memory is staged when the call is made
+            data = ctypes.string_at(src, nbytes)
+            op = ("input copy", lambda: ctypes.memmove(dst, data, nbytes))
+        else:
+            op = ("output copy", lambda: ctypes.memmove(dst, src, nbytes))
+        if stream_ptr is None:
+            self._drain_all("a synchronous cudaMemcpy")  # the legacy default stream waits for all
+            op[1]()
+            return
+        queue = self._queue(stream_ptr)
+        if kind == 1:
+            self._refuse_behind_outputs(stream_ptr, "a host-to-device copy")
+        else:
+            ctypes.memset(dst, POISON, nbytes)  # what the host reads before synchronize
+        queue.append(op)
+
+    def enqueue(self, stream_ptr, what, fn):
+        self._queue(stream_ptr)
+        self._refuse_behind_outputs(stream_ptr, what)
+        self._streams[int(stream_ptr)].append((what, fn))
 
     def create_stream(self):
-        return 1
+        self._next_stream += 0x10
+        self._streams[self._next_stream] = []
+        return self._next_stream
 
     def stream_synchronize(self, ptr):
-        pass
+        self.stats["synchronize"] += 1
+        self._run(self._queue(ptr))
 
     def destroy_stream(self, ptr):
-        pass
+        self._drain(int(ptr), "cudaStreamDestroy")
+        self._streams.pop(int(ptr))
+
+    def pending(self) -> int:
+        return sum(len(q) for q in self._streams.values())
+
+    def _queue(self, ptr):
+        if ptr is None or int(ptr) not in self._streams:
+            raise EmulatedCudaError(f"stream {ptr!r} is not a live stream (cudaErrorInvalidResourceHandle)")
+        return self._streams[int(ptr)]
+
+    def _refuse_behind_outputs(self, ptr, what):
+        if any(kind == "output copy" for kind, _ in self._streams[int(ptr)]):
+            self._streams[int(ptr)].clear()  # never deliver into host arrays that may be gone
+            raise EmulatedCudaError(f"{what} queued on stream {int(ptr):#x} behind device-to-host copies "
+                                    "that were never synchronised (stream.synchronize() missing)")
+
+    def _drain(self, ptr, why):
+        if any(kind == "output copy" for kind, _ in self._streams.get(ptr, ())):
+            self._streams[ptr].clear()
+            raise EmulatedCudaError(f"{why} while device-to-host copies on stream {ptr:#x} were never "
+                                    "synchronised (stream.synchronize() missing)")
+        self._run(self._streams.get(ptr, []))
+
+    def _drain_all(self, why):
+        for ptr in list(self._streams):
+            self._drain(ptr, why)
+
+    @staticmethod
+    def _run(queue):
+        while queue:
+            queue.pop(0)[1]()
 
 
-def engine_blob(onnx_path, graph: str, profile: dict) -> bytes:
-    """What the emulated builder serialises: a header line (the graph and its profile
-    {input: [min, opt, max]}) and the ONNX model itself, self-contained like a real engine."""
-    head = json.dumps({"graph": graph, "profile": {n: [list(s) for s in v] for n, v in profile.items()}})
+def engine_blob(onnx_path, graph: str, profile: dict, trt=EMU_TRT, gpu=EMU_GPU, precision="fp32",
+                dla_core=-1, **build) -> bytes:
+    """What the emulated builder serialises: a header line (graph, profile {input: [min, opt,
+    max]}, the TensorRT version and compute capability it is tied to, what it was built with)
+    and the ONNX model itself, self-contained like a real engine."""
+    head = {"graph": graph, "profile": {n: [list(s) for s in v] for n, v in profile.items()}, "trt": trt,
+            "compute_capability": gpu["compute_capability"], "precision": precision, "dla_core": dla_core,
+            **build}
     with open(onnx_path, "rb") as f:
-        return b"EMU:" + head.encode() + b"\n" + f.read()
+        return b"EMU:" + json.dumps(head).encode() + b"\n" + f.read()
+
+
+def engine_header(blob: bytes) -> dict:
+    return json.loads(bytes(blob[4:bytes(blob).index(b"\n")]))
 
 
 class EmuContext:
@@ -84,38 +223,64 @@ class EmuContext:
         self.addr[name] = int(ptr)
 
     def get_tensor_shape(self, name):
+        """An output's shape from the input shapes set so far; -1 where they do not tell."""
         dims = dict(self.engine.geometry)
         for t in self.engine.spec.inputs:
-            for sym, v in zip(t.shape, self.shapes[t.name]):
+            for sym, v in zip(t.shape, self.shapes.get(t.name, ())):
                 if isinstance(sym, str):
                     dims[sym] = v
-        return next(t for t in self.engine.spec.outputs if t.name == name).resolve(dims)
-
-    def _array(self, name, shape, dtype):
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        return np.frombuffer((ctypes.c_char * n).from_address(self.addr[name]), dtype=dtype).reshape(shape)
+        shape = next(t for t in self.engine.spec.outputs if t.name == name).resolve(dims)
+        return tuple(d if isinstance(d, int) else -1 for d in shape)
 
     def execute_async_v3(self, stream):
-        feeds = {t.name: self._array(t.name, self.shapes[t.name], self.engine.dtypes[t.name]).astype(t.dtype)
-                 for t in self.engine.spec.inputs}  # the ONNX graph wants its int64 back
-        outs = self.engine.session.run(None, feeds)
-        for t, value in zip(self.engine.spec.outputs, outs):
-            assert value.shape == self.get_tensor_shape(t.name), (t.name, value.shape)
-            value = np.ascontiguousarray(value + PERTURB.get(self.engine.spec.name, 0), dtype=self.engine.dtypes[t.name])
-            ctypes.memmove(self.addr[t.name], value.ctypes.data, value.nbytes)
-        self.engine.calls += 1
+        e = self.engine
+        unset = [n for n in e.spec.input_names if n not in self.shapes]
+        if unset:
+            return e.error(f"input shapes not set: {', '.join(unset)}")
+        shapes = {**{n: self.shapes[n] for n in e.spec.input_names},
+                  **{n: self.get_tensor_shape(n) for n in e.spec.output_names}}
+        for n, shape in shapes.items():
+            nbytes = int(np.prod(shape)) * e.dtypes[n].itemsize
+            if n not in self.addr:
+                return e.error(f"neither address nor allocator is set for tensor {n}")
+            if e.device.block(self.addr[n], nbytes) is None:
+                return e.error(f"tensor {n} {shape} needs {nbytes} bytes of device memory at "
+                               f"{self.addr[n]:#x}: not a device allocation that large")
+        addr = dict(self.addr)  # TensorRT reads the addresses when the work is queued
+        e.device.enqueue(stream, "an engine execution", lambda: self._compute(addr, shapes))
         return True
+
+    def _compute(self, addr, shapes):
+        e = self.engine
+
+        def array(name):
+            n = int(np.prod(shapes[name])) * e.dtypes[name].itemsize
+            if e.device.block(addr[name], n) is None:
+                raise EmulatedCudaError(f"{e.spec.name}: tensor {name} was freed before the engine ran")
+            return np.frombuffer((ctypes.c_char * n).from_address(addr[name]), dtype=e.dtypes[name]).reshape(shapes[name])
+
+        # the ONNX graph wants its int64 back
+        feeds = {t.name: array(t.name).astype(t.dtype) for t in e.spec.inputs}
+        for t in e.spec.inputs:
+            e.seen[t.name] = max(e.seen.get(t.name, shapes[t.name]), shapes[t.name])
+        for t, value in zip(e.spec.outputs, e.session.run(None, feeds)):
+            assert value.shape == shapes[t.name], (t.name, value.shape)
+            value = np.ascontiguousarray(value + PERTURB.get(e.spec.name, 0), dtype=e.dtypes[t.name])
+            array(t.name)  # still allocated
+            ctypes.memmove(addr[t.name], value.ctypes.data, value.nbytes)
+        e.calls += 1
 
 
 class EmuEngine:
-    def __init__(self, blob: bytes):
+    def __init__(self, blob: bytes, trt, device, logger):
         import onnxruntime as ort
 
         head, model = bytes(blob[4:]).split(b"\n", 1)
-        d = json.loads(head.decode())
-        self.spec = GRAPHS[d["graph"]]
+        self.header = json.loads(head.decode())
+        self.device, self.logger, self.trt = device, logger, trt
+        self.spec = GRAPHS[self.header["graph"]]
         self.session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-        self.profile = {n: [tuple(s) for s in v] for n, v in d["profile"].items()}
+        self.profile = {n: [tuple(s) for s in v] for n, v in self.header["profile"].items()}
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
         # the token grid from a fixed input: `feat` (1, 256, G, G) or `image` (1, 3, S, S)
         size = shapes["image"][-1] if "image" in shapes else 16 * shapes["feat"][-1] if "feat" in shapes else None
@@ -125,19 +290,25 @@ class EmuEngine:
                 fixed = tuple(shapes[t.name])
                 self.profile[t.name] = [fixed, fixed, fixed]
         self.names = self.spec.input_names + self.spec.output_names
-        self.dtypes = {t.name: np.dtype(np.int32 if t.dtype == "int64" else t.dtype)
+        # TensorRT 8.6 has no int64 tensors: its parser turns int64 inputs into int32
+        index = np.int64 if trt.major >= 10 else np.int32
+        self.dtypes = {t.name: np.dtype(index if t.dtype == "int64" else t.dtype)
                        for t in self.spec.inputs + self.spec.outputs}
         self.num_io_tensors = len(self.names)
-        self.calls = 0
+        self.calls, self.seen = 0, {}  # executions; largest shape each input was run at
+
+    def error(self, msg):
+        self.logger.log(self.trt.ILogger.Severity.ERROR, f"{self.spec.name}: {msg}")
+        return False
 
     def get_tensor_name(self, i):
         return self.names[i]
 
     def get_tensor_mode(self, name):
-        return "in" if name in self.spec.input_names else "out"
+        return self.trt.TensorIOMode.INPUT if name in self.spec.input_names else self.trt.TensorIOMode.OUTPUT
 
     def get_tensor_dtype(self, name):
-        return self.dtypes[name]
+        return self.trt.DataType.from_numpy(self.dtypes[name])
 
     def get_tensor_profile_shape(self, name, index):
         return self.profile[name]
@@ -146,206 +317,130 @@ class EmuEngine:
         return EmuContext(self)
 
 
-# -- builder side -----------------------------------------------------------------------------
+def emulated_tensorrt(device, version: str, engines: list, builds: list):
+    """A `tensorrt` module of `version` on `device`: `engines` collects deserialised engines,
+    `builds` what each build got (see trt_emulation_build for the builder)."""
+    from trt_emulation_build import add_builder
 
-class _Tensor:
-    def __init__(self, name, shape):
-        self.name, self.shape = name, tuple(shape)
-
-
-class _Network:
-    def __init__(self):
-        self.inputs, self.path = [], None
-
-    @property
-    def num_inputs(self):
-        return len(self.inputs)
-
-    def get_input(self, i):
-        return self.inputs[i]
-
-
-class _Parser:
-    def __init__(self, network, logger):
-        self.network, self.num_errors = network, 0
-
-    def parse_from_file(self, path):
-        import onnx
-
-        model = onnx.load(path, load_external_data=False)
-        init = {i.name for i in model.graph.initializer}
-        for inp in model.graph.input:
-            if inp.name in init:
-                continue
-            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in inp.type.tensor_type.shape.dim]
-            self.network.inputs.append(_Tensor(inp.name, dims))
-        self.network.path = path
-        return True
-
-    def get_error(self, i):
-        raise IndexError(i)
-
-
-class _Profile:
-    def __init__(self):
-        self.shapes = {}
-
-    def set_shape(self, name, lo, opt, hi):
-        self.shapes[name] = [tuple(lo), tuple(opt), tuple(hi)]
-
-
-class _TimingCache:
-    def __init__(self, blob):
-        self.blob = bytes(blob) or b"EMU-TIMING"
-
-    def serialize(self):
-        return self.blob
-
-
-class _Config:
-    def __init__(self):
-        self.flags, self.profiles, self.pools = set(), [], {}
-        self.builder_optimization_level = None
-        self.default_device_type = None
-        self.DLA_core = -1
-        self.int8_calibrator = None
-        self.timing_cache = None
-
-    def set_memory_pool_limit(self, pool, size):
-        self.pools[pool] = size
-
-    def set_flag(self, flag):
-        self.flags.add(flag)
-
-    def create_timing_cache(self, blob):
-        return _TimingCache(blob)
-
-    def set_timing_cache(self, cache, ignore_mismatch):
-        self.timing_cache = cache
-        return True
-
-    def add_optimization_profile(self, profile):
-        self.profiles.append(profile)
-
-
-def emulated_tensorrt(engines: list, builds: list):
-    """A `tensorrt` module: `engines` collects deserialised engines, `builds` what each build got."""
     trt = types.ModuleType("tensorrt")
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # find_spec("tensorrt") works
-    trt.__version__ = EMU_TRT
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
-    trt.nptype = lambda dt: dt
-    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8", GPU_FALLBACK="GPU_FALLBACK")
-    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.DeviceType = types.SimpleNamespace(DLA="DLA", GPU="GPU")
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0)
-    trt.OnnxParser = _Parser
+    trt.__version__, trt.major, trt.device = version, int(version.split(".")[0]), device
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+
+    # 8.6 has no INT64
+    members = {"FLOAT": "float32", "INT32": "int32", **({"INT64": "int64"} if trt.major >= 10 else {})}
+    DataType = enum.Enum("DataType", members)  # noqa: N806
+    DataType.from_numpy = classmethod(lambda cls, dt: cls(np.dtype(dt).name))
+    trt.DataType = DataType
+    trt.nptype = lambda dt: np.dtype(DataType(dt).value).type  # TypeError on what the version lacks
 
     class ILogger:
-        Severity = types.SimpleNamespace(VERBOSE=0, INFO=1, WARNING=2, ERROR=3)
+        Severity = enum.IntEnum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE", start=0)
 
         def __init__(self):
             pass
 
     class Logger(ILogger):
-        WARNING = 2
+        WARNING = ILogger.Severity.WARNING
 
         def __init__(self, severity=2):
-            pass
+            self.messages = []
 
-    class IInt8EntropyCalibrator2:
-        def __init__(self):
-            pass
+        def log(self, severity, msg):
+            self.messages.append((severity, msg))
 
     class Runtime:
+        DLA_core = -1
+
         def __init__(self, logger):
-            pass
+            self.logger = logger
 
         def deserialize_cuda_engine(self, blob):
-            if not blob.startswith(b"EMU:"):
-                return None  # TensorRT cannot read an engine from another version/GPU
-            engines.append(EmuEngine(blob))
-            engines[-1].dla_core = getattr(self, "DLA_core", None)  # what the session asked for
+            why = None
+            if not bytes(blob[:4]) == b"EMU:":
+                why = "not an engine (magic tag mismatch)"
+            else:
+                head = engine_header(blob)
+                if head["trt"] != version:
+                    why = f"the engine was built by TensorRT {head['trt']}, this is {version}"
+                elif head["compute_capability"] != device.gpu["compute_capability"]:
+                    why = (f"the engine was built for sm {head['compute_capability']}, this GPU is "
+                           f"sm {device.gpu['compute_capability']}")
+                elif head["dla_core"] >= 0 and not 0 <= self.DLA_core < device.dla_cores:
+                    why = f"DLA engine, but this runtime's DLA core {self.DLA_core} is not one of {device.dla_cores}"
+            if why:
+                self.logger.log(ILogger.Severity.ERROR, f"deserializeCudaEngine: {why}")
+                return None  # TensorRT returns no engine
+            engines.append(EmuEngine(blob, trt, device, self.logger))
+            engines[-1].dla_core = self.DLA_core  # what the session asked for
             return engines[-1]
 
-    class Builder:
-        def __init__(self, logger):
-            logger.log(ILogger.Severity.INFO, "emulated builder")
-
-        def create_network(self, flags=0):
-            return _Network()
-
-        def create_builder_config(self):
-            return _Config()
-
-        def create_optimization_profile(self):
-            return _Profile()
-
-        def build_serialized_network(self, network, config):
-            graph = network.path.rsplit("/", 1)[-1][:-len(".onnx")]
-            (profile,) = config.profiles
-            builds.append({"graph": graph, "flags": set(config.flags), "profile": dict(profile.shapes),
-                           "device": config.default_device_type, "dla_core": config.DLA_core,
-                           "workspace": config.pools.get("WORKSPACE"), "int8_calibrator": config.int8_calibrator,
-                           "level": config.builder_optimization_level})
-            return engine_blob(network.path, graph, profile.shapes)
-
-    trt.ILogger, trt.Logger, trt.Runtime, trt.Builder = ILogger, Logger, Runtime, Builder
-    trt.IInt8EntropyCalibrator2 = IInt8EntropyCalibrator2
+    trt.ILogger, trt.Logger, trt.Runtime = ILogger, Logger, Runtime
+    add_builder(trt, builds)
     return trt
 
 
-def install(monkeypatch=None, gpu=None):
-    """Swap in the emulated device; returns (engines, builds) lists the emulation fills.
+def reseal(path):
+    """After editing a bundle on purpose: its seal (where the runtime has one) again."""
+    from fastsam2.runtime import bundle
+
+    getattr(bundle, "reseal", lambda p: None)(path)
+
+
+def make_engine_bundle(dst, bundle_dir, trt_version=EMU_TRT, gpu=EMU_GPU, dla_core=-1):
+    """A copy of a bundle plus "engines" built for the emulated GPU (target hopper, keep range
+    0.25..1.0, fp16), recorded in its manifest as fastsam2-export records a local build."""
+    import shutil
+
+    from fastsam2.runtime.contract import GRAPH_ORDER, dynamic_inputs, profile_shapes
+
+    shutil.copytree(bundle_dir, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    edir = dst / "engines" / "hopper"
+    edir.mkdir(parents=True)
+    graphs = {}
+    shapes = profile_shapes(m["image_size"], 0.25, 0.5, 1.0)
+    for g in GRAPH_ORDER:
+        profile = {n: shapes[g][n] for n in dynamic_inputs(g)}
+        blob = engine_blob(dst / m["graphs"][g]["file"], g, profile, trt=trt_version, gpu=gpu,
+                           precision="fp16", dla_core=dla_core)
+        (edir / f"{g}.engine").write_bytes(blob)
+        graphs[g] = {"file": f"engines/hopper/{g}.engine"}
+    m["engines"] = {"target": "hopper", "keep_range": [0.3, 1.0], "precision": "fp16", "built": True,
+                    "dla_core": dla_core, "gpu_name": gpu["gpu_name"],
+                    "compute_capability": gpu["compute_capability"], "tensorrt_version": trt_version,
+                    "graphs": graphs}
+    (dst / "manifest.json").write_text(json.dumps(m))
+    reseal(dst)
+    return dst
+
+
+@dataclass
+class Emulation:
+    device: EmulatedDevice
+    trt: types.ModuleType = None
+    engines: list = field(default_factory=list)  # every engine deserialised
+    builds: list = field(default_factory=list)  # what every build got
+
+
+def install(monkeypatch=None, gpu=None, trt_version=EMU_TRT) -> Emulation:
+    """Swap in the emulated device and TensorRT `trt_version`; returns what the emulation fills.
     With a pytest monkeypatch the swap is undone after the test; without one (a child process,
-    see `fake_trtexec`) it lasts for the process."""
+    see `write_child_emulation`) it lasts for the process."""
     import polygraphy.cuda.cuda as poly_cuda
 
-    from fastsam2.runtime import trt_backend
-
-    engines, builds = [], []
-    trt = emulated_tensorrt(engines, builds)
+    em = Emulation(EmulatedDevice(gpu or EMU_GPU))
+    em.trt = emulated_tensorrt(em.device, trt_version, em.engines, em.builds)
     if monkeypatch is None:
-        sys.modules["tensorrt"] = trt
-        poly_cuda.G_CUDA = HostCuda()
-        trt_backend.current_gpu = lambda: dict(gpu or EMU_GPU)
+        sys.modules["tensorrt"] = em.trt
+        poly_cuda.G_CUDA = em.device
     else:
-        monkeypatch.setitem(sys.modules, "tensorrt", trt)
-        monkeypatch.setattr(poly_cuda, "G_CUDA", HostCuda())
-        monkeypatch.setattr(trt_backend, "current_gpu", lambda: dict(gpu or EMU_GPU))
-    return engines, builds
+        monkeypatch.setitem(sys.modules, "tensorrt", em.trt)
+        monkeypatch.setattr(poly_cuda, "G_CUDA", em.device)
+    return em
 
 
-# -- build_plan.sh on the emulated device --------------------------------------------------------
-# trtexec flags the plan may use (TensorRT 8.6/10 spellings); anything else is an error here
-TRTEXEC_FLAGS = {"--onnx", "--saveEngine", "--minShapes", "--optShapes", "--maxShapes", "--fp16", "--int8",
-                 "--calib", "--memPoolSize", "--builderOptimizationLevel", "--useDLACore",
-                 "--allowGPUFallback", "--timingCacheFile"}
-
-
-def trtexec_main(argv) -> int:
-    """A stand-in for trtexec: checks the flags, builds an emulated engine with the profile the
-    plan gives (min/opt/max shapes) and saves it where --saveEngine says."""
-    opts = {}
-    for a in argv:
-        name, _, value = a.partition("=")
-        if name not in TRTEXEC_FLAGS:
-            print(f"unknown trtexec flag {a}", file=sys.stderr)
-            return 2
-        opts[name] = value
-    shapes = {}
-    for i, which in enumerate(("--minShapes", "--optShapes", "--maxShapes")):
-        for item in filter(None, opts.get(which, "").split(",")):
-            n, dims = item.split(":")
-            shapes.setdefault(n, [None] * 3)[i] = tuple(int(d) for d in dims.split("x"))
-    onnx_path = opts["--onnx"]
-    graph = onnx_path.rsplit("/", 1)[-1][:-len(".onnx")]
-    with open(opts["--saveEngine"], "wb") as f:
-        f.write(engine_blob(onnx_path, graph, shapes))
-    return 0
-
-
-def write_child_emulation(folder) -> dict:
+def write_child_emulation(folder, gpu=None, trt_version=EMU_TRT) -> dict:
     """A `trtexec` and a sitecustomize.py that put child processes on the emulated device.
     Returns the environment variables to run build_plan.sh with."""
     import os
@@ -354,10 +449,11 @@ def write_child_emulation(folder) -> dict:
     folder = Path(folder)
     here = Path(__file__).resolve().parent
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text("import trt_emulation\ntrt_emulation.install()\n")
+    (folder / "sitecustomize.py").write_text(
+        f"import trt_emulation\ntrt_emulation.install(gpu={dict(gpu or EMU_GPU)!r}, trt_version={trt_version!r})\n")
     exe = folder / "trtexec"
     exe.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(here)!r})\n"
-                   "import trt_emulation\nsys.exit(trt_emulation.trtexec_main(sys.argv[1:]))\n")
+                   "import trt_emulation_build\nsys.exit(trt_emulation_build.trtexec_main(sys.argv[1:]))\n")
     exe.chmod(0o755)
     path = os.pathsep.join([str(folder), str(here), os.environ.get("PYTHONPATH", "")])
     return {"TRTEXEC": str(exe), "PYTHON": sys.executable, "PYTHONPATH": path}

@@ -17,7 +17,7 @@ import pytest
 
 from fastsam2.export.tensorrt import build_engines, shape_profiles, write_build_plan
 from fastsam2.profiles import list_targets, load_profile
-from fastsam2.runtime.contract import GRAPHS
+from fastsam2.runtime.contract import GRAPHS, dynamic_inputs
 from fastsam2.runtime.errors import BackendError, BundleError, InputError
 from fastsam2.runtime.trt_backend import TensorRTSession, check_engine_compat
 
@@ -134,16 +134,30 @@ def test_build_plan_trtexec_lines(tmp_path, target, image_size):
             assert parsed == {n: shapes[g][n][i] for n in dynamic}, (g, which)
 
 
+def polygraphy_pairs(plan) -> list:
+    """[(graph, which, reference line, check line)] of a plan's check section, which is "opt"
+    or "max" (the profile's maxima, for graphs with dynamic inputs)."""
+    lines = [ln.strip() for ln in plan.read_text().splitlines() if "polygraphy run" in ln]
+    pairs = []
+    for ref, check in zip(lines[0::2], lines[1::2]):
+        g = re.search(r"\.\./\.\./(\w+)\.onnx", ref).group(1)
+        pairs.append((g, "max" if f"checks/{g}.max." in ref else "opt", ref, check))
+    return pairs
+
+
 def test_build_plan_polygraphy_checks(tmp_path):
     _, shapes, plan = plan_for(tmp_path, "desktop-ampere")
-    lines = [ln.strip() for ln in plan.read_text().splitlines() if "polygraphy run" in ln]
-    assert len(lines) == 2 * len(GRAPHS)
-    for g, ref, check in zip(GRAPHS, lines[0::2], lines[1::2]):
+    pairs = polygraphy_pairs(plan)
+    # every graph at the opt shapes; the graphs with dynamic inputs at the profile's maxima too
+    assert [(g, w) for g, w, _, _ in pairs] == [(g, w) for g in GRAPHS
+                                                for w in (("opt", "max") if dynamic_inputs(g) else ("opt",))]
+    for g, which, ref, check in pairs:
         ref, check = shlex.split(ref), shlex.split(check)
+        saved = f"checks/{g}{'.max' if which == 'max' else ''}"
         # ONNX Runtime first, saving inputs and outputs; then the saved engine on those inputs
         assert ref[:4] == ["polygraphy", "run", f"../../{g}.onnx", "--onnxrt"]
-        assert ref[ref.index("--save-inputs") + 1] == check[check.index("--load-inputs") + 1] == f"checks/{g}.inputs.json"
-        assert ref[ref.index("--save-outputs") + 1] == check[check.index("--load-outputs") + 1]
+        assert ref[ref.index("--save-inputs") + 1] == check[check.index("--load-inputs") + 1] == f"{saved}.inputs.json"
+        assert ref[ref.index("--save-outputs") + 1] == check[check.index("--load-outputs") + 1] == f"{saved}.onnxrt.json"
         assert check[:6] == ["polygraphy", "run", f"{g}.engine", "--model-type", "engine", "--trt"]
         # fp16 relaxes the contract's tolerances x10
         atol = dict(w.split(":") for w in check[check.index("--atol") + 1:check.index("--rtol")])
@@ -156,40 +170,55 @@ def test_build_plan_polygraphy_checks(tmp_path):
                 name, dims = ref[i].split(":")
                 given[name] = tuple(int(d) for d in dims.strip("[]").split(","))
                 i += 1
-            assert given == {n: s[1] for n, s in shapes[g].items() if s[0] != s[2]}
-    assert "'curr_idx:[0,4095]'" in lines[4]  # random indices stay inside the 64x64 grid
+            assert given == {n: s[1 if which == "opt" else 2] for n, s in shapes[g].items() if s[0] != s[2]}
+        else:
+            assert not dynamic_inputs(g)
+    ma = [ref for g, _, ref, _ in pairs if g == "memory_attention"]
+    assert all("'curr_idx:[0,4095]'" in r for r in ma)  # random indices stay inside the 64x64 grid
+    assert "'memory:[28736,64]'" in ma[1]  # the full bank with 16 object pointers
 
 
-@pytest.mark.parametrize("target", ["jetson-orin", "desktop-ada"])
-def test_build_plan_polygraphy_lines_run_against_onnxruntime(tmp_path, bundle_dir, target):
+def polygraphy_command() -> str:
+    """Polygraphy's CLI on this interpreter (it has no `python -m polygraphy`): runs wherever the
+    package imports, whether or not its script is next to sys.executable or on PATH."""
+    code = "import sys; from polygraphy.tools import main; sys.exit(main())"
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+
+
+def test_build_plan_polygraphy_lines_run_against_onnxruntime(tmp_path, bundle_dir):
     """The plan's check section, run as written except that the graph under ONNX Runtime stands in
     for the engine (no GPU here): Polygraphy must accept every flag, shape, value range, saved
-    file and per-output tolerance, feed the real graphs at the opt shapes and compare."""
-    poly = os.path.join(os.path.dirname(sys.executable), "polygraphy")
-    if not os.path.exists(poly):
+    file and per-output tolerance, feed the real graphs at the opt shapes and the profile's
+    maxima, and compare. The fp16 targets' check sections are the same text (one runs here)."""
+    if importlib.util.find_spec("polygraphy") is None:
         pytest.skip("polygraphy is not installed (pip install fastsam2[dev])")
     for f in bundle_dir.glob("*.onnx"):
         (tmp_path / f.name).symlink_to(f)
-    p = load_profile(target)
-    plan = write_build_plan(tmp_path, p, shape_profiles(p, 256, 0.5))
-    lines = [ln.strip() for ln in plan.read_text().splitlines() if "polygraphy run" in ln]
-    assert len(lines) == 2 * len(GRAPHS)
+    checks = {}
+    for target in ("jetson-orin", "desktop-ada", "hopper"):
+        p = load_profile(target)
+        plan = write_build_plan(tmp_path, p, shape_profiles(p, 256, 0.5))
+        checks[target] = polygraphy_pairs(plan)
+    assert checks["jetson-orin"] == checks["desktop-ada"] == checks["hopper"]
+    pairs = checks["jetson-orin"]
+    assert len(pairs) == sum(2 if dynamic_inputs(g) else 1 for g in GRAPHS)
     (plan.parent / "checks").mkdir()
-    for g, ref, check in zip(GRAPHS, lines[0::2], lines[1::2]):
+    for g, which, ref, check in pairs:
         engine = f" {g}.engine --model-type engine --trt "
         assert engine in check
         for cmd in (ref, check.replace(engine, f" ../../{g}.onnx --onnxrt ")):
-            cmd = cmd.replace("polygraphy run", f"{shlex.quote(poly)} run", 1)
+            cmd = cmd.replace("polygraphy", polygraphy_command(), 1)
             r = subprocess.run(["bash", "-c", cmd], cwd=plan.parent, capture_output=True, text=True, timeout=300)
             out = r.stdout + r.stderr
-            assert r.returncode == 0, (g, out[-2000:])
+            assert r.returncode == 0, (g, which, out[-2000:])
             # Polygraphy only warns about an unknown input name, a shape it cannot use or a
             # tolerance for a missing output, then goes on: any such warning is a broken line
             warned = [ln for ln in out.splitlines() if ln.startswith("[W]") and "'colored'" not in ln]
-            assert not warned, (g, warned)
-        assert (plan.parent / "checks" / f"{g}.inputs.json").is_file()
+            assert not warned, (g, which, warned)
+        tag = ".max" if which == "max" else ""
+        assert (plan.parent / "checks" / f"{g}{tag}.inputs.json").is_file()
         matched = re.search(r"All outputs matched \| Outputs: \[(.*?)\]", out)
-        assert matched, (g, out[-2000:])
+        assert matched, (g, which, out[-2000:])
         assert sorted(n.strip(" '") for n in matched.group(1).split(",")) == sorted(t.name for t in GRAPHS[g].outputs)
 
 
