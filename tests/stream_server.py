@@ -20,6 +20,11 @@ that connects any time after the server is up starts cleanly and its frame index
 server's frame counter. UDP has no connection: the sender starts when the server is up and a
 reader joins mid-stream at the next keyframe (one per second).
 
+loop=False ends each connection's stream after one pass (the reader's iteration then ends
+normally); a test whose consumer is slow (a tracker) or stops by itself (--max-frames) should
+use loop=True so the stream is still there when it asks. A UDP stream never ends for the
+reader: a finished sender reads as a silent stream.
+
 The server binds 127.0.0.1 port 0 and reports the port it got, so there is no race for a free
 port (UDP is the exception: the reader binds, so the port is picked free here and passed on).
 Leaving the `with` block always stops the process (SIGTERM, then SIGKILL), bounded in time.
