@@ -20,6 +20,13 @@ from fastsam2.runtime.bundle import sha256_file
 from fastsam2.runtime.errors import BackendError, BundleError, InputError
 from fastsam2.runtime.precision import graph_precisions, variant_path
 
+# ONNX Runtime 1.2x+ on Linux/macOS records telemetry (1DS: a device id and an event store under
+# $XDG_CACHE_HOME/Microsoft/DeveloperTools/.onnxruntime, uploaded to Microsoft) from the moment
+# it is imported. Opt out before it is imported, unless the user chose otherwise; both names,
+# since onnxruntime renamed the variable (ORT_DISABLE_TELEMETRY in 1.32, ORT_TELEMETRY_DISABLED later).
+for _name in ("ORT_DISABLE_TELEMETRY", "ORT_TELEMETRY_DISABLED"):
+    os.environ.setdefault(_name, "1")
+
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "openvino")
 
 _ORT_PROVIDERS = {
@@ -72,7 +79,7 @@ _TELEMETRY_OFF = False
 
 
 def _telemetry_off(ort) -> None:
-    """ONNX Runtime's telemetry events off (a no-op on Linux builds; on Windows they go to ETW)."""
+    """ONNX Runtime's telemetry events off, for builds that ignore the variables above (Windows: ETW)."""
     global _TELEMETRY_OFF
     if not _TELEMETRY_OFF:
         with contextlib.suppress(Exception):

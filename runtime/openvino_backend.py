@@ -10,12 +10,15 @@ OpenVINO reads ONNX directly, so a bundle needs no second format. Per graph it g
 - a model cache (compiled blobs) in the user cache, never inside the bundle: a bundle may be
   read-only or sealed, and the cache is per machine anyway.
 
-Like the rest of the runtime, this never imports torch.
+Like the rest of the runtime, this never imports torch, and it imports openvino without the
+usage telemetry that `import openvino` otherwise sends (see import_openvino).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,20 +33,33 @@ _CORE = None
 
 
 def openvino_available() -> bool:
+    # found, not imported: listing backends must not load OpenVINO (nor its telemetry)
+    return importlib.util.find_spec("openvino") is not None
+
+
+def import_openvino():
+    """`import openvino` without its usage telemetry. Importing openvino imports its model
+    converter, which sends an "import" event to Google Analytics through openvino_telemetry
+    (and creates ~/intel/) unless the user opted out; seen as a DNS query under strace. With
+    openvino_telemetry hidden during the import, the converter binds its own no-op stub."""
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    hide = "openvino_telemetry" not in sys.modules
+    if hide:
+        sys.modules["openvino_telemetry"] = None  # import fails -> openvino's telemetry_stub
     try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        import openvino
+    finally:
+        if hide:
+            sys.modules.pop("openvino_telemetry", None)
+    return openvino
 
 
 def core():
     """One OpenVINO Core per process (it owns the plugins and their thread pools)."""
     global _CORE
     if _CORE is None:
-        import openvino as ov
-
-        _CORE = ov.Core()
+        _CORE = import_openvino().Core()
     return _CORE
 
 
@@ -71,14 +87,24 @@ def graph_device(device: str, dynamic: bool) -> str:
     return "CPU" if device == "NPU" and dynamic else device
 
 
+def _onnx_name(port) -> str:
+    """The graph's own tensor name: OpenVINO merges names onto a port (an input that feeds a
+    Cast also carries "/memory_encoder/Cast_output_0"); the exporter's internal ones start with /."""
+    return sorted(port.get_names(), key=lambda n: (n.startswith("/"), n))[0]
+
+
 class OpenVINOSession:
     """One compiled graph with `.run(feeds) -> {output: array}` like OrtSession."""
 
     def __init__(self, path, device: str = "CPU", threads: int | None = None, precision: str = "fp32",
                  cache: Path | None = None):
-        config = {"PERFORMANCE_HINT": "LATENCY"}
-        if device == "CPU" and threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+        config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        if device == "CPU":
+            # no pinning: on a CPU shared with other processes, threads pinned to busy cores
+            # waited (256 px encoder, machine busy: 1085 ms pinned, 637 ms not; ORT 1097 ms)
+            config["ENABLE_CPU_PINNING"] = False
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = int(threads)
         if device != "NPU":  # the NPU computes in fp16 whatever it is told; CPU and GPU obey
             config["INFERENCE_PRECISION_HINT"] = OV_HINTS[precision]
         if cache is not None:
@@ -93,8 +119,8 @@ class OpenVINOSession:
             first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             raise BackendError(f"OpenVINO could not compile {Path(path).name} for {device}: {first[:200]}") from None
         self.request = self.compiled.create_infer_request()
-        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
-        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        self.input_names = [_onnx_name(i) for i in self.compiled.inputs]
+        self.output_names = [_onnx_name(o) for o in self.compiled.outputs]
         self.device, self.precision = device, precision
         self.providers = [f"OpenVINO:{device}:{OV_HINTS[precision]}"]
 
