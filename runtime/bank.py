@@ -1,10 +1,17 @@
-"""The memory bank of one tracked object: preallocated, constant size over any video length.
+"""The memory bank of one tracked object: preallocated, constant size over any video length and
+any number of prompts.
 
 What SAM2's `_prepare_memory_conditioned_features` reads, kept as SAM2 keeps it:
-- conditioning frames (the prompted frame): all T tokens, temporal slot 0;
+- conditioning frames (prompted frames): all T tokens, temporal slot 0. At most `max_cond` are
+  attended to: SAM2's `max_cond_frames_in_attn`, which picks the temporally closest ones — in
+  streaming order, the most recent. (SAM2's own default attends to every conditioning frame, so
+  its memory grows with each prompt; a bounded bank is what a live session needs.)
 - the last num_maskmem - 1 tracked frames: only the tokens the router kept (with their grid
   indices), in a ring; SAM2 picks frames t-6..t-1, oldest first;
 - object pointers of the last max_obj_ptrs - 1 tracked frames, in a ring.
+A conditioning frame that drops out of the closest `max_cond` is what SAM2 calls an unselected
+conditioning output: it still serves as a past frame's memory and pointer while it is within
+the ring's window, so it moves into the ring (all T tokens) instead of vanishing.
 Memory features are stored as bfloat16 bits, as SAM2 stores them (`.to(torch.bfloat16)`).
 """
 
@@ -15,9 +22,13 @@ import numpy as np
 from fastsam2.runtime.contract import PTR_TOKENS
 from fastsam2.runtime.sam2_math import from_bf16_bits, sine_pe_1d, to_bf16_bits
 
+DEFAULT_MAX_COND = 4
+
 
 class MemoryBank:
-    def __init__(self, num_tokens: int, settings: dict, constants: dict, max_cond: int = 4):
+    def __init__(self, num_tokens: int, settings: dict, constants: dict, max_cond: int = DEFAULT_MAX_COND):
+        if max_cond < 1:
+            raise ValueError(f"max_cond must be >= 1, got {max_cond}")
         self.T = num_tokens
         self.s = settings
         self.c = constants
@@ -32,7 +43,7 @@ class MemoryBank:
         ptr_slots = max(settings["max_obj_ptrs_in_encoder"] - 1, 1)
         self.ptr = np.zeros((ptr_slots, self.hidden), np.float32)
         self.ptr_frame = np.full(ptr_slots, -1, np.int64)
-        self.cond = []  # (frame, bf16 feat [T, mem_dim], obj_ptr [hidden])
+        self.cond = []  # (frame, bf16 feat [T, mem_dim], obj_ptr [hidden]), in the order added
         self.max_cond = max_cond
         # assembly buffers, sized for the fullest bank
         max_m = max_cond * num_tokens + slots * num_tokens + (ptr_slots + max_cond) * PTR_TOKENS
@@ -43,11 +54,37 @@ class MemoryBank:
 
     # -- writing -----------------------------------------------------------------------------
     def add_conditioning(self, frame_idx: int, maskmem: np.ndarray, obj_ptr: np.ndarray) -> None:
-        """maskmem [1, mem_dim, G, G] of a prompted frame: all tokens are kept."""
-        if len(self.cond) >= self.max_cond:
-            raise ValueError(f"at most {self.max_cond} conditioning frames")
+        """maskmem [1, mem_dim, G, G] of a prompted frame: all tokens are kept.
+
+        A frame that was tracked before becomes a conditioning frame: its tracked entry goes
+        (SAM2's preflight pops it from the non-conditioning outputs); a frame prompted again
+        replaces its entry.
+        """
         tokens = maskmem.reshape(self.mem_dim, -1).T
-        self.cond.append((frame_idx, to_bf16_bits(tokens), obj_ptr.reshape(-1).astype(np.float32)))
+        entry = (frame_idx, to_bf16_bits(tokens), obj_ptr.reshape(-1).astype(np.float32))
+        self.drop_tracked(frame_idx)
+        for i, (f, _, _) in enumerate(self.cond):
+            if f == frame_idx:
+                self.cond[i] = entry
+                return
+        self.cond.append(entry)
+        if len(self.cond) > self.max_cond:
+            oldest = min(range(len(self.cond)), key=lambda i: self.cond[i][0])
+            self._unselect(*self.cond.pop(oldest))
+
+    def _unselect(self, frame_idx: int, feat_bits: np.ndarray, obj_ptr: np.ndarray) -> None:
+        """A conditioning frame past the closest max_cond: keep it as a past frame's memory
+        and pointer where its ring slots do not already hold a newer frame."""
+        slot = frame_idx % len(self.frame)
+        if self.frame[slot] < frame_idx:
+            self.feat[slot] = feat_bits
+            self.idx[slot] = self._all
+            self.count[slot] = self.T
+            self.frame[slot] = frame_idx
+        p = frame_idx % len(self.ptr_frame)
+        if self.ptr_frame[p] < frame_idx:
+            self.ptr[p] = obj_ptr
+            self.ptr_frame[p] = frame_idx
 
     def add_frame(self, frame_idx: int, maskmem: np.ndarray, kept_idx: np.ndarray,
                   obj_ptr: np.ndarray) -> None:
@@ -63,9 +100,28 @@ class MemoryBank:
         self.ptr[p] = obj_ptr.reshape(-1)
         self.ptr_frame[p] = frame_idx
 
+    def drop_tracked(self, frame_idx: int) -> None:
+        """Forget a tracked frame's memory and pointer (it became a conditioning frame)."""
+        slot = frame_idx % len(self.frame)
+        if self.frame[slot] == frame_idx:
+            self.frame[slot] = -1
+            self.count[slot] = 0
+        p = frame_idx % len(self.ptr_frame)
+        if self.ptr_frame[p] == frame_idx:
+            self.ptr_frame[p] = -1
+
+    def is_conditioning(self, frame_idx: int) -> bool:
+        return any(f == frame_idx for f, _, _ in self.cond)
+
     def stored_tokens(self) -> int:
         """Spatial tokens held for tracked frames (what pruning saves)."""
         return int(self.count[self.frame >= 0].sum())
+
+    def nbytes(self) -> int:
+        """Bytes the bank holds (preallocated ring + conditioning frames)."""
+        cond = sum(f.nbytes + p.nbytes for _, f, p in self.cond)
+        return int(self.feat.nbytes + self.idx.nbytes + self.ptr.nbytes + cond
+                   + self._mem.nbytes + self._pos.nbytes + self._midx.nbytes)
 
     # -- reading -----------------------------------------------------------------------------
     def _frame_slot(self, f: int):
@@ -122,7 +178,7 @@ class MemoryBank:
             ptrs.append(ptr)
         for t_diff in range(1, limit):
             f = frame_idx - t_diff
-            if f < 0:
+            if f < 0 or (num_frames is not None and f >= num_frames):
                 break
             p = f % len(self.ptr_frame)
             if self.ptr_frame[p] == f:

@@ -1,4 +1,5 @@
-"""fastsam2-run: track a prompted object through a video with a bundle (no torch)."""
+"""fastsam2-run: track prompted objects through a video, a frames folder, a camera or a stream
+with a bundle (no torch). A thin layer over fastsam2.runtime.track.track()."""
 
 from __future__ import annotations
 
@@ -7,107 +8,97 @@ import sys
 import click
 
 from fastsam2.runtime.backends import BACKENDS
-from fastsam2.runtime.errors import FastSam2Error, InputError
+from fastsam2.runtime.errors import FastSam2Error
+
+EPILOG = ("Prompt flags take an optional object id and frame: [ID:]VALUE[@FRAME], e.g. --point 2:230,210@6 "
+          "(object 2, frame 6), --prompt '2:red ball@12', --remove 2@40. INPUT may be a video, a folder "
+          "of frames, a camera (/dev/video0) or a URL (rtsp://, http(s)://, udp://, ...).")
 
 
-def _xy(text: str, n: int, what: str) -> tuple:
-    try:
-        vals = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        vals = ()
-    if len(vals) != n:
-        raise InputError(f"{what} must be {n} comma-separated numbers, got {text!r}")
-    return vals
-
-
-def _split_id(text: str) -> tuple:
-    """"2:300,120" -> (2, "300,120"); no "N:" prefix -> object 1."""
-    head, sep, rest = text.partition(":")
-    if sep and head.strip().isdigit():
-        return int(head), rest
-    return 1, text
-
-
-def object_prompts(prompts, points, neg_points, boxes) -> dict:
-    """{object id: PromptSpec} from the flags; each value may start with "ID:" (default 1)."""
-    from fastsam2.runtime.track import PromptSpec
-
-    objs = {}
-
-    def spec(o):
-        return objs.setdefault(o, PromptSpec())
-
-    for t in prompts:
-        o, text = _split_id(t)
-        if spec(o).text is not None:
-            raise InputError(f"object {o} has two --prompt values; give one text per object")
-        spec(o).text = text
-    for p in points:
-        o, xy = _split_id(p)
-        spec(o).points.append(_xy(xy, 2, "--point"))
-    for p in neg_points:
-        o, xy = _split_id(p)
-        spec(o).neg_points.append(_xy(xy, 2, "--neg-point"))
-    for b in boxes:
-        o, box = _split_id(b)
-        if spec(o).box is not None:
-            raise InputError(f"object {o} has two --box values; give one box per object")
-        spec(o).box = _xy(box, 4, "--box")
-    return objs
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.argument("input_path", metavar="INPUT")
 @click.option("--bundle", required=True, help="Bundle folder written by fastsam2-export.")
 @click.option("--prompt", "prompts", multiple=True,
-              help="Text prompt (one of the bundle's precomputed prompts). Every prompt flag takes "
-                   "an optional object id, e.g. --prompt 2:ball --point 2:300,120 (default: object 1).")
-@click.option("--point", "points", multiple=True, help="Positive click [ID:]x,y on the first frame (input pixels); repeatable.")
-@click.option("--neg-point", "neg_points", multiple=True, help="Negative click [ID:]x,y on the first frame; repeatable.")
-@click.option("--box", "boxes", multiple=True, help="Box [ID:]x0,y0,x1,y1 on the first frame (input pixels); one per object.")
+              help="[ID:]TEXT[@FRAME]: one of the bundle's text prompts; alone, the object starts at the "
+                   "frame's most relevant token.")
+@click.option("--point", "points", multiple=True, help="[ID:]x,y[@FRAME]: positive click (input pixels); repeatable.")
+@click.option("--neg-point", "neg_points", multiple=True, help="[ID:]x,y[@FRAME]: negative click; repeatable.")
+@click.option("--box", "boxes", multiple=True, help="[ID:]x0,y0,x1,y1[@FRAME]: box (input pixels); one per object and frame.")
+@click.option("--remove", "removes", multiple=True, help="ID@FRAME: stop tracking the object from FRAME on.")
+@click.option("--prompts-file", type=str, default=None,
+              help="JSON schedule of prompts and removals (schema: README, 'Prompts file').")
 @click.option("--keep", default=None, help="Keep ratio in (0, 1], or 'auto' (per-frame budget from score mass and motion); default: the bundle's.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-              help="auto: the bundle's TensorRT engines if built for this GPU, else ONNX Runtime "
-                   "with TensorRT, CUDA or CPU (the first that starts).")
+              help="auto: the bundle's TensorRT engines if built for this GPU, else the best ONNX Runtime "
+                   "(or OpenVINO) backend that starts here.")
 @click.option("--out", default="results", show_default=True, help="Output folder (masks/, overlay.mp4, results.json).")
+@click.option("--force", is_flag=True, help="Replace an earlier run's outputs in --out.")
 @click.option("--overlay/--no-overlay", default=True, show_default=True, help="Write overlay.mp4.")
-@click.option("--max-frames", type=int, default=None, help="Stop after N frames.")
+@click.option("--max-frames", type=int, default=None, help="Stop after N frames processed.")
+@click.option("--duration", type=float, default=None, help="Stop after SECONDS (live sources).")
+@click.option("--realtime", is_flag=True,
+              help="Live sources: process the newest frame, drop those that arrived meanwhile (counted in results.json).")
+@click.option("--timeout", type=float, default=10.0, show_default=True,
+              help="Seconds a camera or stream may take to open or to deliver the next frame.")
 @click.option("--fill", type=click.Choice(["no_mem", "last"]), default="no_mem", show_default=True,
               help="Value of pruned tokens before the decoder: feat + no_mem_embed, or last frame's.")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--max-cond-frames", type=int, default=None,
+              help="Prompted frames each object attends to (the most recent; default 4).")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar or warnings; only the summary line.")
-def main(input_path, bundle, prompts, points, neg_points, boxes, keep, backend, out, overlay,
-         max_frames, fill, threads, quiet):
-    """Track the prompted object(s) through INPUT (a video file or a folder of frames)."""
+def main(input_path, bundle, prompts, points, neg_points, boxes, removes, prompts_file, keep, backend,
+         out, force, overlay, max_frames, duration, realtime, timeout, fill, max_cond_frames, threads, quiet):
+    """Track the prompted object(s) through INPUT."""
+    from fastsam2.runtime.prompt_flags import schedule_from_file, schedule_from_flags
+    from fastsam2.runtime.run_folder import cli_interrupts
     from fastsam2.runtime.track import track
 
     bar = None
-    try:
-        spec = object_prompts(prompts, points, neg_points, boxes)
-        if not quiet:
+
+    def say(message):
+        if quiet:
+            return
+        if bar is not None:
+            bar.clear()
+            click.echo(message, err=True)
+            bar.refresh()
+        else:
+            click.echo(message, err=True)
+
+    def progress(i, total, frame):
+        nonlocal bar
+        if quiet:
+            return
+        if bar is None:  # made on the first frame: nothing is drawn before the input is checked
             from tqdm import tqdm
 
-            bar = tqdm(unit="frame", desc="tracking", file=sys.stderr)
+            bar = tqdm(unit="frame", desc="tracking", file=sys.stderr, total=total)
+        bar.update(1)
+        bar.set_postfix(kept=frame["kept_tokens"], refresh=False)
 
-        def progress(i, total, frame):
-            if bar is not None:
-                bar.total = total
-                bar.update(1)
-                bar.set_postfix(kept=frame["kept_tokens"], refresh=False)
-
-        res = track(input_path, bundle, spec, out, keep=keep, backend=backend, overlay=overlay,
-                    max_frames=max_frames, fill=fill, threads=threads, progress=progress,
-                    warn=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
-    except FastSam2Error as e:
+    def stop_bar():
         if bar is not None:
             bar.close()
+
+    try:
+        with cli_interrupts(echo=lambda m: (stop_bar(), click.echo(m, err=True))):
+            b = schedule_from_flags(prompts, points, neg_points, boxes, removes)
+            if prompts_file is not None:
+                schedule_from_file(prompts_file, b)
+            res = track(input_path, bundle, b.schedule(), out, keep=keep, backend=backend,
+                        overlay=overlay, max_frames=max_frames, fill=fill, threads=threads,
+                        progress=progress, warn=say, realtime=realtime, duration=duration,
+                        max_cond_frames=max_cond_frames, force=force, timeout=timeout)
+    except FastSam2Error as e:
+        stop_bar()
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    if bar is not None:
-        bar.close()
+    stop_bar()
     t = res["totals"]
+    dropped = res["dropped_frames"]["count"]
     click.echo(f"{res['video']['frames']} frames -> {out}/ in {t['seconds']:.1f} s ({t['fps']:.2f} FPS, "
-               f"{res['backend']}, keep {res['keep']}, {t['mean_kept_tokens']:.0f}/{res['tokens']} tokens)")
+               f"{res['backend']}, keep {res['keep']}, {t['mean_kept_tokens']:.0f}/{res['tokens']} tokens"
+               + (f", {dropped} dropped" if dropped else "") + ")")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ Per frame, as `SAM2Base.track_step` with the video predictor's settings:
   prompted frame:  encode -> feat + no_mem_embed -> decoder(points) -> memory encoder (binarised)
   tracked frame:   encode -> router -> top-k -> memory attention on k tokens -> scatter back
                    (pruned tokens take feat + no_mem_embed) -> decoder -> memory encoder
+  corrected frame: a tracked frame's memory-conditioned features -> decoder(points, the frame's
+                   current logits as mask input) -> memory encoder (binarised); SAM2's
+                   add_new_points_or_box on a frame it has already tracked
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fastsam2.runtime.bank import MemoryBank
+from fastsam2.runtime.bank import DEFAULT_MAX_COND, MemoryBank
 from fastsam2.runtime.contract import keep_to_k
 from fastsam2.runtime.sam2_math import (
     Resizer,
@@ -30,13 +33,17 @@ FILL_MODES = ("no_mem", "last")
 
 
 @dataclass
-class FrameResult:
+class ObjectStep:
+    """One object's output on one frame (the tracker's own time axis: frames since its start)."""
+
     frame_idx: int
     low_res_logits: np.ndarray  # [1, 1, S/4, S/4] SAM2's pred_masks (before resizing)
     object_score: float
     iou: float
     kept_tokens: int
     latency_ms: dict = field(default_factory=dict)
+    prompted: bool = False  # set by the session: a prompt was applied on this frame
+    kept_idx: np.ndarray | None = None  # grid indices that entered memory attention (None: none did)
 
 
 @dataclass
@@ -81,9 +88,13 @@ class AdaptiveBudget:
 
 
 class Tracker:
+    """One object's SAM2 video loop. Frame indices are the object's own (0 = its first prompt),
+    so an object that starts late behaves as SAM2 run on the video from that frame on."""
+
     def __init__(self, sessions: dict, constants: dict, settings: dict, keep: float | str = 1.0,
                  keep_floor: int = 64, fill: str = "no_mem", text_emb: np.ndarray | None = None,
-                 num_frames: int | None = None, keep_range: tuple = (0.3, 1.0)):
+                 num_frames: int | None = None, keep_range: tuple = (0.3, 1.0),
+                 max_cond: int = DEFAULT_MAX_COND, correct_as_cond: bool | None = None):
         if fill not in FILL_MODES:
             raise ValueError(f"fill must be one of {FILL_MODES}")
         self.sessions = sessions
@@ -102,14 +113,22 @@ class Tracker:
             self.k = keep_to_k(keep, self.T, keep_floor)
         self.fill = fill
         self.num_frames = num_frames
-        dim = settings.get("text_dim", 512)
-        self.text_emb = (np.zeros((1, int(dim)), np.float32) if text_emb is None
-                         else np.asarray(text_emb, np.float32).reshape(1, -1))
-        self.bank = MemoryBank(self.T, settings, constants)
+        # SAM2VideoPredictor.add_all_frames_to_correct_as_cond (False in the released configs)
+        self.correct_as_cond = bool(settings.get("add_all_frames_to_correct_as_cond", False)
+                                    if correct_as_cond is None else correct_as_cond)
+        self.set_text(text_emb)
+        self.bank = MemoryBank(self.T, settings, constants, max_cond=max_cond)
         self.no_mem = constants["no_mem_embed"].reshape(1, -1).astype(np.float32)
         self.prev_logits = None
         self.prev_grid = None  # last frame's conditioned [T, C] ("last" fill)
         self.frame_idx = -1
+        # the last frame's encoder outputs and decoder input, for a correction on that frame
+        self._last = None
+
+    def set_text(self, text_emb: np.ndarray | None) -> None:
+        dim = self.s.get("text_dim", 512)
+        self.text_emb = (np.zeros((1, int(dim)), np.float32) if text_emb is None
+                         else np.asarray(text_emb, np.float32).reshape(1, -1))
 
     # -- helpers -----------------------------------------------------------------------------
     def _run(self, name: str, feeds: dict, lat: dict) -> dict:
@@ -131,25 +150,21 @@ class Tracker:
                                    "prev_mask_logits": np.zeros((1, 1, 4 * self.G, 4 * self.G), np.float32)}, lat)
         return out["relevance"].reshape(-1)
 
-    def _decode(self, pix, enc, prompt: Prompt | None, is_init_cond: bool, lat: dict,
+    def _decode(self, pix, enc, prompt: Prompt | None, multimask: bool, lat: dict,
                 mask_input: np.ndarray | None = None):
         if prompt is None:
             # SAM2 feeds one padding point (label -1) when there is no prompt
             coords = np.zeros((1, 1, 2), np.float32)
             labels = -np.ones((1, 1), np.float32)
-            num_pts = 0
         else:
             coords = prompt.points.reshape(1, -1, 2).astype(np.float32)
             labels = prompt.labels.reshape(1, -1).astype(np.float32)
-            num_pts = coords.shape[1]
         out = self._run("mask_decoder", {
             "feat": pix, "high_res_0": enc["high_res_0"], "high_res_1": enc["high_res_1"],
             "point_coords": coords, "point_labels": labels,
             "mask_input": (np.zeros((1, 1, 4 * self.G, 4 * self.G), np.float32) if mask_input is None
                            else mask_input.reshape(1, 1, 4 * self.G, 4 * self.G).astype(np.float32)),
             "has_mask_input": np.full((1,), 0.0 if mask_input is None else 1.0, np.float32)}, lat)
-        # a mask prompt goes through _forward_sam_heads with multimask_output=False
-        multimask = False if mask_input is not None else use_multimask(self.s, is_init_cond, num_pts)
         return select_mask(self.s, out["masks"], out["iou"], out["obj_ptrs"], out["object_score"],
                            multimask, self.c["no_obj_ptr"]) + (out["object_score"],)
 
@@ -158,28 +173,43 @@ class Tracker:
             "feat": enc["feat"], "mask_logits": low, "object_score": object_score.reshape(1, 1),
             "binarize": np.full((1,), 1.0 if binarize else 0.0, np.float32)}, lat)["maskmem"]
 
-    # -- the two kinds of frame ---------------------------------------------------------------
-    def add_prompt_frame(self, frame_idx: int, image: np.ndarray, prompt: Prompt,
-                         enc: dict | None = None) -> FrameResult:
-        """An initial conditioning frame (SAM2: add_new_points_or_box + propagate preflight)."""
+    def _current_logits(self, frame_idx: int) -> np.ndarray | None:
+        """The frame's current mask logits, clamped as SAM2 clamps prev_sam_mask_logits."""
+        if self.frame_idx != frame_idx or self.prev_logits is None:
+            return None
+        return np.clip(self.prev_logits, -32.0, 32.0)
+
+    def _done(self, frame_idx, enc, pix, idx, low) -> None:
+        self.prev_logits = low
+        self.frame_idx = frame_idx
+        self._last = {"frame": frame_idx, "enc": enc, "pix": pix, "idx": idx}
+
+    # -- the kinds of frame -------------------------------------------------------------------
+    def add_prompt_frame(self, frame_idx: int, image: np.ndarray | None, prompt: Prompt,
+                         enc: dict | None = None) -> ObjectStep:
+        """An initial conditioning frame (SAM2: add_new_points_or_box on a frame it has not
+        tracked, then propagate's preflight). Prompted again before tracking goes on, the frame
+        is decoded from the new clicks and its current logits, as SAM2 does."""
         lat = {}
         enc = self.encode(image, lat) if enc is None else enc
         feat = enc["feat"]
         pix = feat + self.no_mem.reshape(1, -1, 1, 1)  # directly_add_no_mem_embed
-        low, iou, ptr, obj_score = self._decode(pix, enc, prompt, True, lat)
+        multimask = use_multimask(self.s, True, prompt.points.shape[0])
+        low, iou, ptr, obj_score = self._decode(pix, enc, prompt, multimask, lat,
+                                                mask_input=self._current_logits(frame_idx))
         binarize = bool(self.s["binarize_mask_from_pts_for_mem_enc"])
         maskmem = self._memory(enc, low, obj_score, binarize, lat)
         self.bank.add_conditioning(frame_idx, maskmem, ptr)
-        self.prev_logits = low
         self.prev_grid = pix.reshape(pix.shape[1], -1).T.copy()
-        self.frame_idx = frame_idx
-        return FrameResult(frame_idx, low, float(obj_score.reshape(-1)[0]), float(iou.reshape(-1)[0]),
-                           self.T, lat)
+        self._done(frame_idx, enc, pix, None, low)
+        return ObjectStep(frame_idx, low, float(obj_score.reshape(-1)[0]), float(iou.reshape(-1)[0]),
+                          self.T, lat)
 
-    def add_mask_frame(self, frame_idx: int, image: np.ndarray, mask: np.ndarray,
-                       enc: dict | None = None) -> FrameResult:
-        """An initial conditioning frame from a mask (SAM2: add_new_mask, then the mask is used
-        as the output directly, `use_mask_input_as_output_without_sam`)."""
+    def add_mask_frame(self, frame_idx: int, image: np.ndarray | None, mask: np.ndarray,
+                       enc: dict | None = None, as_cond: bool = True) -> ObjectStep:
+        """A frame prompted with a mask (SAM2: add_new_mask; the mask is the output directly,
+        `use_mask_input_as_output_without_sam`). A conditioning frame unless it corrects a
+        tracked frame (as_cond=False), which then keeps its tracked slot and kept tokens."""
         lat = {}
         enc = self.encode(image, lat) if enc is None else enc
         S, G4 = self.S, 4 * self.G
@@ -191,7 +221,7 @@ class Tracker:
         # the object pointer comes from the decoder fed mask_downsample(mask) on raw features
         w, b = self.c["mask_downsample_w"], self.c["mask_downsample_b"]
         ds = np.einsum("iajb,ab->ij", m.reshape(G4, 4, G4, 4), w) + b[0]
-        _, _, ptr, _ = self._decode(enc["feat"], enc, None, True, lat, mask_input=ds)
+        _, _, ptr, _ = self._decode(enc["feat"], enc, None, False, lat, mask_input=ds)
         present = float(m.any())
         obj_score = np.full((1, 1), 20.0 * present - 10.0, np.float32)
         if self.s["pred_obj_scores"]:
@@ -200,15 +230,55 @@ class Tracker:
             ptr = (ptr + (1 - present) * self.c["no_obj_ptr"][None]).astype(np.float32)
         binarize = bool(self.s["binarize_mask_from_pts_for_mem_enc"])  # preflight: is_mask_from_pts
         maskmem = self._memory(enc, low, obj_score, binarize, lat)
-        self.bank.add_conditioning(frame_idx, maskmem, ptr)
-        self.prev_logits = low
-        pix = enc["feat"] + self.no_mem.reshape(1, -1, 1, 1)
-        self.prev_grid = pix.reshape(pix.shape[1], -1).T.copy()
-        self.frame_idx = frame_idx
-        return FrameResult(frame_idx, low, float(obj_score[0, 0]), 1.0, self.T, lat)
+        kept = self._last["idx"] if (not as_cond and self._last and self._last["frame"] == frame_idx) else None
+        if kept is None:
+            self.bank.add_conditioning(frame_idx, maskmem, ptr)
+        else:
+            self.bank.add_frame(frame_idx, maskmem, kept, ptr)
+        if kept is None:
+            pix = enc["feat"] + self.no_mem.reshape(1, -1, 1, 1)
+            self.prev_grid = pix.reshape(pix.shape[1], -1).T.copy()
+        else:  # a corrected tracked frame keeps its memory-conditioned decoder input
+            pix = self._last["pix"]
+        self._done(frame_idx, enc, pix, kept, low)
+        return ObjectStep(frame_idx, low, float(obj_score[0, 0]), 1.0,
+                          self.T if kept is None else int(kept.size), lat)
 
-    def track(self, frame_idx: int, image: np.ndarray, enc: dict | None = None,
-              k: int | None = None) -> FrameResult:
+    def correct(self, frame_idx: int, prompt: Prompt | None = None,
+                mask: np.ndarray | None = None) -> ObjectStep:
+        """New clicks (or a mask) on the frame just processed (SAM2: add_new_points_or_box /
+        add_new_mask on a frame already tracked, fed the frame's current logits).
+
+        A tracked frame is corrected in place: memory-conditioned features, clicks plus current
+        logits, memory re-encoded from the corrected mask (binarised, as SAM2's preflight does);
+        it stays a tracked frame unless correct_as_cond (SAM2's add_all_frames_to_correct_as_cond).
+        A conditioning frame is re-prompted: the new clicks plus its current logits, no memory.
+        """
+        last = self._last
+        if last is None or last["frame"] != frame_idx:
+            raise RuntimeError(f"correct() on frame {frame_idx}; the tracker is at {self.frame_idx}")
+        enc = last["enc"]
+        if mask is not None:
+            return self.add_mask_frame(frame_idx, None, mask, enc=enc,
+                                       as_cond=self.correct_as_cond or last["idx"] is None)
+        if last["idx"] is None:  # a conditioning frame: prompt it again
+            return self.add_prompt_frame(frame_idx, None, prompt, enc=enc)
+        lat = {}
+        multimask = use_multimask(self.s, False, prompt.points.shape[0])
+        low, iou, ptr, obj_score = self._decode(last["pix"], enc, prompt, multimask, lat,
+                                                mask_input=self._current_logits(frame_idx))
+        binarize = bool(self.s["binarize_mask_from_pts_for_mem_enc"])
+        maskmem = self._memory(enc, low, obj_score, binarize, lat)
+        if self.correct_as_cond:
+            self.bank.add_conditioning(frame_idx, maskmem, ptr)
+        else:
+            self.bank.add_frame(frame_idx, maskmem, last["idx"], ptr)
+        self._done(frame_idx, enc, last["pix"], None if self.correct_as_cond else last["idx"], low)
+        return ObjectStep(frame_idx, low, float(obj_score.reshape(-1)[0]), float(iou.reshape(-1)[0]),
+                          self.T if self.correct_as_cond else int(last["idx"].size), lat)
+
+    def track(self, frame_idx: int, image: np.ndarray | None, enc: dict | None = None,
+              k: int | None = None) -> ObjectStep:
         """A tracked (non-conditioning) frame."""
         if not self.bank.cond:
             raise RuntimeError("track() before any prompted frame")
@@ -237,12 +307,11 @@ class Tracker:
             base = tokens + self.no_mem if self.fill == "no_mem" or self.prev_grid is None else self.prev_grid
             grid = scatter_tokens(base, idx, cond)
         pix = np.ascontiguousarray(grid.T.reshape(1, C, self.G, self.G))
-        low, iou, ptr, obj_score = self._decode(pix, enc, None, False, lat)
+        low, iou, ptr, obj_score = self._decode(pix, enc, None, use_multimask(self.s, False, 0), lat)
         maskmem = self._memory(enc, low, obj_score, False, lat)
         self.bank.add_frame(frame_idx, maskmem, idx, ptr)
-        self.prev_logits = low
         if self.fill == "last":
             self.prev_grid = grid
-        self.frame_idx = frame_idx
-        return FrameResult(frame_idx, low, float(obj_score.reshape(-1)[0]), float(iou.reshape(-1)[0]),
-                           int(idx.size), lat)
+        self._done(frame_idx, enc, pix, idx, low)
+        return ObjectStep(frame_idx, low, float(obj_score.reshape(-1)[0]), float(iou.reshape(-1)[0]),
+                          int(idx.size), lat, kept_idx=idx)

@@ -1,7 +1,9 @@
-"""Shared fixtures: a seeded random-init SAM2.1 hiera-t at 256 px, synthetic videos, and the
-official SAM2VideoPredictor's masks on them (computed once per session).
+"""Shared fixtures: the test model (a seeded random-init SAM2.1 hiera-t adjusted so every path
+moves the logits: tests/sam2_test_model.py) at 256 px, synthetic videos, the official
+SAM2VideoPredictor's masks on them, and one bundle exported from the test model's weights
+(computed once per session).
 
-No checkpoint can be downloaded here; the random model is the real architecture, so every
+No checkpoint can be downloaded here; the test model is the real architecture, so every
 parity statement holds for the official weights too (same code path, other numbers).
 """
 
@@ -32,10 +34,31 @@ def torch_threads():
 
 
 def load_tiny(image_size=TINY, seed=0):
-    from fastsam2.export.sam2_loader import load_sam2
+    """The test model at `image_size` (SAM2VideoPredictor)."""
+    from sam2_test_model import load_test_model
 
     _silence()
-    return load_sam2("sam2.1_hiera_t", None, image_size=image_size, seed=seed, warn=False)
+    return load_test_model(image_size=image_size, seed=seed)
+
+
+_CHECKPOINTS = {}
+
+
+def model_checkpoint(seed=0) -> str:
+    """The test model's weights (seed 0) as a checkpoint file, written once per session: export
+    loads it through --checkpoint, so bundles hold the test model too."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from sam2_test_model import save_checkpoint
+
+    if seed not in _CHECKPOINTS:
+        folder = tempfile.mkdtemp(prefix="fastsam2-test-ckpt-")
+        atexit.register(shutil.rmtree, folder, True)
+        _CHECKPOINTS[seed] = save_checkpoint(load_tiny(TINY, seed), f"{folder}/test_model.pt")
+    return _CHECKPOINTS[seed]
+
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +79,24 @@ def synth(tmp_path_factory):
 
     return make_video(tmp_path_factory.mktemp("synth"), num_frames=NUM_FRAMES, size=(240, 320),
                       seed=0, fmt="jpg")
+
+
+@pytest.fixture(scope="session")
+def stream_video(tmp_path_factory):
+    """10 frames, two objects: the streaming-session scenarios' video."""
+    from fastsam2.calibration.synthetic import make_video
+
+    return make_video(tmp_path_factory.mktemp("stream"), num_frames=10, size=(240, 320), seed=4,
+                      objects=2, fmt="jpg")
+
+
+@pytest.fixture(scope="session")
+def official_correction(tiny_sam2, stream_video):
+    """SAM2VideoPredictor on the correction scenario (tests/runtime/official_stream.py)."""
+    from official_stream import correction_steps, official
+
+    steps = correction_steps(stream_video)
+    return steps, official(tiny_sam2.model, stream_video.frames_dir_or_file, steps)
 
 
 def run_official(predictor, frames_dir, point, obj_id=1):
@@ -90,12 +131,15 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
-def export_tiny_bundle(out, target="cpu", keep=1.0, prompts="cyclist,red ball", checkpoint=None,
+def export_tiny_bundle(out, target="cpu", keep=1.0, prompts="cyclist,red ball", checkpoint="test",
                        image_size=TINY, force=False, router_weights=None):
-    """fastsam2-export's library function at the test size, offline (random CLIP)."""
+    """fastsam2-export's library function at the test size, offline (random CLIP). The default
+    checkpoint is the test model's (checkpoint=None: the exporter's own seeded random init)."""
     from fastsam2.export.cli import export_bundle
 
     _silence()
+    if checkpoint == "test":
+        checkpoint = model_checkpoint()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return export_bundle(config="sam2.1_hiera_t", checkpoint=checkpoint, target=target, keep=keep,
@@ -106,7 +150,8 @@ def export_tiny_bundle(out, target="cpu", keep=1.0, prompts="cyclist,red ball", 
 
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory, torch_threads):
-    """A cpu-target bundle at 256 px, keep 1.0, prompts 'cyclist' and 'red ball' (built once)."""
+    """A cpu-target bundle of the test model at 256 px, keep 1.0, prompts 'cyclist' and
+    'red ball' (built once)."""
     out = tmp_path_factory.mktemp("bundle") / "b"
     export_tiny_bundle(out)
     return out

@@ -83,7 +83,7 @@ def test_two_objects_match_the_official_predictor(tiny_sam2, bundle_dir, two_obj
         assert decided.mean() > 0.5, (i, decided.mean())
         assert np.array_equal(ours[decided], want[decided]), i
     assert all(set(f["objects"]) == {"1", "2"} for f in res["frames"])
-    assert res["prompt"]["objects"]["2"]["source"] == "user"
+    assert [(p["object"], p["frame"], "start" in p) for p in res["prompts"]] == [(1, 0, False), (2, 0, False)]
 
 
 def test_mixed_text_and_click_objects_and_encoder_runs_once(bundle_dir, two_objects, tmp_path):
@@ -95,9 +95,9 @@ def test_mixed_text_and_click_objects_and_encoder_runs_once(bundle_dir, two_obje
                       "--backend", "ort-cpu", "--out", out, "--quiet", "--max-frames", "4"])
     assert code == 0, text
     res = json.loads((out / "results.json").read_text())
-    starts = res["prompt"]["objects"]
-    assert starts["1"]["source"] == "text" and starts["1"]["text"] == "red ball"
-    assert starts["2"]["source"] == "user" and starts["2"]["text"] == "cyclist"
+    starts = {p["object"]: p for p in res["prompts"]}
+    assert starts[1]["start"]["source"] == "text" and starts[1]["text"] == "red ball"
+    assert "start" not in starts[2] and starts[2]["text"] == "cyclist" and starts[2]["points"]
     for f in res["frames"][1:]:
         assert {o["kept_tokens"] for o in f["objects"].values()} == {128}
     ids = {int(x) for i in range(4) for x in np.unique(read_palette_png(out / "masks" / f"{i:05d}.png"))}
@@ -105,7 +105,7 @@ def test_mixed_text_and_click_objects_and_encoder_runs_once(bundle_dir, two_obje
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--point", "2:10,10", "--point", "300:5,5"], "object ids must be 1..254"),
+    (["--point", "2:10,10", "--point", "300:5,5"], "object id 300 is not valid: ids are integers 1..254"),
     (["--box", "2:1,1,20,20", "--box", "2:2,2,30,30"], "object 2 has two --box values"),
     (["--prompt", "cyclist", "--prompt", "1:red ball"], "object 1 has two --prompt values"),
     (["--point", "10,10", "--prompt", "2:no such prompt"], "'no such prompt' is not in the bundle"),
