@@ -446,19 +446,31 @@ class Session:
 
     def _result(self, seconds: float) -> FrameResult:
         cur = self._cur
-        h, w = cur["rgb_shape"]
-        ids = sorted(cur["results"])
-        objects, logits = {}, []
-        for o in ids:
-            step = cur["results"][o]
-            full = self._resize(step.low_res_logits[0, 0], (h, w))
-            logits.append(full)
-            mask = full > 0
-            area, bbox = mask_area_bbox(mask)
-            objects[o] = ObjectResult(o, mask, step.low_res_logits[0, 0], step.object_score, step.iou,
-                                      area, bbox, step.kept_tokens, step.prompted)
-        index = (compose_objects(np.stack(logits), ids) if ids else np.zeros((h, w), np.uint8))
-        return FrameResult(self._frame, cur["timestamp"], objects, index, dict(cur["lat"]), seconds * 1e3)
+        return frame_result(self._frame, cur["timestamp"], cur["results"], cur["rgb_shape"],
+                            cur["lat"], seconds * 1e3, self._resize)
+
+
+def frame_result(frame: int, timestamp, steps: dict, shape: tuple, latency_ms: dict, frame_ms: float,
+                 resize: Resizer | None = None) -> FrameResult:
+    """A frame's FrameResult from each object's low-res logits and numbers (ObjectStep-like:
+    low_res_logits [1,1,S/4,S/4], object_score, iou, kept_tokens, prompted): masks at the
+    input resolution, areas, boxes and the composed index mask. Shared by the local session and
+    a remote one (the Triton client), so both give the same masks from the same logits."""
+    resize = resize or Resizer()
+    h, w = shape
+    ids = sorted(steps)
+    objects, logits = {}, []
+    for o in ids:
+        step = steps[o]
+        low = np.asarray(step.low_res_logits, np.float32).reshape(step.low_res_logits.shape[-2:])
+        full = resize(low, (h, w))
+        logits.append(full)
+        mask = full > 0
+        area, bbox = mask_area_bbox(mask)
+        objects[o] = ObjectResult(o, mask, low, float(step.object_score), float(step.iou), area, bbox,
+                                  int(step.kept_tokens), bool(step.prompted))
+    index = compose_objects(np.stack(logits), ids) if ids else np.zeros((h, w), np.uint8)
+    return FrameResult(frame, timestamp, objects, index, dict(latency_ms), frame_ms)
 
 
 def preprocess_for(session: Session, rgb: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ for the frames they cover.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +136,10 @@ def track(input_path, bundle_dir, prompt, out, keep: float | None = None,
     from fastsam2.runtime.run_folder import RunFolder
     from fastsam2.runtime.video import open_frames
 
-    bundle = load_bundle(bundle_dir)
+    # a bundle folder (local), or a remote model (fastsam2.serve.client: same interface, its
+    # sessions run on a Triton server)
+    remote = hasattr(bundle_dir, "open_session")
+    bundle = bundle_dir if remote else load_bundle(bundle_dir)
     keep = validate_keep(keep, bundle)
     schedule = as_schedule(prompt, removals)
     if max_frames is not None and max_frames < 1:
@@ -144,18 +148,20 @@ def track(input_path, bundle_dir, prompt, out, keep: float | None = None,
         raise InputError(f"--duration must be > 0 seconds, got {duration}")
     if not timeout > 0:
         raise InputError(f"--timeout must be > 0 seconds, got {timeout}")
-    pick_backend(backend, bundle)  # refuse an unavailable backend before opening the input
+    if not remote:
+        pick_backend(backend, bundle)  # refuse an unavailable backend before opening the input
     _warn_about_bundle(bundle, warn)
     source = open_frames(input_path, realtime=realtime, open_timeout=timeout)
     with source:
         _check_schedule(schedule, bundle, source)
         kwargs = {} if max_cond_frames is None else {"max_cond_frames": max_cond_frames}
-        session = Session.open(bundle, keep=keep, backend=backend, threads=threads, fill=fill,
-                               num_frames=None if source.live else source.num_frames,
-                               frame_size=(source.width, source.height), warn=warn, **kwargs)
+        opener = bundle.open_session if remote else functools.partial(Session.open, bundle)
+        session = opener(keep=keep, backend=backend, threads=threads, fill=fill,
+                         num_frames=None if source.live else source.num_frames,
+                         frame_size=(source.width, source.height), warn=warn, **kwargs)
         if backend == "auto":
             warn(f"backend: {session.backend} (auto)")
-        with RunFolder(out, force=force) as run:
+        with RunFolder(out, force=force) as run, contextlib.closing(session):
             results, error = _loop(session, source, schedule, run, bundle, keep, fill, overlay,
                                    max_frames, duration, progress, input_path)
     if error is not None:
