@@ -384,6 +384,7 @@ class AttentionBySize:
     def __init__(self, plain, fused):
         self.plain, self.fused = plain, fused
         self.input_names, self.output_names = plain.input_names, plain.output_names
+        self.precision, self.providers = plain.precision, plain.providers
 
     def run(self, feeds: dict) -> dict:
         work = feeds["curr"].shape[0] * feeds["memory"].shape[0]
