@@ -169,9 +169,10 @@ class TensorRTSession:
             self._runtime.DLA_core = dla_core
         self._engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self._engine is None:
+            dla = f", or on DLA core {dla_core}, which this device lacks" if dla_core >= 0 else ""
             raise BundleError(
                 f"TensorRT {trt.__version__} cannot load {self.engine_path}: built for another "
-                "GPU or TensorRT version; rebuild it on this machine"
+                f"GPU or TensorRT version{dla}; rebuild it on this machine"
             )
         self._context = self._engine.create_execution_context()
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]

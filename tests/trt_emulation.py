@@ -4,14 +4,10 @@ TensorRT code without a GPU, and strict where a GPU is.
 What stays real: fastsam2's code (engine builds, build plan, manifest, TensorRTSession, GPU
 detection through libcudart's API, the tracking loop) and Polygraphy's DeviceArray/Stream.
 What is emulated, and how it fails where a GPU would:
-- CUDA (`EmulatedDevice`, in place of Polygraphy's global wrapper). Device memory is blocks of
-  its own, uninitialised (0xFF: NaN floats, -1 indices) until written. A copy must go the way its
-  kind says, between a host pointer and a device block large enough. Work on a stream runs only
-  when the stream is synchronised or a synchronous call drains it: a device-to-host copy leaves
-  0xFF in the host array and delivers its bytes at synchronize. Stricter than CUDA: work queued
-  behind output copies never synchronised, or memory freed while they are pending, is an error
-  (fastsam2 reads outputs after every run). Its `handle` answers libcudart's device queries, so
-  `trt_backend.current_gpu` runs unpatched.
+- CUDA (trt_emulation_cuda.py, in place of Polygraphy's global wrapper): device memory apart
+  from host memory and uninitialised until written, copies checked for direction and size, work
+  on a stream run only when it is synchronised (output copies leave 0xFF until then). Its
+  `handle` answers libcudart's device queries, so `trt_backend.current_gpu` runs unpatched.
 - TensorRT (`emulated_tensorrt`): the builder parses the ONNX inputs (-1 for dynamic axes; 8.6
   wants an explicit-batch network), validates the optimisation profile as TensorRT does (every
   dynamic input, min <= opt <= max, static dims kept), DLA only on a device with DLA cores and with
@@ -19,7 +15,7 @@ What is emulated, and how it fails where a GPU would:
   DLA core, TensorRT version and compute capability, and loads only where both match. Index
   inputs are int64 on 10.x and int32 on 8.6. The context enforces the profile, wants every tensor
   address on a device block large enough, and computes with onnxruntime when its stream runs.
-- trtexec (`trtexec_main`, trtexec_stub.py): checks each flag's value, builds through the builder.
+- trtexec (trt_emulation_build.py): checks each flag's value, then builds through the builder.
 
 This proves plumbing: names, shapes, dtypes, buffers, copies, synchronisation, profiles, flags,
 files, manifest. Not TensorRT's parser coverage, tactics, fp16/int8 numerics, memory or speed.
@@ -27,8 +23,6 @@ files, manifest. Not TensorRT's parser coverage, tactics, fp16/int8 numerics, me
 
 from __future__ import annotations
 
-import bisect
-import collections
 import ctypes
 import enum
 import importlib.machinery
@@ -40,156 +34,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fastsam2.runtime.contract import GRAPHS, geometry
+from trt_emulation_cuda import EmulatedCudaError, EmulatedDevice
 
 EMU_GPU = {"gpu_name": "Emulated GPU", "compute_capability": "9.0"}
 ORIN_GPU = {"gpu_name": "Orin (nvgpu)", "compute_capability": "8.7", "dla_cores": 2}
 EMU_TRT = "10.0.0-emulated"
 TRT86 = "8.6.1-emulated"  # JetPack 6.0
 TRT_VERSIONS = (TRT86, EMU_TRT)
-PERTURB = {}  # graph -> offset the emulated engine adds to its outputs (tests of the checks)
-POISON = 0xFF  # bytes of memory nothing wrote yet: NaN as float32, -1 as an index
-
-
-class EmulatedCudaError(RuntimeError):
-    """A CUDA call that would have returned an error status."""
-
-
-class _Cudart:
-    """libcudart's device queries (what `trt_backend._gpu_from_cudart` calls), for the emulated GPU."""
-
-    def __init__(self, device):
-        self._device = device
-
-    def cudaGetDeviceCount(self, count):  # noqa: N802 (CUDA's names)
-        count._obj.value = 1
-        return 0
-
-    def cudaDeviceGetAttribute(self, value, attr, device):  # noqa: N802
-        major, minor = self._device.gpu["compute_capability"].split(".")
-        value._obj.value = int({75: major, 76: minor}[attr])
-        return 0
-
-    def cudaGetDeviceProperties_v2(self, prop, device):  # noqa: N802
-        name = self._device.gpu["gpu_name"].encode()[:255]
-        ctypes.memmove(prop, name, len(name))
-        return 0
-
-
-class EmulatedDevice:
-    """Polygraphy's CUDA wrapper (malloc/free/memcpy/streams) over an emulated device."""
-
-    def __init__(self, gpu):
-        self.gpu = dict(gpu)
-        self.handle = _Cudart(self)
-        self._blocks, self._starts = {}, []  # start address -> ctypes buffer; sorted starts
-        self._streams, self._next_stream = {}, 0x5000
-        self.stats = collections.Counter()
-
-    @property
-    def dla_cores(self) -> int:
-        return int(self.gpu.get("dla_cores", 0))
-
-    def malloc(self, nbytes):
-        buf = ctypes.create_string_buffer(max(int(nbytes), 1))
-        ctypes.memset(buf, POISON, len(buf))  # cudaMalloc hands out whatever was there
-        start = ctypes.addressof(buf)
-        self._blocks[start] = buf
-        bisect.insort(self._starts, start)
-        return start
-
-    def free(self, ptr):
-        ptr = int(ptr or 0)
-        if not ptr:
-            return
-        if ptr not in self._blocks:
-            raise EmulatedCudaError(f"cudaFree({ptr:#x}): not the start of a device allocation")
-        self._drain_all("cudaFree")  # cudaFree waits for the device
-        del self._blocks[ptr]
-        self._starts.remove(ptr)
-
-    def block(self, ptr, nbytes):
-        """The address range [ptr, ptr + nbytes) inside one device block, or None."""
-        i = bisect.bisect_right(self._starts, int(ptr)) - 1
-        if i < 0:
-            return None
-        start = self._starts[i]
-        return (start, int(ptr) - start) if int(ptr) - start + nbytes <= len(self._blocks[start]) else None
-
-    def memcpy(self, dst, src, nbytes, kind, stream_ptr=None):
-        kind, dst, src, nbytes = getattr(kind, "value", kind), int(dst), int(src), int(nbytes)
-        names = {1: "HostToDevice", 2: "DeviceToHost"}
-        if kind not in names:
-            raise EmulatedCudaError(f"cudaMemcpy kind {kind}: fastsam2 copies between host and device only")
-        dev, host = (dst, src) if kind == 1 else (src, dst)
-        if self.block(dev, nbytes) is None or self.block(host, 1) is not None:
-            raise EmulatedCudaError(
-                f"cudaMemcpy{'Async' if stream_ptr is not None else ''} {names[kind]} of {nbytes} bytes "
-                f"from {src:#x} to {dst:#x}: {'destination' if kind == 1 else 'source'} is not device "
-                f"memory that large, or the {'source' if kind == 1 else 'destination'} is (cudaErrorInvalidValue)")
-        self.stats[names[kind]] += 1
-        if kind == 1:  # pageable host memory is staged when the call is made
-            data = ctypes.string_at(src, nbytes)
-            op = ("input copy", lambda: ctypes.memmove(dst, data, nbytes))
-        else:
-            op = ("output copy", lambda: ctypes.memmove(dst, src, nbytes))
-        if stream_ptr is None:
-            self._drain_all("a synchronous cudaMemcpy")  # the legacy default stream waits for all
-            op[1]()
-            return
-        queue = self._queue(stream_ptr)
-        if kind == 1:
-            self._refuse_behind_outputs(stream_ptr, "a host-to-device copy")
-        else:
-            ctypes.memset(dst, POISON, nbytes)  # what the host reads before synchronize
-        queue.append(op)
-
-    def enqueue(self, stream_ptr, what, fn):
-        self._queue(stream_ptr)
-        self._refuse_behind_outputs(stream_ptr, what)
-        self._streams[int(stream_ptr)].append((what, fn))
-
-    def create_stream(self):
-        self._next_stream += 0x10
-        self._streams[self._next_stream] = []
-        return self._next_stream
-
-    def stream_synchronize(self, ptr):
-        self.stats["synchronize"] += 1
-        self._run(self._queue(ptr))
-
-    def destroy_stream(self, ptr):
-        self._drain(int(ptr), "cudaStreamDestroy")
-        self._streams.pop(int(ptr))
-
-    def pending(self) -> int:
-        return sum(len(q) for q in self._streams.values())
-
-    def _queue(self, ptr):
-        if ptr is None or int(ptr) not in self._streams:
-            raise EmulatedCudaError(f"stream {ptr!r} is not a live stream (cudaErrorInvalidResourceHandle)")
-        return self._streams[int(ptr)]
-
-    def _refuse_behind_outputs(self, ptr, what):
-        if any(kind == "output copy" for kind, _ in self._streams[int(ptr)]):
-            self._streams[int(ptr)].clear()  # never deliver into host arrays that may be gone
-            raise EmulatedCudaError(f"{what} queued on stream {int(ptr):#x} behind device-to-host copies "
-                                    "that were never synchronised (stream.synchronize() missing)")
-
-    def _drain(self, ptr, why):
-        if any(kind == "output copy" for kind, _ in self._streams.get(ptr, ())):
-            self._streams[ptr].clear()
-            raise EmulatedCudaError(f"{why} while device-to-host copies on stream {ptr:#x} were never "
-                                    "synchronised (stream.synchronize() missing)")
-        self._run(self._streams.get(ptr, []))
-
-    def _drain_all(self, why):
-        for ptr in list(self._streams):
-            self._drain(ptr, why)
-
-    @staticmethod
-    def _run(queue):
-        while queue:
-            queue.pop(0)[1]()
+PERTURB = {}  # graph -> offset the emulated engine adds to its outputs, or f(shapes) -> offset
 
 
 def engine_blob(onnx_path, graph: str, profile: dict, trt=EMU_TRT, gpu=EMU_GPU, precision="fp32",
@@ -257,7 +109,8 @@ class EmuContext:
             n = int(np.prod(shapes[name])) * e.dtypes[name].itemsize
             if e.device.block(addr[name], n) is None:
                 raise EmulatedCudaError(f"{e.spec.name}: tensor {name} was freed before the engine ran")
-            return np.frombuffer((ctypes.c_char * n).from_address(addr[name]), dtype=e.dtypes[name]).reshape(shapes[name])
+            raw = (ctypes.c_char * n).from_address(addr[name])
+            return np.frombuffer(raw, dtype=e.dtypes[name]).reshape(shapes[name])
 
         # the ONNX graph wants its int64 back
         feeds = {t.name: array(t.name).astype(t.dtype) for t in e.spec.inputs}
@@ -265,7 +118,9 @@ class EmuContext:
             e.seen[t.name] = max(e.seen.get(t.name, shapes[t.name]), shapes[t.name])
         for t, value in zip(e.spec.outputs, e.session.run(None, feeds)):
             assert value.shape == shapes[t.name], (t.name, value.shape)
-            value = np.ascontiguousarray(value + PERTURB.get(e.spec.name, 0), dtype=e.dtypes[t.name])
+            drift = PERTURB.get(e.spec.name, 0)
+            drift = drift(shapes) if callable(drift) else drift
+            value = np.ascontiguousarray(value + drift, dtype=e.dtypes[t.name])
             array(t.name)  # still allocated
             ctypes.memmove(addr[t.name], value.ctypes.data, value.nbytes)
         e.calls += 1

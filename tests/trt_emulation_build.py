@@ -287,7 +287,8 @@ def _config(trt, opts, builder, here):
     if "--fp16" in opts:
         config.set_flag(trt.BuilderFlag.FP16)
     if ("--int8" in opts) != ("--calib" in opts):
-        raise TrtexecError("--int8 needs --calib=<cache> (without it trtexec uses dummy scales), and --calib needs --int8")
+        raise TrtexecError("--int8 needs --calib=<cache> (without it trtexec uses dummy scales), "
+                           "and --calib needs --int8")
     if "--int8" in opts:
         cache = os.path.join(here, opts["--calib"])
         if not os.path.isfile(cache):

@@ -98,8 +98,9 @@ def detect(fakes, cases, lib=None, smi=True, polygraphy=True):
         if lib not in fakes:
             pytest.skip("no C compiler here to build the fake libcudart")
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(fakes[lib]), env.get("LD_LIBRARY_PATH")]))
-    r = subprocess.run([sys.executable, "-c", DETECT, json.dumps(cases), "polygraphy" if polygraphy else "no-polygraphy"],
-                       env=env, capture_output=True, text=True, timeout=120)
+    mode = "polygraphy" if polygraphy else "no-polygraphy"
+    r = subprocess.run([sys.executable, "-c", DETECT, json.dumps(cases), mode], env=env, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 

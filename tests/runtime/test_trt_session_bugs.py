@@ -88,8 +88,8 @@ def test_every_engine_at_its_profile_limits(monkeypatch, bundle_dir, tmp_path, c
         f[name] = np.zeros(past, np.float32)
         if name == "memory":
             f["memory_pos"] = f[name]
-        with trt_backend.TensorRTSession(tmp_path / f"{g}.engine") as s, \
-                pytest.raises(InputError, match=rf"input {name} of shape \({past[0]}, .*outside the engine's optimisation profile"):
+        said = rf"input {name} of shape \({past[0]}, .*outside the engine's optimisation profile"
+        with trt_backend.TensorRTSession(tmp_path / f"{g}.engine") as s, pytest.raises(InputError, match=said):
             s.run(f)
 
 
@@ -103,7 +103,8 @@ BUGS = [
      "ctx.set_tensor_address(name, arr.ctypes.data)", emu.TRT_VERSIONS),
     ("output buffers not grown to the output shapes", "            self._buffers[name].resize(shape)\n", "",
      emu.TRT_VERSIONS),
-    ("an input copied before its buffer grew", "buf = self._buffers[name].resize(arr.shape)\n            buf.copy_from(arr, stream=stream)",
+    ("an input copied before its buffer grew",
+     "buf = self._buffers[name].resize(arr.shape)\n            buf.copy_from(arr, stream=stream)",
      "buf = self._buffers[name]\n            buf.copy_from(arr, stream=stream)\n            buf.resize(arr.shape)",
      emu.TRT_VERSIONS),
     ("outputs copied before the engine ran", EXECUTE + "        wanted = ",
