@@ -176,7 +176,10 @@ def write_md(report: dict, path: Path) -> None:
               "Reproduce on real data with "
               "the official checkpoint: export a bundle with `--checkpoint sam2.1_hiera_tiny.pt` and run "
               "`python bench/fidelity.py --bundle b/ --davis DAVIS/ --split val` (DAVIS 2017 val, 480p).", ""]
-    path.write_text("\n".join(lines))
+    # bench/precision.py owns the precision x keep section at the end: keep it
+    old = path.read_text() if path.is_file() else ""
+    kept = old[old.index("## Precision x keep"):] if "## Precision x keep" in old else ""
+    path.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
 
 
 if __name__ == "__main__":
