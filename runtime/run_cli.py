@@ -8,7 +8,7 @@ import sys
 import click
 
 from fastsam2.runtime.backends import BACKENDS
-from fastsam2.runtime.errors import FastSam2Error
+from fastsam2.runtime.errors import FastSam2Error, InputError
 
 EPILOG = ("Prompt flags take an optional object id and frame: [ID:]VALUE[@FRAME], e.g. --point 2:230,210@6 "
           "(object 2, frame 6), --prompt '2:red ball@12', --remove 2@40. INPUT may be a video, a folder "
@@ -17,7 +17,9 @@ EPILOG = ("Prompt flags take an optional object id and frame: [ID:]VALUE[@FRAME]
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.argument("input_path", metavar="INPUT")
-@click.option("--bundle", required=True, help="Bundle folder written by fastsam2-export.")
+@click.option("--bundle", default=None, help="Bundle folder written by fastsam2-export (or --server).")
+@click.option("--server", default=None, metavar="HOST:PORT",
+              help="Track on a Triton server started by fastsam2-serve (its gRPC port) instead of --bundle.")
 @click.option("--prompt", "prompts", multiple=True,
               help="[ID:]TEXT[@FRAME]: one of the bundle's text prompts; alone, the object starts at the "
                    "frame's most relevant token.")
@@ -46,7 +48,7 @@ EPILOG = ("Prompt flags take an optional object id and frame: [ID:]VALUE[@FRAME]
               help="Prompted frames each object attends to (the most recent; default 4).")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar or warnings; only the summary line.")
-def main(input_path, bundle, prompts, points, neg_points, boxes, removes, prompts_file, keep, backend,
+def main(input_path, bundle, server, prompts, points, neg_points, boxes, removes, prompts_file, keep, backend,
          out, force, overlay, max_frames, duration, realtime, timeout, fill, max_cond_frames, threads, quiet):
     """Track the prompted object(s) through INPUT."""
     from fastsam2.runtime.prompt_flags import schedule_from_file, schedule_from_flags
@@ -82,9 +84,15 @@ def main(input_path, bundle, prompts, points, neg_points, boxes, removes, prompt
 
     try:
         with cli_interrupts(echo=lambda m: (stop_bar(), click.echo(m, err=True))):
+            if (bundle is None) == (server is None):
+                raise InputError("give exactly one of --bundle (run here) or --server HOST:PORT (run on a Triton server)")
             b = schedule_from_flags(prompts, points, neg_points, boxes, removes)
             if prompts_file is not None:
                 schedule_from_file(prompts_file, b)
+            if server is not None:  # the bundle's side of track() is the server's tracker model
+                from fastsam2.serve.client import RemoteModel
+
+                bundle = RemoteModel(server)
             res = track(input_path, bundle, b.schedule(), out, keep=keep, backend=backend,
                         overlay=overlay, max_frames=max_frames, fill=fill, threads=threads,
                         progress=progress, warn=say, realtime=realtime, duration=duration,

@@ -1,0 +1,230 @@
+"""The client side of `fastsam2-run --server HOST:PORT`: a remote model that track() uses in place
+of a bundle folder, and a remote session with the local Session's interface whose frames go
+through one Triton sequence (gRPC). Needs numpy + tritonclient[grpc]; no onnxruntime.
+
+    model = RemoteModel("gpu-box:8001")
+    with contextlib.closing(model.open_session(keep=0.5, frame_size=(640, 480))) as s:
+        s.add_prompt(1, points=[(150, 180)])
+        r = s.push(rgb)          # a FrameResult, masks computed here from the server's logits
+
+Every failure is a FastSam2Error: the server's own (InputError ... as a local run would raise),
+ServerError when the server cannot be reached or goes away mid-stream, SessionLimitError when it
+holds --max-sessions streams already.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+from fastsam2.runtime.errors import InputError
+from fastsam2.runtime.sam2_math import Resizer
+from fastsam2.runtime.session import check_object_id, frame_result
+
+from . import protocol as P
+
+CLIENT_HINT = "install the client: pip install 'fastsam2[client]'"
+# transport failures: the server went away, or never answered in time
+_LOST = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "ABORTED")
+
+
+def _grpc():
+    try:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+    except ImportError:
+        raise P.ServerError(f"--server needs tritonclient[grpc]: {CLIENT_HINT}") from None
+    return grpcclient, InferenceServerException
+
+
+def parse_server(server: str) -> str:
+    host, sep, port = str(server).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"--server must be HOST:PORT (Triton's gRPC port, 8001 by default), got {server!r}")
+    return f"{host}:{int(port)}"
+
+
+class RemoteModel:
+    """What track() needs from a bundle, read from the server's tracker model."""
+
+    engines: dict = {}
+
+    def __init__(self, server: str, *, timeout: float = 300.0):
+        self.url = parse_server(server)
+        self.timeout = float(timeout)
+        grpcclient, exc = _grpc()
+        try:
+            self.client = grpcclient.InferenceServerClient(self.url)
+            if not self.client.is_model_ready(P.MODEL, client_timeout=30):
+                raise P.ServerError(f"the Triton server at {self.url} has no ready {P.MODEL!r} model "
+                                    f"(start it with fastsam2-serve)")
+            config = self.client.get_model_config(P.MODEL, as_json=True, client_timeout=30)["config"]
+        except exc as e:
+            raise P.ServerError(f"cannot reach the Triton server at {self.url}: {e.message()}") from None
+        try:
+            self.info = json.loads(config["parameters"][P.INFO_PARAMETER]["string_value"])
+        except (KeyError, TypeError, ValueError):
+            raise P.ServerError(f"the {P.MODEL!r} model at {self.url} was not written by fastsam2-serve") from None
+        self.manifest = self.info["manifest"]
+        self.settings = self.info["settings"]
+        self.text_embeddings = {p: None for p in self.info["prompts"]}  # names only: the server embeds
+
+    def summary(self) -> dict:
+        return {**self.info["summary"], "server": self.url}
+
+    def open_session(self, *, keep=None, backend: str = "auto", threads=None, fill: str = "no_mem",
+                     num_frames=None, frame_size=None, warn=print, max_cond_frames=None) -> "RemoteSession":
+        if threads is not None:
+            warn("warning: --threads applies to local runs; the server sets its own threads")
+        options = {"keep": keep, "fill": fill, "num_frames": num_frames,
+                   "frame_size": None if frame_size is None else list(frame_size),
+                   "max_cond_frames": max_cond_frames}
+        session = RemoteSession(self, options)
+        if backend not in (None, "auto") and session.backend != backend:
+            session.close()
+            raise InputError(f"--backend {backend}: the server at {self.url} runs {session.backend} "
+                             f"(its backend is chosen with fastsam2-serve --backend)")
+        return session
+
+
+class RemoteSession:
+    """One stream on the server: the local Session's interface (push, add_prompt, remove,
+    close, prompt_log, backend, T, max_cond_frames). Prompts for a later frame travel with the
+    next frame pushed; a prompt on the frame just pushed is a correction (one round trip)."""
+
+    def __init__(self, model: RemoteModel, options: dict):
+        self.model = model
+        self.url = model.url
+        self.sequence_id = secrets.randbits(62) + 1
+        self.S = int(model.settings["image_size"])
+        self.prompt_log: list = []
+        self._ops: list = []
+        self._frame = -1
+        self._shape = None
+        self._timestamp = None
+        self._objects: list = []
+        self._memory = 0
+        self._resize = Resizer()
+        self._closed = False
+        info, _ = self._call({"op": "open", "options": options}, start=True)
+        self.backend = info["backend"]
+        self.T = int(info["tokens"])
+        self.max_cond_frames = int(info["max_cond_frames"])
+
+    # -- the Session interface ----------------------------------------------------------------
+    @property
+    def frame(self) -> int:
+        return self._frame
+
+    @property
+    def objects(self) -> list:
+        return list(self._objects)
+
+    def memory_bytes(self) -> int:
+        """The memory banks' bytes on the server, as of the last result."""
+        return self._memory
+
+    def add_prompt(self, obj_id, *, frame=None, points=(), neg_points=(), box=None, mask=None, text=None):
+        obj_id = check_object_id(obj_id)
+        frame = self._frame + 1 if frame is None else frame
+        if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)) or frame < 0:
+            raise InputError(f"frame must be an integer >= 0, got {frame!r}")
+        if frame < self._frame:
+            raise InputError(f"frame {frame} has passed (the session is at frame {self._frame}); "
+                             f"a stream cannot go back")
+        if text is not None and text not in self.model.text_embeddings:
+            known = ", ".join(repr(t) for t in self.model.text_embeddings) or "none"
+            raise InputError(f"prompt {text!r} is not in the bundle (it has {known}); "
+                             f"export again with --prompts to add it")
+        op = P.prompt_op(obj_id, frame, points=points, neg_points=neg_points, box=box, mask=mask, text=text)
+        if frame > self._frame:
+            self._ops.append(op)
+            return None
+        t0 = time.perf_counter()
+        info, logits = self._call({"op": "correct", "ops": [op]}, what=f"the correction on frame {frame}")
+        return self._result(info, logits, t0)
+
+    def remove(self, obj_id, frame=None) -> None:
+        obj_id = check_object_id(obj_id)
+        frame = self._frame + 1 if frame is None else int(frame)
+        if frame <= self._frame:
+            raise InputError(f"frame {frame} has passed (the session is at frame {self._frame})")
+        self._ops.append({"op": "remove", "obj": obj_id, "frame": frame})
+
+    def push(self, rgb, timestamp=None):
+        t0 = time.perf_counter()
+        rgb = np.asarray(rgb)
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise InputError(f"frames must be uint8 H x W x 3 RGB, got {rgb.dtype} {rgb.shape}")
+        ops, self._ops = self._ops, []
+        cmd = {"op": "push", "ops": ops, "timestamp": None if timestamp is None else float(timestamp)}
+        info, logits = self._call(cmd, frame=np.ascontiguousarray(rgb), what=f"frame {self._frame + 1}")
+        self._shape, self._timestamp = rgb.shape[:2], timestamp
+        return self._result(info, logits, t0)
+
+    def close(self) -> None:
+        """End the sequence: the server frees the session now (else after its idle timeout)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._call({"op": "close"}, end=True, timeout=10)
+        except P.ServerError:  # the server is gone: so is the session
+            pass
+
+    # -- transport ----------------------------------------------------------------------------
+    def _call(self, cmd: dict, *, frame=None, start=False, end=False, timeout=None, what="the stream"):
+        grpcclient, exc = _grpc()
+        frame = P.PLACEHOLDER if frame is None else frame
+        fin = grpcclient.InferInput(P.FRAME, list(frame.shape), "UINT8")
+        fin.set_data_from_numpy(frame)
+        cin = grpcclient.InferInput(P.COMMANDS, [1], "BYTES")
+        cin.set_data_from_numpy(P.dumps(cmd))
+        outs = [grpcclient.InferRequestedOutput(P.LOGITS), grpcclient.InferRequestedOutput(P.RESULT)]
+        try:
+            r = self.model.client.infer(P.MODEL, [fin, cin], outputs=outs, sequence_id=self.sequence_id,
+                                        sequence_start=start, sequence_end=end,
+                                        client_timeout=timeout or self.model.timeout)
+        except exc as e:
+            raise self._error(e, what) from None
+        return P.loads(r.as_numpy(P.RESULT)), r.as_numpy(P.LOGITS)
+
+    def _error(self, e, what: str):
+        status, message = str(e.status() or ""), e.message() or str(e)
+        if any(s in status for s in _LOST):
+            return P.ServerError(f"lost the Triton server at {self.url} on {what}: {message}")
+        if "must specify the START flag" in message:
+            return P.ServerError(f"the server at {self.url} no longer holds this stream (idle longer than "
+                                 f"its idle timeout, or restarted): {message}")
+        return P.decode_error(message)
+
+    def _result(self, info: dict, logits: np.ndarray, t0: float):
+        steps = {o["id"]: SimpleNamespace(low_res_logits=logits[i], object_score=o["object_score"],
+                                          iou=o["iou"], kept_tokens=o["kept_tokens"], prompted=o["prompted"])
+                 for i, o in enumerate(info["objects"])}
+        self._frame = int(info["frame"])
+        self._objects = sorted(steps)
+        self._memory = int(info.get("memory_bytes", 0))
+        self.prompt_log.extend(info.get("prompt_log", ()))
+        # frame_ms: what the caller waited (transport and queueing included); latency_ms: the server's graphs
+        return frame_result(self._frame, self._timestamp, steps, self._shape, info["latency_ms"],
+                            (time.perf_counter() - t0) * 1e3, self._resize)
+
+
+def read_metrics(url: str, timeout: float = 5.0) -> dict:
+    """Triton's metrics endpoint (http://HOST:PORT/metrics) -> {name: summed value} for the
+    fastsam2_* gauges the tracker instances publish."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        text = r.read().decode()
+    out: dict = {}
+    for line in text.splitlines():
+        if line.startswith("fastsam2_"):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out

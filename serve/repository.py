@@ -1,0 +1,231 @@
+"""The Triton model repository for a bundle: plain Triton layout, one config.pbtxt per model.
+
+    repo/
+      fastsam2_tracker/              the stateful tracker (python backend, sequence batching)
+        config.pbtxt
+        1/model.py                   `from fastsam2.serve.tracker_model import TritonPythonModel`
+        1/bundle/                    a copy of the bundle (sealed; checked when the model loads)
+      image_encoder/ router/ memory_attention/ memory_encoder/ mask_decoder/
+                                     layout "graphs" only: each graph a model of its own
+        config.pbtxt                 (onnxruntime_onnx or tensorrt_plan), called by the tracker
+        1/model.onnx | 1/model.plan  through BLS
+
+Layout "in-process" (the default): the tracker runs the graphs itself with the runtime's
+backends, which is all a server with only the python backend can do (nvidia-pytriton's wheel).
+Layout "graphs": for servers with the onnxruntime / tensorrt backends (NVIDIA's container, Jetson):
+Triton runs each graph, so several tracker instances share one copy of each graph and Triton
+schedules them together. Cross-stream batching of a graph needs a batch axis in it: the
+contract's graphs have batch 1 today, so each graph gets max_batch_size 0 (see docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, geometry
+from fastsam2.runtime.errors import BundleError, InputError, OutputError
+
+from . import protocol as P
+
+LAYOUTS = ("in-process", "graphs")
+SERVE_BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+DEFAULT_MAX_SESSIONS = 16
+MODEL_PY = '''"""fastsam2 tracker model for Triton's python backend (written by fastsam2-serve).
+
+The code lives in the installed fastsam2 package: the server's Python needs `fastsam2[runtime]`.
+"""
+from fastsam2.serve.tracker_model import TritonPythonModel  # noqa: F401
+'''
+_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
+
+
+def pb_string(text: str) -> str:
+    """A protobuf text-format string literal."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _parameters(params: dict) -> str:
+    return "\n".join(f"parameters {{ key: {pb_string(k)} value {{ string_value: {pb_string(str(v))} }} }}"
+                     for k, v in params.items())
+
+
+def client_info(bundle, backend: str, layout: str, max_sessions, idle_timeout: float) -> dict:
+    """What `fastsam2-run --server` needs to know about the bundle (read from the tracker's
+    config through Triton's model-config API): the same fields track() reads from a bundle."""
+    m = bundle.manifest
+    return {"manifest": {"keep": m["keep"], "weights_random": m.get("weights_random"),
+                         "router_trained": m.get("router_trained"),
+                         "text": {"random": m["text"].get("random"), "model": m["text"].get("model")},
+                         "keep_floor": m.get("keep_floor", 64)},
+            "settings": bundle.settings, "prompts": list(bundle.text_embeddings),
+            "summary": bundle.summary(), "backend": backend, "layout": layout,
+            "max_sessions": max_sessions, "idle_timeout": idle_timeout}
+
+
+def tracker_config(*, instances: int, max_sessions, idle_timeout: float, params: dict) -> str:
+    # refused sequences keep a candidate slot until their END (or idle timeout): room for them,
+    # so a sequence over the limit is refused by the model instead of waiting in Triton's backlog
+    limit = max_sessions or DEFAULT_MAX_SESSIONS
+    candidates = limit + max(4, limit)
+    idle_us = max(1, int(round(idle_timeout * 1e6)))
+    return f"""# fastsam2 tracker: one streaming session per Triton sequence (docs/serving.md)
+name: "{P.MODEL}"
+backend: "python"
+max_batch_size: 0
+input [
+  {{ name: "{P.FRAME}" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }},
+  {{ name: "{P.COMMANDS}" data_type: TYPE_STRING dims: [ 1 ] }}
+]
+output [
+  {{ name: "{P.LOGITS}" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }},
+  {{ name: "{P.RESULT}" data_type: TYPE_STRING dims: [ 1 ] }}
+]
+# a sequence = a stream; "oldest" keeps each sequence on one instance and sends no null
+# requests; the idle timeout frees the slot (the model frees the session itself, same timeout)
+sequence_batching {{
+  max_sequence_idle_microseconds: {idle_us}
+  oldest {{ max_candidate_sequences: {candidates} max_queue_delay_microseconds: 0 }}
+  control_input [
+    {{ name: "{P.START}" control [ {{ kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] }} ] }},
+    {{ name: "{P.END}" control [ {{ kind: CONTROL_SEQUENCE_END int32_false_true: [ 0, 1 ] }} ] }},
+    {{ name: "{P.CORRID}" control [ {{ kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 }} ] }}
+  ]
+}}
+instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
+{_parameters(params)}
+"""
+
+
+def _dims(spec, dims: dict, dynamic: tuple) -> str:
+    out = [-1 if isinstance(d, str) and d in dynamic else int(dims[d] if isinstance(d, str) else d)
+           for d in spec.shape]
+    return ", ".join(str(d) for d in out)
+
+
+def graph_config(graph: str, platform: str, kind: str, count: int, dims: dict, accelerator: str = "") -> str:
+    """A graph as a model of its own. Batch axis fixed at 1 in the contract -> max_batch_size 0."""
+    g = GRAPHS[graph]
+    batchable = g.inputs[0].shape[0] == "B" and "B" in g.dynamic  # a batch axis "B" in the contract
+    ios = []
+    for word, tensors in (("input", g.inputs), ("output", g.outputs)):
+        rows = ",\n".join(f'  {{ name: "{t.name}" data_type: {_TYPES[t.dtype]} dims: [ {_dims(t, dims, g.dynamic)} ] }}'
+                          for t in tensors)
+        ios.append(f"{word} [\n{rows}\n]")
+    batching = ("max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 2000 }" if batchable
+                else "max_batch_size: 0  # the graph's batch axis is fixed at 1 (runtime/contract.py)")
+    return f"""# fastsam2 graph {graph}: called by {P.MODEL} through BLS (docs/serving.md)
+name: "{graph}"
+platform: "{platform}"
+{batching}
+{ios[0]}
+{ios[1]}
+instance_group [ {{ count: {count} kind: {kind} }} ]
+{accelerator}"""
+
+
+def _graph_models(bundle, backend: str, count: int) -> dict:
+    """{graph: (config text, source file, file name)} for layout "graphs"."""
+    text_dim = len(next(iter(bundle.text_embeddings.values()))) if bundle.text_embeddings else 512
+    dims = geometry(int(bundle.settings["image_size"]), text_dim)
+    out = {}
+    for g in GRAPH_ORDER:
+        if backend == "tensorrt":
+            if not bundle.engines.get("graphs"):
+                raise BundleError("the bundle has no TensorRT engines: build them on the device "
+                                  "(engines/<target>/build_plan.sh) or serve the ONNX graphs (--backend ort-*)")
+            src, name, platform, kind, accel = bundle.engine_file(g), "model.plan", "tensorrt_plan", "KIND_GPU", ""
+        else:
+            src, name, platform = bundle.graph_path(g, ort_variant=True), "model.onnx", "onnxruntime_onnx"
+            kind = "KIND_CPU" if backend == "ort-cpu" else "KIND_GPU"
+            accel = ('optimization { execution_accelerators { gpu_execution_accelerator : '
+                     '[ { name : "tensorrt" } ] } }\n' if backend == "ort-trt" else "")
+        out[g] = (graph_config(g, platform, kind, count, dims, accel), src, name)
+    return out
+
+
+def _copy_bundle(src: Path, dst: Path) -> None:
+    """Copy the bundle unless the same sealed bundle is already there."""
+    def seal(p):
+        try:
+            return json.loads((p / "manifest.json").read_text()).get("seal")
+        except (OSError, ValueError):
+            return None
+
+    if dst.is_dir() and seal(dst) is not None and seal(dst) == seal(src):
+        return
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, symlinks=False)
+
+
+def default_threads(instances: int) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, instances))
+
+
+def write_repository(bundle_dir, repo, *, instances: int = 1, backend: str = "auto", layout: str = "in-process",
+                     max_sessions: int | None = DEFAULT_MAX_SESSIONS, idle_timeout: float = 60.0,
+                     threads: int | None = None, state_dir: str = "") -> dict:
+    """Write (or refresh) the model repository for `bundle_dir` under `repo`; returns the
+    client info the tracker publishes. The repository holds only fastsam2's models: another
+    folder's models would be loaded too, so an unrelated non-empty folder is refused."""
+    from fastsam2.runtime.bundle import load_bundle
+
+    if backend not in SERVE_BACKENDS:
+        raise InputError(f"--backend must be one of {', '.join(SERVE_BACKENDS)}, got {backend!r}")
+    if layout not in LAYOUTS:
+        raise InputError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if instances < 1:
+        raise InputError(f"--instances must be >= 1, got {instances}")
+    if max_sessions is not None and max_sessions < 1:
+        raise InputError(f"--max-sessions must be >= 1, got {max_sessions}")
+    if not idle_timeout > 0:
+        raise InputError(f"--idle-timeout must be > 0 seconds, got {idle_timeout}")
+    bundle = load_bundle(bundle_dir)
+    repo = Path(repo)
+    ours = {P.MODEL, *GRAPH_ORDER}
+    if repo.is_dir():
+        other = sorted(p.name for p in repo.iterdir() if p.name not in ours)
+        if other:
+            raise OutputError(f"{repo} holds {other[0]!r}, which is not a fastsam2 model: give an empty "
+                              f"or fastsam2-written folder as --repo")
+    elif repo.exists():
+        raise OutputError(f"--repo {repo} is not a folder")
+    info = client_info(bundle, backend, layout, max_sessions, idle_timeout)
+    params = {"bundle": "bundle", "backend": backend, "threads": threads or default_threads(instances),
+              "max_sessions": max_sessions or 0, "idle_timeout": idle_timeout, "state_dir": state_dir,
+              "graphs": "bls" if layout == "graphs" else "in_process", P.INFO_PARAMETER: json.dumps(info)}
+    try:
+        if layout == "graphs":
+            graphs = _graph_models(bundle, backend, instances)
+            params["graph_models"] = json.dumps({g: g for g in graphs})
+            for g, (config, src, name) in graphs.items():
+                (repo / g / "1").mkdir(parents=True, exist_ok=True)
+                (repo / g / "config.pbtxt").write_text(config)
+                shutil.copyfile(src, repo / g / "1" / name)
+        else:
+            for g in GRAPH_ORDER:  # a repository written earlier with layout "graphs"
+                shutil.rmtree(repo / g, ignore_errors=True)
+        tracker = repo / P.MODEL
+        (tracker / "1").mkdir(parents=True, exist_ok=True)
+        (tracker / "config.pbtxt").write_text(tracker_config(instances=instances, max_sessions=max_sessions,
+                                                             idle_timeout=idle_timeout, params=params))
+        (tracker / "1" / "model.py").write_text(MODEL_PY)
+        _copy_bundle(bundle.path, tracker / "1" / "bundle")
+    except OSError as e:
+        raise OutputError(f"cannot write the repository {repo}: {e}") from None
+    return info
+
+
+def parse_config(path):
+    """A config.pbtxt parsed with Triton's own ModelConfig schema (tritonclient's protobuf)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())

@@ -1,0 +1,136 @@
+"""The tracker model's sessions: {correlation id: Session}, the --max-sessions limit shared by
+all instances of the model, and the idle timeout that frees a stream that went away.
+
+Triton's sequence batcher releases an idle sequence's slot but does not tell the model, so the
+table keeps each session's last request time and frees it itself (the tracker model runs
+`reap()` from a thread). The limit is per server, while each model instance is its own process:
+the instances count sessions in one folder (a file per live session, created under an flock), so
+N instances never hold more than --max-sessions together.
+
+Plain Python (no Triton import): the unit tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import threading
+import time
+from pathlib import Path
+
+from .protocol import ServerError, SessionLimitError
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap pages back to the OS (glibc), so the server's RSS shows a freed bank."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class Slots:
+    """Live sessions of every instance of one server, counted in a shared folder."""
+
+    def __init__(self, folder, instance: str, limit: int | None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.instance = instance
+        self.limit = limit
+        # a restarted instance (Triton restarts a crashed stub) starts with none of its own
+        for f in self.folder.glob(f"{instance}.*"):
+            f.unlink(missing_ok=True)
+
+    def _lock(self):
+        fd = os.open(self.folder / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    def acquire(self, corrid) -> None:
+        fd = self._lock()
+        try:
+            live = [f for f in os.listdir(self.folder) if not f.startswith(".")]
+            if self.limit is not None and len(live) >= self.limit:
+                raise SessionLimitError(f"the server holds {len(live)} sessions, its --max-sessions "
+                                        f"limit; try again when a stream ends")
+            (self.folder / f"{self.instance}.{corrid}").touch()
+        finally:
+            os.close(fd)
+
+    def release(self, corrid) -> None:
+        (self.folder / f"{self.instance}.{corrid}").unlink(missing_ok=True)
+
+    def count(self) -> int:
+        return sum(1 for f in os.listdir(self.folder) if not f.startswith("."))
+
+
+class SessionTable:
+    """Sessions of one model instance, by correlation id. Every method holds `lock`."""
+
+    def __init__(self, opener, slots: Slots, idle_timeout: float, clock=time.monotonic):
+        self.opener = opener  # options dict -> Session
+        self.slots = slots
+        self.idle_timeout = float(idle_timeout)
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.sessions: dict = {}
+        self.last_seen: dict = {}
+        self.freed_idle = 0
+
+    def open(self, corrid, options: dict):
+        with self.lock:
+            if corrid in self.sessions:  # a START on a live id: the client began again
+                self.close(corrid)
+            self.slots.acquire(corrid)
+            try:
+                session = self.opener(options)
+            except BaseException:
+                self.slots.release(corrid)
+                raise
+            self.sessions[corrid] = session
+            self.last_seen[corrid] = self.clock()
+            return session
+
+    def get(self, corrid):
+        with self.lock:
+            session = self.sessions.get(corrid)
+            if session is None:
+                raise ServerError(f"stream {corrid} has no session on this server: it was idle longer "
+                                  f"than the server's idle timeout ({self.idle_timeout:g} s) or the "
+                                  f"server restarted; start the stream again")
+            self.last_seen[corrid] = self.clock()
+            return session
+
+    def close(self, corrid) -> bool:
+        with self.lock:
+            session = self.sessions.pop(corrid, None)
+            self.last_seen.pop(corrid, None)
+            self.slots.release(corrid)
+            if session is None:
+                return False
+            session.close()
+        _malloc_trim()
+        return True
+
+    def reap(self) -> int:
+        """Free the sessions idle longer than the timeout; returns how many."""
+        with self.lock:
+            now = self.clock()
+            idle = [c for c, t in self.last_seen.items() if now - t > self.idle_timeout]
+            for c in idle:
+                self.close(c)
+            self.freed_idle += len(idle)
+        return len(idle)
+
+    def close_all(self) -> None:
+        with self.lock:
+            for c in list(self.sessions):
+                self.close(c)
+
+    def memory_bytes(self) -> int:
+        with self.lock:
+            return sum(s.memory_bytes() for s in self.sessions.values())
+
+    def __len__(self) -> int:
+        return len(self.sessions)
