@@ -63,12 +63,14 @@ def _parity(session, module, feeds, spec):
     ref = module(*[torch.from_numpy(feeds[n]) for n in spec.input_names])
     ref = (ref,) if isinstance(ref, torch.Tensor) else ref
     got = session.run(feeds)
+    errs = {}
     for name, r in zip(spec.output_names, ref):
         r = r.detach().numpy()
         assert got[name].shape == r.shape, name
         tol = spec.tolerance(name, r)
-        err = float(np.abs(got[name] - r).max())
+        errs[name] = err = float(np.abs(got[name] - r).max())
         assert err <= tol, f"{spec.name}.{name}: max-abs {err:.2e} > {tol:.2e}"
+    return errs
 
 
 @pytest.mark.parametrize("name", ["image_encoder", "router", "memory_encoder", "mask_decoder"])
@@ -120,3 +122,47 @@ def test_attention_by_size_picks_the_graph():
     small = {"curr": np.zeros((1229, 256)), "memory": np.zeros((11534, 64))}
     large = {"curr": np.zeros((4096, 256)), "memory": np.zeros((28736, 64))}
     assert d.run(small)["conditioned"] == "plain" and d.run(large)["conditioned"] == "fused"
+
+
+@pytest.mark.slow
+def test_export_1024_matches_pytorch(tmp_path, tiny_sam2, torch_threads):
+    """fastsam2-export as the README runs it at the real size (1024, official-format checkpoint,
+    cpu target): each graph on ONNX Runtime against the PyTorch module the export traced, within
+    the contract's tolerances (GraphSpec.tolerance): the fixed graphs on random inputs, memory
+    attention with the full grid and with keep 0.3 and a full bank (7 frames, 16 pointers)."""
+    from click.testing import CliRunner
+
+    from fastsam2.export.cli import main
+    from fastsam2.export.model import PrunedSAM2
+    from fastsam2.export.sam2_loader import load_sam2
+
+    torch = torch_threads
+    ckpt = tmp_path / "sam2.1_hiera_tiny.pt"
+    # the test model's weights (they do not depend on image size), moved off the seeded init so
+    # that an export which ignored --checkpoint would not match the module loaded from it
+    gen = torch.Generator().manual_seed(1)
+    state = {k: v + 1e-2 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+             for k, v in tiny_sam2.model.state_dict().items()}
+    torch.save({"model": state}, ckpt)
+    out = tmp_path / "b"
+    res = CliRunner().invoke(main, ["--config", "sam2.1_hiera_t", "--checkpoint", str(ckpt), "--target", "cpu",
+                                    "--keep", "1.0", "--prompts", "cyclist", "--text-pretrained", "random",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["image_size"] == 1024 and m["token_grid"] == [64, 64]
+    pruned = PrunedSAM2(load_sam2("sam2.1_hiera_t", str(ckpt), image_size=1024))
+    geom = pruned.geometry
+    assert geom["T"] == 4096
+    worst = {}
+    with torch.inference_mode():
+        for name in ("image_encoder", "router", "memory_encoder", "mask_decoder"):
+            sess = OrtSession(out / f"{name}.onnx", ["CPUExecutionProvider"])
+            worst[name] = _parity(sess, pruned.graphs[name], example_feeds(name, geom, points=3, seed=1), GRAPHS[name])
+        for graph_file in ("memory_attention.onnx", "memory_attention_ort.onnx"):
+            sess = OrtSession(out / graph_file, ["CPUExecutionProvider"])
+            for n, ms in ((4096, 4096), (1229, 4096 + 6 * 1229)):
+                feeds = example_feeds("memory_attention", geom, n=n, ms=ms, ptrs=16, seed=n)
+                worst[f"{graph_file} N={n}"] = _parity(sess, pruned.graphs["memory_attention"], feeds,
+                                                       GRAPHS["memory_attention"])
+    print("1024 ORT vs PyTorch max-abs:", {k: {o: f"{e:.1e}" for o, e in v.items()} for k, v in worst.items()})
