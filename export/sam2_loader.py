@@ -76,8 +76,9 @@ def _read_state_dict(path: str):
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors differ by torch version
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {msg}") from None
+        from fastsam2.export.cli import torch_load_reason
+
+        raise CheckpointError(f"cannot read checkpoint {path}: {torch_load_reason(e)}") from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # the official files hold {"model": state_dict}
     if not isinstance(sd, dict) or not sd:

@@ -39,3 +39,10 @@ class IncompleteInputError(FastSam2Error):
 
 class SourceError(InputError):
     """A live source (camera, network stream) that cannot be opened or stopped delivering."""
+
+
+def quoted(value, limit: int = 60) -> str:
+    """A user's value as an error message repeats it: quoted, and cut when long (a 10 KB
+    prompt is not echoed back whole)."""
+    text = str(value)
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"

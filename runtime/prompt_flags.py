@@ -17,7 +17,7 @@ import json
 import re
 from pathlib import Path
 
-from fastsam2.runtime.errors import InputError
+from fastsam2.runtime.errors import InputError, quoted
 from fastsam2.runtime.session import MAX_OBJECT_ID, PromptSpec, check_object_id
 from fastsam2.runtime.track import Scheduled
 
@@ -38,10 +38,8 @@ MAX_PROMPTS_FILE = 4 << 20  # bytes
 _INT = re.compile(r"\s*[+-]?\d+\s*$")
 
 
-def shorten(text: str, limit: int = MAX_SHOWN) -> str:
-    """A user's value as an error message repeats it: quoted, and cut when long."""
-    text = str(text)
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+def shorten(text, limit: int = MAX_SHOWN) -> str:
+    return quoted(text, limit)
 
 
 def _split_frame(value: str, flag: str, strict: bool) -> tuple:
@@ -207,5 +205,5 @@ def _obj_frame(e: dict, where: str) -> tuple:
     _expect(isinstance(frame, int) and not isinstance(frame, bool) and frame >= 0, where,
             f'"frame" must be an integer >= 0, got {shorten(json.dumps(frame))}')
     if not (isinstance(obj, int) and not isinstance(obj, bool)):
-        raise InputError(f"{where}: object id {shorten(json.dumps(obj))} is not valid: ids are integers 1..{MAX_OBJECT_ID}")
+        raise InputError(f"{where}: object id {json.dumps(obj)[:MAX_SHOWN]} is not valid: ids are integers 1..{MAX_OBJECT_ID}")
     return check_object_id(obj), frame

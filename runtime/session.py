@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fastsam2.runtime.bank import DEFAULT_MAX_COND
-from fastsam2.runtime.errors import InputError
+from fastsam2.runtime.errors import InputError, quoted
+from fastsam2.runtime.outputs import finite_or_none
 from fastsam2.runtime.sam2_math import Resizer, compose_objects, mask_area_bbox
 from fastsam2.runtime.tracker import Prompt, Tracker
 
@@ -57,7 +58,7 @@ class PromptSpec:
     def merge(self, other: "PromptSpec", where: str) -> None:
         if other.text is not None:
             if self.text is not None and self.text != other.text:
-                raise InputError(f"{where} has two texts ({self.text!r}, {other.text!r}); give one")
+                raise InputError(f"{where} has two texts ({quoted(self.text)}, {quoted(other.text)}); give one")
             self.text = other.text
         if other.box is not None:
             if self.box is not None:
@@ -103,7 +104,8 @@ class ObjectResult:
     prompted: bool  # a prompt was applied to this object on this frame
 
     def record(self) -> dict:
-        return {"object_score": round(self.object_score, 4), "iou": round(self.iou, 4),
+        # strict JSON: a non-finite score (a broken graph, a hostile bundle) is written as null
+        return {"object_score": finite_or_none(self.object_score, 4), "iou": finite_or_none(self.iou, 4),
                 "mask_area": self.area, "bbox": self.bbox, "kept_tokens": self.kept_tokens,
                 **({"prompted": True} if self.prompted else {})}
 
@@ -130,7 +132,7 @@ class FrameResult:
 
 def check_object_id(obj_id) -> int:
     if isinstance(obj_id, bool) or not isinstance(obj_id, (int, np.integer)) or not 1 <= obj_id <= MAX_OBJECT_ID:
-        raise InputError(f"object id {obj_id!r} is not valid: ids are integers 1..{MAX_OBJECT_ID} "
+        raise InputError(f"object id {quoted(obj_id, 20) if isinstance(obj_id, str) else obj_id!r} is not valid: ids are integers 1..{MAX_OBJECT_ID} "
                          f"(one palette index each)")
     return int(obj_id)
 
@@ -315,7 +317,7 @@ class Session:
     def _check_spec(self, obj_id: int, spec: PromptSpec, frame: int) -> None:
         if spec.text is not None and spec.text not in self.text_embeddings:
             known = ", ".join(repr(t) for t in self.text_embeddings) or "none"
-            raise InputError(f"prompt {spec.text!r} is not in the bundle (it has {known}); "
+            raise InputError(f"prompt {quoted(spec.text)} is not in the bundle (it has {known}); "
                              f"export again with --prompts to add it")
         if spec.mask is not None and spec.has_geometry:
             raise InputError(f"object {obj_id}: give a mask or clicks/box on frame {frame}, not both")
@@ -408,7 +410,7 @@ class Session:
             # text alone starts the object at its most relevant token
             xy, rel = text_start_point(tr, enc, w, h)
             entry["start"] = {"source": "text", "point": [round(xy[0], 1), round(xy[1], 1)],
-                              "relevance": rel}
+                              "relevance": finite_or_none(rel, 4)}
             step = tr.add_prompt_frame(local, None, model_prompt(PromptSpec(points=[xy]), w, h, self.S), enc=enc)
         elif not spec.has_geometry:
             # text for an object already tracked: the router's text changes, tracking goes on
@@ -496,7 +498,7 @@ def parse_keep(keep):
         try:
             keep = float(keep)
         except ValueError:
-            raise InputError(f"--keep must be a number in (0, 1] or 'auto', got {keep!r}") from None
+            raise InputError(f"--keep must be a number in (0, 1] or 'auto', got {quoted(keep)}") from None
     if not (isinstance(keep, (int, float)) and 0.0 < keep <= 1.0) or math.isnan(keep):
         raise InputError(f"--keep must be in (0, 1] or 'auto', got {keep}")
     return float(keep)

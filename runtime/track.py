@@ -19,7 +19,7 @@ import numpy as np
 
 from fastsam2.runtime.backends import pick_backend
 from fastsam2.runtime.bundle import load_bundle
-from fastsam2.runtime.errors import FastSam2Error, InputError
+from fastsam2.runtime.errors import FastSam2Error, InputError, quoted
 from fastsam2.runtime.session import (  # noqa: F401  (the library's names, re-exported)
     PromptSpec,
     Session,
@@ -90,7 +90,7 @@ def _check_schedule(schedule: list, bundle, source) -> None:
         spec = s.spec
         if spec.text is not None and spec.text not in bundle.text_embeddings:
             known = ", ".join(repr(t) for t in bundle.text_embeddings)
-            raise InputError(f"prompt {spec.text!r} is not in the bundle (it has {known}); "
+            raise InputError(f"prompt {quoted(spec.text)} is not in the bundle (it has {known}); "
                              f"export again with --prompts to add it")
         if spec.text is None and not spec.has_geometry and spec.mask is None:
             raise InputError(f"give --prompt, --point or --box for object {s.obj}")
@@ -236,6 +236,8 @@ def _loop(session, source, schedule, run, bundle, keep, fill, overlay, max_frame
 
 
 def _results(input_path, source, session, bundle, keep, fill, frames, schedule, total, status, error) -> dict:
+    from fastsam2.runtime.outputs import finite_or_none
+
     steady = [f["frame_ms"] for f in frames[min(len(frames) - 1, bundle.settings["num_maskmem"]):]] if frames else []
     dropped = getattr(source, "dropped", 0)
     results = {
@@ -249,9 +251,10 @@ def _results(input_path, source, session, bundle, keep, fill, frames, schedule, 
         "objects": sorted({s.obj for s in schedule if s.spec is not None}),
         "prompts": list(session.prompt_log),
         "removals": [{"object": s.obj, "frame": s.frame} for s in schedule if s.spec is None],
-        "source": {"kind": source.kind, "live": bool(source.live), "nominal_fps": source.fps,
+        "source": {"kind": source.kind, "live": bool(source.live), "nominal_fps": finite_or_none(source.fps, 3),
                    "declared_frames": source.num_frames, "width": source.width, "height": source.height},
-        "video": {"width": source.width, "height": source.height, "fps": source.fps, "frames": len(frames)},
+        "video": {"width": source.width, "height": source.height, "fps": finite_or_none(source.fps, 3),
+                  "frames": len(frames)},
         "dropped_frames": {"count": int(dropped), "ranges": [list(r) for r in getattr(source, "dropped_ranges", [])]},
         "totals": {"seconds": round(total, 3), "fps": round(len(frames) / total, 3) if total > 0 else None,
                    "steady_fps": round(1e3 / float(np.median(steady)), 3) if steady else None,

@@ -91,12 +91,18 @@ def stream_video(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def official_correction(tiny_sam2, stream_video):
-    """SAM2VideoPredictor on the correction scenario (tests/runtime/official_stream.py)."""
-    from official_stream import correction_steps, official
+def scenarios(tiny_sam2, stream_video, tmp_path_factory):
+    """The streaming scenarios (tests/runtime/official_stream.py) with SAM2's output on each,
+    computed on first use and shared by the session parity tests and the mutation check."""
+    from official_stream import Scenarios
 
-    steps = correction_steps(stream_video)
-    return steps, official(tiny_sam2.model, stream_video.frames_dir_or_file, steps)
+    return Scenarios(tiny_sam2.model, stream_video, tmp_path_factory.mktemp("scenarios"))
+
+
+@pytest.fixture(scope="session")
+def official_correction(scenarios):
+    """(steps, SAM2's output) of the correction scenario: a prompt on frame 5."""
+    return scenarios.steps("correction"), scenarios.reference("correction")
 
 
 def run_official(predictor, frames_dir, point, obj_id=1):

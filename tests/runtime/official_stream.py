@@ -135,3 +135,59 @@ def compare(ref: dict, got: dict, frames=None) -> tuple:
             union = np.logical_or(a > 0, b > 0).sum()
             min_iou = min(min_iou, 1.0 if union == 0 else float(np.logical_and(a > 0, b > 0).sum() / union))
     return worst, min_iou
+
+
+class Scenarios:
+    """The streaming scenarios on one video, each SAM2 reference computed once per test session
+    (the session parity tests and the mutation check share them)."""
+
+    def __init__(self, predictor, video, tmp_dir):
+        self.predictor, self.video, self.tmp = predictor, video, Path(tmp_dir)
+        self._refs = {}
+
+    def steps(self, name: str) -> list:
+        v = self.video
+        if name == "correction":  # (a) a prompt on frame 5 for a tracked object
+            return correction_steps(v)
+        if name in ("tracked_correction", "tracked_correction_cond"):  # a click on frame 5 after it
+            # was tracked; _cond: with SAM2's add_all_frames_to_correct_as_cond
+            return [first_click(v), ("correct", 5, 1, [inside(v, 5, 1, 0.3)], [1])]
+        if name == "bounded":  # four prompts, two conditioning frames attended
+            return [first_click(v)] + [("click", f, 1, [inside(v, f, 1, 0.2 + 0.2 * i)], [1])
+                                       for i, f in enumerate((2, 3, 6))]
+        if name == "late":  # (b) object 2 starts on frame 4 with a box
+            ys, xs = np.nonzero(v.read_mask(4) == 2)
+            return [first_click(v), ("box", 4, 2, [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())])]
+        raise KeyError(name)
+
+    def options(self, name: str) -> dict:
+        """The session options of the scenario."""
+        if name == "bounded":
+            return {"max_cond_frames": 2}
+        return {"correct_as_cond": True} if name == "tracked_correction_cond" else {}
+
+    def reference(self, name: str) -> dict:
+        """{frame: {obj: logits}} of SAM2VideoPredictor on the scenario."""
+        if name in self._refs:
+            return self._refs[name]
+        import shutil
+
+        steps, frames_dir = self.steps(name), self.video.frames_dir_or_file
+        if name == "late":  # object 1 as SAM2 tracks it alone; object 2 as SAM2 on frames 4.. alone
+            ref1 = official(self.predictor, frames_dir, steps[:1])
+            alone = self.tmp / "from4"
+            if not alone.exists():
+                alone.mkdir(parents=True)
+                for i, p in enumerate(frame_paths(frames_dir)[4:]):
+                    shutil.copy(p, alone / f"{i:05d}.jpg")
+            ref2 = official(self.predictor, alone, [("box", 0, 2, steps[1][3])])
+            ref = {f: {**ref1[f], **(ref2[f - 4] if f >= 4 else {})} for f in ref1}
+        else:
+            ref = official(self.predictor, frames_dir, steps, max_cond=self.options(name).get("max_cond_frames"),
+                           correct_as_cond=name == "tracked_correction_cond")
+        self._refs[name] = ref
+        return ref
+
+    def check(self, name: str, session) -> tuple:
+        """(max-abs, min IoU) of `session` driven through the scenario against SAM2."""
+        return compare(self.reference(name), ours(session, self.video.frames_dir_or_file, self.steps(name)))

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import mask_iou
+from fastsam2.runtime.bundle import reseal
 from fastsam2.runtime.outputs import read_palette_png
 from fastsam2.runtime.run_cli import main
 
@@ -148,6 +149,7 @@ def test_engine_keep_range_refused(bundle_dir, frames, tmp_path):
     m = json.loads((bundle_dir / "manifest.json").read_text())
     m["engines"] = {"keep_range": [0.3, 1.0], "built": False}
     _replace(b / "manifest.json", json.dumps(m).encode())
+    reseal(b)  # a deliberate edit: the seal would refuse the bundle first
     bad([frames, "--bundle", b, "--prompt", "cyclist", "--keep", "0.2"], tmp_path, "profile range")
 
 

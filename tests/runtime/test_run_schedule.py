@@ -22,6 +22,10 @@ DECIDED = 1e-3
 
 def run(args):
     res = CliRunner().invoke(main, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        import traceback
+
+        return res.exit_code, res.output + "".join(traceback.format_exception(*res.exc_info))
     return res.exit_code, res.output
 
 
@@ -143,18 +147,23 @@ def bad(args, tmp_path, message, code=2):
     (["--point", "10,10@x"], "the frame after '@' must be a number"),
     (["--box", "2:1,1,20,20@3", "--box", "2:2,2,30,30@3"], "object 2 has two --box values on frame 3"),
     (["--prompt", "x" * 5000], "(5000 characters)"),
-    (["--point", "10,10", "--out", ""], "output folder name is empty"),
 ])
 def test_bad_schedules_are_one_line(bundle_dir, stream_video, tmp_path, extra, message):
     out = bad([stream_video.frames_dir_or_file, "--bundle", bundle_dir] + extra, tmp_path, message)
     assert not out.exists()
 
 
+def test_empty_output_name(bundle_dir, stream_video):
+    code, text = run([stream_video.frames_dir_or_file, "--bundle", bundle_dir, "--point", "10,10",
+                      "--out", "", "--quiet"])
+    assert code == 2 and text == "error: the output folder name is empty\n", text
+
+
 def test_bad_prompts_file(bundle_dir, stream_video, tmp_path):
     f = tmp_path / "p.json"
     for content, message in (("{", "is not JSON"), ('{"prompts": [{"frame": -1, "points": [[1, 2]]}]}', '"frame"'),
                              ('{"prompts": [{"points": [[1]]}]}', "2 numbers"),
-                             ('{"prompts": [{"object": "a", "points": [[1, 2]]}]}', 'object id "a"'),
+                             ('{"prompts": [{"object": "a", "points": [[1, 2]]}]}', 'object id "a" is not valid'),
                              ('[' * 100000 + ']' * 100000, "is not JSON")):
         f.write_text(content)
         bad([stream_video.frames_dir_or_file, "--bundle", bundle_dir, "--prompts-file", f], tmp_path, message)
@@ -184,7 +193,10 @@ def test_live_stream_realtime_drops_frames_and_reports_them(bundle_dir, tmp_path
     assert res["source"]["live"] is True and res["source"]["declared_frames"] is None
     dropped = res["dropped_frames"]
     assert dropped["count"] > 0 and dropped["count"] == sum(b - a + 1 for a, b in dropped["ranges"])
-    assert set(idx) | {i for a, b in dropped["ranges"] for i in range(a, b + 1)} == set(range(idx[-1] + 1))
+    lost = [i for a, b in dropped["ranges"] for i in range(a, b + 1)]
+    # every frame the source produced was either tracked or counted as dropped, once
+    assert not set(idx) & set(lost) and len(lost) == len(set(lost))
+    assert set(idx) | set(lost) == set(range(max(idx + lost) + 1))
     assert "dropped" in text.strip().splitlines()[-1]
     # the prompt for frame 4 applies on the first frame processed at or after it
     late = [p for p in res["prompts"] if p.get("requested_frame") == 4 or p["frame"] == 4]
