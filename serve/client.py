@@ -110,7 +110,11 @@ class RemoteSession:
         self._memory = 0
         self._resize = Resizer()
         self._closed = False
-        info, _ = self._call({"op": "open", "options": options}, start=True)
+        try:
+            info, _ = self._call({"op": "open", "options": options}, start=True)
+        except P.SessionLimitError:
+            self.close()  # hand Triton's sequence slot back now rather than at the idle timeout
+            raise
         self.backend = info["backend"]
         self.T = int(info["tokens"])
         self.max_cond_frames = int(info["max_cond_frames"])

@@ -135,7 +135,7 @@ class TritonServer:
         self.log = log
         self.install = install or Installation(python)
         self.proc = None
-        self.tail = collections.deque(maxlen=60)
+        self.tail = collections.deque(maxlen=400)
         self._tmp = None
 
     @property

@@ -3,7 +3,11 @@ all instances of the model, and the idle timeout that frees a stream that went a
 
 Triton's sequence batcher releases an idle sequence's slot but does not tell the model, so the
 table keeps each session's last request time and frees it itself (the tracker model runs
-`reap()` from a thread). The limit is per server, while each model instance is its own process:
+`reap()` from a thread). Idle time is counted only while the instance is not executing: a
+stream whose next frame waits in Triton's queue behind other streams' frames is not idle for
+Triton (its idle clock runs only with nothing queued), and must not be for us either (measured:
+two streams on one busy instance, frames of ~3 s, a 3 s wall-clock timeout freed a live one).
+While the instance has no request, nothing is queued, so that clock never frees a live stream. The limit is per server, while each model instance is its own process:
 the instances count sessions in one folder (a file per live session, created under an flock), so
 N instances never hold more than --max-sessions together.
 
@@ -12,6 +16,7 @@ Plain Python (no Triton import): the unit tests drive it directly.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
@@ -75,8 +80,27 @@ class SessionTable:
         self.clock = clock
         self.lock = threading.RLock()
         self.sessions: dict = {}
-        self.last_seen: dict = {}
+        self.last_seen: dict = {}  # on the idle clock
         self.freed_idle = 0
+        self._busy_total = 0.0
+        self._busy_since = None
+
+    def idle_clock(self) -> float:
+        """Seconds elapsed while the instance was not executing requests."""
+        now = self.clock()
+        busy = self._busy_total + (now - self._busy_since if self._busy_since is not None else 0.0)
+        return now - busy
+
+    @contextlib.contextmanager
+    def busy(self):
+        """Around an execute() call: its time does not count as anyone's idle time."""
+        with self.lock:
+            self._busy_since = self.clock()
+            try:
+                yield
+            finally:
+                self._busy_total += self.clock() - self._busy_since
+                self._busy_since = None
 
     def open(self, corrid, options: dict):
         with self.lock:
@@ -89,7 +113,7 @@ class SessionTable:
                 self.slots.release(corrid)
                 raise
             self.sessions[corrid] = session
-            self.last_seen[corrid] = self.clock()
+            self.last_seen[corrid] = self.idle_clock()
             return session
 
     def get(self, corrid):
@@ -99,7 +123,7 @@ class SessionTable:
                 raise ServerError(f"stream {corrid} has no session on this server: it was idle longer "
                                   f"than the server's idle timeout ({self.idle_timeout:g} s) or the "
                                   f"server restarted; start the stream again")
-            self.last_seen[corrid] = self.clock()
+            self.last_seen[corrid] = self.idle_clock()
             return session
 
     def close(self, corrid) -> bool:
@@ -116,7 +140,7 @@ class SessionTable:
     def reap(self) -> int:
         """Free the sessions idle longer than the timeout; returns how many."""
         with self.lock:
-            now = self.clock()
+            now = self.idle_clock()
             idle = [c for c, t in self.last_seen.items() if now - t > self.idle_timeout]
             for c in idle:
                 self.close(c)

@@ -132,19 +132,20 @@ class TritonPythonModel:
 
     # -- requests -----------------------------------------------------------------------------
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._handle(request))
-            except FastSam2Error as e:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(P.error_message(e))))
-            except Exception as e:  # a bug: keep the traceback in the server's log
-                self._log(traceback.format_exc(), error=True)
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"ServerError: internal error in the tracker model: "
-                                               f"{type(e).__name__}: {e}")))
+        with self.table.busy():
+            responses = [self._respond(r) for r in requests]
         self._update_metrics()
         return responses
+
+    def _respond(self, request):
+        try:
+            return self._handle(request)
+        except FastSam2Error as e:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(P.error_message(e)))
+        except Exception as e:  # a bug: keep the traceback in the server's log
+            self._log(traceback.format_exc(), error=True)
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                f"ServerError: internal error in the tracker model: {type(e).__name__}: {e}"))
 
     def _control(self, request, name: str) -> int:
         t = pb_utils.get_input_tensor_by_name(request, name)

@@ -1,0 +1,73 @@
+"""The tracker model's session table without a server: idle time counts only while the instance
+is not executing, --max-sessions holds across instances (processes sharing one folder)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastsam2.serve.protocol import ServerError, SessionLimitError, decode_error, error_message
+from fastsam2.serve.sessions import SessionTable, Slots
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+class FakeSession:
+    closed = 0
+
+    def close(self):
+        FakeSession.closed += 1
+
+    def memory_bytes(self):
+        return 100
+
+
+def table(folder, instance="i0", limit=2, idle=3.0, clock=None):
+    return SessionTable(lambda options: FakeSession(), Slots(folder, instance, limit), idle, clock=clock or Clock())
+
+
+def test_a_stream_waiting_behind_other_streams_is_not_idle(tmp_path):
+    clock = Clock()
+    t = table(tmp_path, clock=clock)
+    t.open(1, {})
+    t.open(2, {})
+    with t.busy():  # stream 2's frame takes 10 s; stream 1's next frame waits in Triton's queue
+        clock.t += 10
+    assert t.reap() == 0 and len(t) == 2
+    clock.t += 2.9  # nothing executing: both idle 2.9 s < 3 s
+    assert t.reap() == 0
+    t.get(1)  # stream 1's frame arrives
+    clock.t += 0.2  # stream 2 has been idle 3.1 s (not counting the 10 s busy)
+    assert t.reap() == 1 and sorted(t.sessions) == [1]
+    with pytest.raises(ServerError, match="idle longer than the server's idle timeout"):
+        t.get(2)
+
+
+def test_max_sessions_holds_across_instances_and_frees_on_close(tmp_path):
+    a, b = table(tmp_path, "i0"), table(tmp_path, "i1")
+    a.open(1, {})
+    b.open(2, {})
+    with pytest.raises(SessionLimitError, match="--max-sessions"):
+        b.open(3, {})
+    assert len(b) == 1 and a.slots.count() == 2
+    assert a.close(1) and not a.close(1)
+    b.open(3, {})
+    assert b.memory_bytes() == 200
+    # a restarted instance starts without its predecessor's sessions (a crashed stub)
+    table(tmp_path, "i1")
+    assert a.slots.count() == 0
+
+
+def test_errors_cross_the_wire_as_their_own_class():
+    from fastsam2.runtime.errors import InputError
+
+    e = decode_error(error_message(InputError("point 400,10 is outside the 320x240 frame")))
+    assert type(e) is InputError and str(e) == "point 400,10 is outside the 320x240 frame"
+    assert type(decode_error(error_message(SessionLimitError("full")))) is SessionLimitError
+    other = decode_error("Stub process 'x' is not healthy.")
+    assert type(other) is ServerError and "not healthy" in str(other)
