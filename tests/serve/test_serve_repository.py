@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS
-from serve_helpers import SERVE_MARK, free_ports
+from serve_helpers import SERVE_MARK, free_ports, serve_videos  # noqa: F401
 
 pytestmark = SERVE_MARK
 
@@ -91,3 +91,50 @@ def test_graphs_layout_configs_and_real_server_load(bundle_dir, tmp_path):
     assert table[P.MODEL] == "READY", table
     for g in GRAPH_ORDER:
         assert table[g].startswith("UNAVAILABLE") and "backend 'onnxruntime'" in table[g], (g, table[g])
+
+
+def test_graphs_layout_tracks_through_bls(bundle_dir, serve_videos, tmp_path):
+    """The graphs layout end to end, each graph served by the python stand-in for the
+    onnxruntime backend (ort_graph_model.py): the tracker's BLS calls pass Triton's checks
+    against every graph's config and give the local run's logits."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from fastsam2.runtime.session import Session
+    from fastsam2.serve.client import RemoteModel
+    from fastsam2.serve.repository import write_repository
+    from fastsam2.serve.server import TritonServer
+
+    repo = tmp_path / "repo"
+    write_repository(bundle_dir, repo, layout="graphs", backend="ort-cpu")
+    for g in GRAPH_ORDER:
+        cfg = repo / g / "config.pbtxt"
+        cfg.write_text(re.sub(r'platform: "onnxruntime_onnx"', 'backend: "python"', cfg.read_text()))
+        shutil.copyfile(Path(__file__).with_name("ort_graph_model.py"), repo / g / "1" / "model.py")
+    video = serve_videos[0]
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(video.frames_dir_or_file.glob("*.jpg"))]
+    points = {o: [video.first_frame_points[o]] for o in (1, 2)}
+    local = Session.open(bundle_dir, backend="ort-cpu", warn=lambda m: None)
+    for o, p in points.items():
+        local.add_prompt(o, points=p)
+    expected = [local.push(f) for f in frames]
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
+    with server:
+        s = RemoteModel(server.grpc_url).open_session()
+        assert s.backend == "triton-bls"
+        for o, p in points.items():
+            s.add_prompt(o, points=p)
+        for f, want in zip(frames, expected):
+            got = s.push(f)
+            assert sorted(got.objects) == sorted(want.objects) == [1, 2]
+            for o in got.objects:
+                # measured: max |remote - local| 0 (same graphs, same ONNX Runtime, same inputs)
+                print("maxdiff", float(np.abs(got.objects[o].logits - want.objects[o].logits).max()))
+                np.testing.assert_allclose(got.objects[o].logits, want.objects[o].logits, atol=1e-4)
+            assert (got.index_mask != want.index_mask).mean() < 1e-3
+        s.close()
