@@ -159,6 +159,9 @@ load_feeds("calib_<graph>.npz"):
 Then build each engine with its cache, as build_plan.sh does with --int8:
     trtexec --onnx=../../<graph>.onnx --saveEngine=<graph>.engine --int8 --fp16 \\
         --calib=calibration_<graph>.cache   (plus the plan's --minShapes/--optShapes/--maxShapes)
+On a CPU (ONNX Runtime / OpenVINO), the same data calibrates static int8 (QDQ) variants, gated
+against fp32 and recorded in the bundle:
+    python -m fastsam2.export.precision BUNDLE --precision int8 --calibration engines/{target}/
 Calibration runs at fixed shapes: for graphs with dynamic inputs (memory_attention's N/M/Ms,
 mask_decoder's P) only the batches of the most common shape feed the calibrator. Memory
 attention's M stops growing once the bank and the object pointers are full (frame

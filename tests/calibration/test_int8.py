@@ -23,8 +23,9 @@ def frames(tmp_path_factory):
 
 
 def own_bundle(bundle_dir, dst):
-    """The session bundle is shared: link its files into a folder this test may write into."""
-    shutil.copytree(bundle_dir, dst, copy_function=os.symlink)
+    """The session bundle is shared: hard-link its files into a folder this test may write into
+    (a symlink would point outside the bundle, which the runtime refuses)."""
+    shutil.copytree(bundle_dir, dst, copy_function=os.link)
     return dst
 
 
@@ -102,3 +103,16 @@ def test_bad_input_is_one_line_exit_2(bundle_dir, frames, args, needle):
     assert res.exit_code == 2, res.output
     assert needle in res.output and res.output.count("\n") == 1, res.output
     assert not (bundle_dir / "engines").exists()  # nothing written into the shared bundle
+
+
+def test_cpu_int8_reads_the_calibration_data(calibrated, bundle_dir, tmp_path):
+    """fastsam2.export.precision calibrates its static int8 variants on these files when given
+    the folder (README's `--calibration engines/<target>/`): the same feeds, every graph."""
+    from fastsam2.export.precision import calibration_feeds
+    from fastsam2.runtime.bundle import load_bundle
+
+    out, _ = calibrated
+    feeds, what = calibration_feeds(load_bundle(bundle_dir), out, tmp_path, 8, 1, print)
+    assert "fastsam2-calibrate int8 data" in what and set(feeds) == set(GRAPH_ORDER)
+    assert len(feeds["image_encoder"]) == FRAMES and feeds["image_encoder"][0]["image"].shape == (1, 3, S, S)
+    assert "python -m fastsam2.export.precision" in (out / "int8_README.txt").read_text()
