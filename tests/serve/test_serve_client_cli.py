@@ -38,3 +38,17 @@ def test_nobody_serving_there(tmp_path):
     assert code == 2 and len(lines) == 1, out
     assert lines[0].startswith(f"error: cannot reach the Triton server at 127.0.0.1:{port}")
     assert not (tmp_path / "r").exists()
+
+
+def test_the_client_side_imports_neither_onnxruntime_nor_torch():
+    """What `fastsam2-run --server` loads: the client, the protocol and the CLI, with the
+    inference packages made unimportable (an import of any of them raises)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for m in ('onnxruntime', 'openvino', 'tensorrt', 'torch'): sys.modules[m] = None\n"
+            "import fastsam2.serve.client, fastsam2.serve.protocol, fastsam2.runtime.run_cli, fastsam2.runtime.track\n"
+            "print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
