@@ -41,7 +41,9 @@ def _forward(line: str) -> None:
 @click.option("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, show_default=True,
               help="Streams the server holds at once; more are refused.")
 @click.option("--idle-timeout", type=float, default=60.0, show_default=True,
-              help="Seconds without a frame after which a stream's session is freed.")
+              help="Seconds a stream may go without a request (Triton counts from the last one's arrival, "
+                   "queueing included) before its session is freed; keep it above the longest gap "
+                   "between two frames of a live stream.")
 @click.option("--write-only", is_flag=True, help="Only write the repository (for another Triton server).")
 def main(bundle, repo, http_port, grpc_port, metrics_port, address, instances, backend, layout,
          max_sessions, idle_timeout, write_only):
