@@ -8,6 +8,8 @@ the runs interleaved (a shared CPU's load hits both alike), written to one JSON:
 - attention:    memory attention, plain graph vs the fused-attention ONNX Runtime variant, at the
                 N x M of keep 0.3 / 0.5 / 0.7 / 1.0 with a full bank: the crossover behind
                 AttentionBySize.FUSED_FROM;
+- encoder_precision: the image encoder in every precision the bundle carries (ONNX Runtime and
+                OpenVINO), speed vs ort-cpu fp32 and output error;
 - session:      image encoder under ONNX Runtime session options (graph optimisation level,
                 a saved optimised model, thread spinning) and OpenVINO CPU pinning.
 A benchmark, not a test.
@@ -134,6 +136,37 @@ def session_levers(bundle, image, threads, reps, work: Path) -> dict:
     return res
 
 
+def encoder_precision(bundle, image, threads, reps) -> dict:
+    """The image encoder in each precision the bundle carries, ONNX Runtime and OpenVINO,
+    interleaved; plus each one's max |diff| / max |fp32| per output."""
+    from fastsam2.runtime.backends import OrtSession
+    from fastsam2.runtime.openvino_backend import OpenVINOSession, openvino_available
+    from fastsam2.runtime.precision import variant_path
+
+    sessions = {"ort-cpu fp32": OrtSession(bundle.graph_path("image_encoder"), ["CPUExecutionProvider"], threads)}
+    variants = bundle.manifest["graphs"]["image_encoder"].get("variants") or {}
+    for p, v in variants.items():
+        if v.get("format") != "hint":
+            sessions[f"ort-cpu {p} ({v.get('format')})"] = OrtSession(variant_path(bundle, "image_encoder", p),
+                                                                      ["CPUExecutionProvider"], threads)
+    if openvino_available():
+        sessions["openvino fp32"] = OpenVINOSession(bundle.graph_path("image_encoder"), "CPU", threads, "fp32")
+        for p, v in variants.items():
+            if v.get("format") == "qdq":
+                sessions[f"openvino {p} (qdq)"] = OpenVINOSession(variant_path(bundle, "image_encoder", p), "CPU", threads, p)
+    feed = {"image": image}
+    ref = sessions["ort-cpu fp32"].run(feed)
+    err = {}
+    for k, s in sessions.items():
+        out = s.run(feed)
+        err[k] = {n: round(float(np.abs(out[n] - r).max() / np.abs(r).max()), 5) for n, r in ref.items()}
+    res = interleave({k: (lambda s=s: s.run(feed)) for k, s in sessions.items()}, reps)
+    base = res["ort-cpu fp32"]["median_ms"]
+    for k in res:
+        res[k].update(rel_max_abs_err=err[k], speedup_vs_ort_fp32=round(base / res[k]["median_ms"], 3))
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, required=True)
@@ -156,6 +189,8 @@ def main(argv=None) -> int:
                 res[part] = encoder_ops(bundle, image, args.threads, Path(work))
             elif part == "attention":
                 res[part] = attention(bundle, args.threads, args.reps)
+            elif part == "encoder_precision":
+                res[part] = encoder_precision(bundle, image, args.threads, args.reps)
             elif part == "session":
                 res[part] = session_levers(bundle, image, args.threads, args.reps, Path(work))
             res.setdefault("seconds", {})[part] = round(time.perf_counter() - t0, 1)
