@@ -9,8 +9,10 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import model_checkpoint
 from fastsam2.export.onnx_export import TRT86_OPS, example_feeds
 from fastsam2.runtime.backends import OrtSession
+from fastsam2.runtime.bundle import sha256_file
 from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, keep_to_k
 
 
@@ -27,7 +29,9 @@ def test_bundle_files_and_manifest(bundle_dir, manifest):
     assert not list(bundle_dir.parent.glob(".b.*")), "temporary export folder left behind"
     assert manifest["image_size"] == 256 and manifest["token_grid"] == [16, 16]
     assert manifest["keep"] == 1.0 and manifest["target"] == "cpu" and manifest["opset"] == 17
-    assert manifest["checkpoint"]["sha256"] == "random" and manifest["weights_random"] is True
+    # the session's bundle holds the test model, exported from its checkpoint file
+    assert manifest["checkpoint"]["sha256"] == sha256_file(model_checkpoint())
+    assert manifest["weights_random"] is False
     assert manifest["prompts"] == ["cyclist", "red ball"]
     assert manifest["router_trained"] is False
     assert manifest["text"]["random"] is True and manifest["text"]["dim"] == 512
@@ -111,6 +115,7 @@ def test_attention_by_size_picks_the_graph():
 
     class Fake:
         input_names, output_names = ["curr", "memory"], ["conditioned"]
+        precision, providers = "fp32", ["CPUExecutionProvider"]
 
         def __init__(self, tag):
             self.tag = tag
