@@ -377,7 +377,9 @@ class AttentionBySize:
     """Memory attention through the fused-attention graph when the N x M attention is large,
     the plain one otherwise. Measured on 2 CPU cores at 1024 px (one call, plain vs fused):
     N x M = 4096 x 28672: 2.54 vs 2.12 s; 2868 x 21304: 1.31 vs 1.21 s; 2048 x 16384: 0.74 vs
-    0.66 s; 1229 x 11470: 0.35 vs 0.40 s. Both graphs give the same result (1e-6)."""
+    0.66 s; 1229 x 11470: 0.35 vs 0.40 s. Both graphs give the same result (1e-6). Those figures
+    predate a committed script: `python bench/levers.py --bundle B --only attention` re-measures
+    the crossover (bench/results/levers_<S>px.json) before FUSED_FROM is moved."""
 
     FUSED_FROM = 24_000_000  # N * M where the fused kernel starts to win
 

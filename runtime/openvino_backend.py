@@ -101,7 +101,7 @@ class OpenVINOSession:
         config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         if device == "CPU":
             # no pinning: on a CPU shared with other processes, threads pinned to busy cores
-            # waited (256 px encoder, machine busy: 1085 ms pinned, 637 ms not; ORT 1097 ms)
+            # wait for them (bench/levers.py `session` measures pinning on vs off)
             config["ENABLE_CPU_PINNING"] = False
             if threads:
                 config["INFERENCE_NUM_THREADS"] = int(threads)
