@@ -266,8 +266,13 @@ def fidelity_section(result: dict, source: str) -> str:
             continue
         red = ", ".join(f"{g} {p}" for g, p in (r["graph_precision"] or {}).items() if p != "fp32") or "all fp32"
         f = lambda d: f"{d['mean']:.3f} / {d['min']:.3f}" if d else "–"  # noqa: E731
-        lines.append(f"| {r['backend']} | {red} | {r['keep']} | {f(r.get('iou_vs_ort_fp32_same_keep'))} | "
+        lines.append(f"| {r['backend']} | {red} | {float(r['keep']):.1f} | {f(r.get('iou_vs_ort_fp32_same_keep'))} | "
                      f"{f(r.get('iou_vs_official'))} | {r['x_official']:.2f}× |")
+    cores = result["machine"].get("cores") or 1
+    if max(result["loadavg_1min_per_frame"]) > cores:
+        lines += ["", f"The speed column is not evidence here: the load average ({max(result['loadavg_1min_per_frame'])}) "
+                      f"exceeded the {cores} cores, and PyTorch suffers more than ONNX Runtime from oversubscribed "
+                      "cores (docs/benchmarks.md). The IoU columns do not depend on load."]
     if result.get("skipped"):
         lines += ["", "Not run here: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items()) + "."]
     g = gate.get("graphs") or {}
