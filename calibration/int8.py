@@ -64,7 +64,7 @@ def record_feeds(bundle, frames, max_frames: int = 32, prompt: str | None = None
     if prompt is None and point is None:
         raise InputError("the bundle has no text prompts: give --point x,y")
     store = {g: [] for g in GRAPH_ORDER}
-    sessions = {g: RecordingSession(s, store[g]) for g, s in create_sessions(bundle, "ort-cpu", threads).items()}
+    sessions = {g: RecordingSession(s, store[g]) for g, s in create_sessions(bundle, "ort-cpu", threads, precision="fp32").items()}
     text_emb = bundle.text_embeddings.get(prompt) if prompt else None
     tracker = Tracker(sessions, bundle.constants, bundle.settings, keep=keep,
                       keep_floor=m.get("keep_floor", 64), text_emb=text_emb,
