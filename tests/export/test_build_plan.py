@@ -189,7 +189,8 @@ def test_build_plan_polygraphy_lines_run_against_onnxruntime(tmp_path, bundle_di
     """The plan's check section, run as written except that the graph under ONNX Runtime stands in
     for the engine (no GPU here): Polygraphy must accept every flag, shape, value range, saved
     file and per-output tolerance, feed the real graphs at the opt shapes and the profile's
-    maxima, and compare. The fp16 targets' check sections are the same text (one runs here)."""
+    maxima (memory attention's: the max lines differ from the opt ones in numbers only), and
+    compare. The fp16 targets' check sections are the same text (one runs here)."""
     if importlib.util.find_spec("polygraphy") is None:
         pytest.skip("polygraphy is not installed (pip install fastsam2[dev])")
     for f in bundle_dir.glob("*.onnx"):
@@ -204,6 +205,8 @@ def test_build_plan_polygraphy_lines_run_against_onnxruntime(tmp_path, bundle_di
     assert len(pairs) == sum(2 if dynamic_inputs(g) else 1 for g in GRAPHS)
     (plan.parent / "checks").mkdir()
     for g, which, ref, check in pairs:
+        if which == "max" and g != "memory_attention":
+            continue
         engine = f" {g}.engine --model-type engine --trt "
         assert engine in check
         for cmd in (ref, check.replace(engine, f" ../../{g}.onnx --onnxrt ")):
