@@ -133,8 +133,8 @@ def test_graphs_layout_tracks_through_bls(bundle_dir, serve_videos, tmp_path):
             got = s.push(f)
             assert sorted(got.objects) == sorted(want.objects) == [1, 2]
             for o in got.objects:
-                # measured: max |remote - local| 0 (same graphs, same ONNX Runtime, same inputs)
-                print("maxdiff", float(np.abs(got.objects[o].logits - want.objects[o].logits).max()))
-                np.testing.assert_allclose(got.objects[o].logits, want.objects[o].logits, atol=1e-4)
-            assert (got.index_mask != want.index_mask).mean() < 1e-3
+                # measured: max |remote - local| <= 3.2e-7 (the stand-in's ONNX Runtime session
+                # options are its defaults, not the runtime's)
+                np.testing.assert_allclose(got.objects[o].logits, want.objects[o].logits, rtol=0, atol=3e-6)
+            assert (got.index_mask != want.index_mask).mean() < 1e-3  # a flip needs |logit| < 3e-6
         s.close()
