@@ -17,9 +17,14 @@ EPILOG = ("Clients: fastsam2-run INPUT --server HOST:GRPC_PORT --prompt ... The 
           "a load balancer, Triton has no authentication).")
 
 
+# what Triton says at every start on a machine without a GPU: not worth an operator's attention
+_CPU_ONLY_NOISE = ("CudaDriverHelper has not been initialized", "pinned memory", "Failed to initialize NVML",
+                   "DCGM unable to start")
+
+
 def _forward(line: str) -> None:
     # Triton's warnings/errors and the tracker's own lines; its start-up tables stay quiet
-    if line[:1] in ("E", "W") or "fastsam2" in line:
+    if (line[:1] in ("E", "W") or "fastsam2" in line) and not any(n in line for n in _CPU_ONLY_NOISE):
         click.echo(line, err=True)
 
 

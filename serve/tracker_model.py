@@ -228,10 +228,11 @@ class TritonPythonModel:
 
     def _update_metrics(self):
         with self.table.lock:
-            values = {"fastsam2_live_sessions": len(self.table),
-                      "fastsam2_memory_bank_bytes": self.table.memory_bytes(),
+            # the live count last: a scrape that sees it change sees the rest of the update too
+            values = {"fastsam2_memory_bank_bytes": self.table.memory_bytes(),
                       "fastsam2_sessions_freed_idle": self.table.freed_idle,
-                      "fastsam2_process_rss_bytes": _rss_bytes()}
+                      "fastsam2_process_rss_bytes": _rss_bytes(),
+                      "fastsam2_live_sessions": len(self.table)}
             for name, v in values.items():
                 self._gauges[name][1].set(float(v))
 
