@@ -226,27 +226,3 @@ def test_keep_auto_export_covers_the_profile_range(tmp_path):
     plan = (out / m["engines"]["build_plan"]).read_text()
     # N spans keep_min..keep_max of the 256 tokens: 77..256, optimised at the middle (0.65 -> 167)
     assert "curr:77x256" in plan and "curr:256x256" in plan and "curr:167x256" in plan
-
-
-@pytest.mark.slow
-def test_export_1024_official_format_checkpoint_and_ort_chain(tmp_path, tiny_sam2):
-    """The issue's command at the real size: official-format checkpoint, cpu target, keep 1.0."""
-    import numpy as np
-
-    from fastsam2.export.onnx_export import example_feeds
-    from fastsam2.runtime.backends import OrtSession
-
-    ckpt = tmp_path / "sam2.1_hiera_tiny.pt"
-    torch.save({"model": tiny_sam2.model.state_dict()}, ckpt)  # weights do not depend on image size
-    out = tmp_path / "b"
-    code, text = run(["--config", "sam2.1_hiera_t", "--checkpoint", str(ckpt), "--target", "cpu", "--keep", "1.0",
-                      "--prompts", "cyclist", "--text-pretrained", "random", "--out", str(out)])
-    assert code == 0, text
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["image_size"] == 1024 and m["token_grid"] == [64, 64]
-    ma = OrtSession(out / "memory_attention.onnx", ["CPUExecutionProvider"])
-    geom = {"S": 1024, "G": 64, "G2": 128, "G4": 256, "T": 4096, "D": 512}
-    for n, ms in ((4096, 4096), (1229, 4096 + 6 * 1229)):
-        feeds = example_feeds("memory_attention", geom, n=n, ms=ms, ptrs=16)
-        assert ma.run(feeds)["conditioned"].shape == (n, 256)
-    assert np.isfinite(ma.run(feeds)["conditioned"]).all()
