@@ -264,7 +264,7 @@ def record_engines(bundle_dir, log=print) -> dict:
         raise BackendError(f"recording engines needs the tensorrt Python package, which runs them: {_INSTALL_HINT}")
     if env["gpu_name"] is None:
         raise BackendError("recording engines needs the GPU that built them; no CUDA GPU is visible")
-    folder = bundle.path / "engines" / target
+    folder = bundle.engines_dir(target)  # inside the bundle, after links
     missing = [f"{g}.engine" for g in GRAPH_ORDER if not (folder / f"{g}.engine").is_file()]
     if missing:
         raise BundleError(f"{folder} lacks {', '.join(missing)}: run build_plan.sh there first")
