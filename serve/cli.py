@@ -80,13 +80,23 @@ def main(bundle, repo, http_port, grpc_port, metrics_port, address, instances, b
             raise FastSam2Error(f"tritonserver stopped by itself (exit code {code}): {server.last_error()}")
     except (KeyboardInterrupt, Terminated) as e:
         how = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else str(e)
-        code = server.stop() if server is not None else None
+        code = _stop(server)
         click.echo(f"stopped ({how}; tritonserver exit code {code})", err=True)
     except FastSam2Error as e:
-        if server is not None:
-            server.stop()
+        _stop(server)
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
+
+
+def _stop(server):
+    """Stop the server; a second Ctrl-C / SIGTERM meanwhile must not cut the cleanup short."""
+    import signal
+
+    if server is None:
+        return None
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    return server.stop()
 
 
 if __name__ == "__main__":
