@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install fastsam2 with everything the export side, the runtime and the tests need, on a fresh
-# machine (CPU is enough). Idempotent: already-satisfied packages are skipped.
+# Install fastsam2 with everything the export side, the runtime, the Triton server and the tests
+# need, on a fresh machine (CPU is enough). Idempotent: already-satisfied packages are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -13,3 +13,13 @@ if ! $PY -c "import sam2" 2>/dev/null; then
   SAM2_BUILD_CUDA=0 $PY -m pip install -q --no-build-isolation "sam2==1.1.0"
 fi
 $PY -m pip install -q -e ".[export,runtime,dev]"
+# fastsam2-serve: tritonclient here; the tritonserver binary ships in nvidia-pytriton's wheel
+# (without its dependencies, which would pin this environment to numpy<2). Its python-backend
+# stub is built against numpy 1.x, so the server's models run in .venv-serve: this environment's
+# packages with numpy<2 on top (the launcher takes it from FASTSAM2_SERVE_PYTHON).
+$PY -m pip install -q "tritonclient[grpc]>=2.40"
+$PY -m pip install -q --no-deps "nvidia-pytriton>=0.5"
+if [ ! -x .venv-serve/bin/python ]; then
+  $PY -m venv --system-site-packages .venv-serve
+fi
+.venv-serve/bin/python -m pip install -q "numpy<2"
