@@ -6,13 +6,20 @@ import json
 import subprocess
 import sys
 
-RUNTIME_MODULES = ["fastsam2.runtime", "fastsam2.runtime.run_cli", "fastsam2.runtime.track",
-                   "fastsam2.runtime.tracker", "fastsam2.runtime.bank", "fastsam2.runtime.backends",
-                   "fastsam2.runtime.bundle", "fastsam2.runtime.video", "fastsam2.runtime.outputs",
-                   "fastsam2.runtime.sam2_math", "fastsam2.runtime.trt_backend", "fastsam2.runtime.contract",
-                   "fastsam2.runtime.profiling", "fastsam2.runtime.profile_report", "fastsam2.runtime.profile_cli",
-                   "fastsam2.runtime.record_engines",
-                   "fastsam2.profiles"]
+
+def _modules(package: str, skip=()) -> list:
+    """Every module of a package, so a new one is guarded without being listed here."""
+    import importlib
+    import pkgutil
+
+    pkg = importlib.import_module(package)
+    return [package] + sorted(f"{package}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__) if m.name not in skip)
+
+
+# the runtime, the profiles, and the serving side (tracker_model.py runs inside Triton's python
+# backend, whose triton_python_backend_utils exists only there; its imports are the runtime's)
+RUNTIME_MODULES = (_modules("fastsam2.runtime") + ["fastsam2.profiles"]
+                   + _modules("fastsam2.serve", skip=("tracker_model",)))
 
 
 def _py(code: str):
