@@ -107,6 +107,8 @@ def main(input_path, bundle, server, prompts, points, neg_points, boxes, removes
     click.echo(f"{res['video']['frames']} frames -> {out}/ in {t['seconds']:.1f} s ({t['fps']:.2f} FPS, "
                f"{res['backend']}, keep {res['keep']}, {t['mean_kept_tokens']:.0f}/{res['tokens']} tokens"
                + (f", {dropped} dropped" if dropped else "") + ")")
+    if res.get("note") and not quiet:
+        click.echo(f"note: {res['note']}", err=True)
 
 
 if __name__ == "__main__":

@@ -102,12 +102,14 @@ class ObjectResult:
     bbox: list | None  # [x0, y0, x1, y1] inclusive, input pixels
     kept_tokens: int
     prompted: bool  # a prompt was applied to this object on this frame
+    budget: dict | None = None  # --keep auto: what set this frame's token budget
 
     def record(self) -> dict:
         # strict JSON: a non-finite score (a broken graph, a hostile bundle) is written as null
         return {"object_score": finite_or_none(self.object_score, 4), "iou": finite_or_none(self.iou, 4),
                 "mask_area": self.area, "bbox": self.bbox, "kept_tokens": self.kept_tokens,
-                **({"prompted": True} if self.prompted else {})}
+                **({"prompted": True} if self.prompted else {}),
+                **({"budget": self.budget} if self.budget else {})}
 
 
 @dataclass
@@ -470,7 +472,7 @@ def frame_result(frame: int, timestamp, steps: dict, shape: tuple, latency_ms: d
         mask = full > 0
         area, bbox = mask_area_bbox(mask)
         objects[o] = ObjectResult(o, mask, low, float(step.object_score), float(step.iou), area, bbox,
-                                  int(step.kept_tokens), bool(step.prompted))
+                                  int(step.kept_tokens), bool(step.prompted), getattr(step, "budget", None))
     index = compose_objects(np.stack(logits), ids) if ids else np.zeros((h, w), np.uint8)
     return FrameResult(frame, timestamp, objects, index, dict(latency_ms), frame_ms)
 

@@ -262,7 +262,32 @@ def _results(input_path, source, session, bundle, keep, fill, frames, schedule, 
         "bundle": bundle.summary(),
         "frames": frames,
     }
+    note = _auto_note(keep, frames, session.T, bundle)
+    if note:
+        results["note"] = note
     return results
+
+
+def _auto_note(keep, frames, T: int, bundle) -> str | None:
+    """Why --keep auto kept (nearly) every token, when it did. The budget is the tokens in or
+    near the last mask (always kept) plus those holding 80 % of the router's score mass on the
+    rest, widened by motion: say which of these filled it."""
+    budgets = [o["budget"] for f in frames for o in f["objects"].values() if "budget" in o]
+    if keep != "auto" or not budgets or np.mean([b["k"] for b in budgets]) < 0.95 * T:
+        return None
+    prior = np.mean([b["prior"] for b in budgets]) / T
+    mass = np.mean([b["mass"] for b in budgets]) / T
+    motion = np.mean([b["motion"] for b in budgets])
+    why = []
+    if prior >= 0.5:
+        why.append(f"the tracked masks cover most of the frame, and every token in or near the "
+                   f"last mask is kept ({prior:.0%} of them)")
+    if mass >= 0.25:
+        untrained = "" if bundle.manifest.get("router_trained", True) else " (an untrained router's scores are flat)"
+        why.append(f"80 % of the router's score mass needs {mass:.0%} of the other tokens{untrained}")
+    if motion > 0.05:
+        why.append(f"motion ({motion:.2f}) widened the budget by {2 * motion:.0%}")
+    return "--keep auto kept every token: " + "; ".join(why or ["the budget reached its maximum"])
 
 
 def track_davis_sequence(bundle_dir, frames_dir, first_frame_annotation_png, out_dir, keep=None,

@@ -44,6 +44,7 @@ class ObjectStep:
     latency_ms: dict = field(default_factory=dict)
     prompted: bool = False  # set by the session: a prompt was applied on this frame
     kept_idx: np.ndarray | None = None  # grid indices that entered memory attention (None: none did)
+    budget: dict | None = None  # --keep auto: prior / mass / motion behind this frame's k
 
 
 @dataclass
@@ -84,7 +85,10 @@ class AdaptiveBudget:
             self.last_motion = float(diff / (np.linalg.norm(tokens, axis=1).mean() + 1e-6))
         self.prev = tokens.copy()
         k = (int(prior.sum()) + k_mass) * (1.0 + self.gain * self.last_motion)
-        return int(np.clip(round(k), self.k_min, self.k_max))
+        kept = int(np.clip(round(k), self.k_min, self.k_max))
+        # why this budget: results.json records it, the run's summary explains a full one
+        self.last = {"prior": int(prior.sum()), "mass": k_mass, "motion": round(self.last_motion, 4), "k": kept}
+        return kept
 
 
 class Tracker:
@@ -288,6 +292,7 @@ class Tracker:
         C = feat.shape[1]
         tokens = feat.reshape(C, -1).T  # [T, C]
         k = self.k if k is None else int(k)
+        budget = None
         if k >= self.T and not self.adaptive:
             idx = np.arange(self.T, dtype=np.int64)
         else:
@@ -295,6 +300,7 @@ class Tracker:
                                           "prev_mask_logits": self.prev_logits}, lat)["scores"]
             if self.adaptive:
                 k = self.budget(scores.reshape(-1), tokens)
+                budget = dict(self.budget.last)
             idx = top_k_tokens(scores, k)
         memory, memory_pos, memory_idx = self.bank.assemble(frame_idx, self.num_frames)
         cond = self._run("memory_attention", {
@@ -314,4 +320,4 @@ class Tracker:
             self.prev_grid = grid
         self._done(frame_idx, enc, pix, idx, low)
         return ObjectStep(frame_idx, low, float(obj_score.reshape(-1)[0]), float(iou.reshape(-1)[0]),
-                          int(idx.size), lat, kept_idx=idx)
+                          int(idx.size), lat, kept_idx=idx, budget=budget)

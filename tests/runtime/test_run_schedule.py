@@ -242,3 +242,20 @@ def test_session_api_errors(bundle_dir, stream_video):
         with pytest.raises(InputError, match="object 5 is not tracked"):
             s.remove(5)
         assert s.frame == 1 and s.objects == [1]
+
+
+def test_keep_auto_says_why_it_kept_every_token(bundle_dir, tmp_path):
+    from fastsam2.calibration.synthetic import make_video
+
+    v = make_video(tmp_path / "v", num_frames=6, size=(120, 160), seed=5, fmt="jpg")
+    out = tmp_path / "auto"
+    code, text = run([v.frames_dir_or_file, "--bundle", bundle_dir, "--point", xy(v.first_frame_points[1]),
+                      "--keep", "auto", "--backend", "ort-cpu", "--out", out, "--no-overlay"])
+    assert code == 0, text
+    res = json.loads((out / "results.json").read_text())
+    budgets = [f["objects"]["1"]["budget"] for f in res["frames"][1:]]
+    assert all(b["k"] == f["kept_tokens"] for b, f in zip(budgets, res["frames"][1:]))
+    if res["totals"]["mean_kept_tokens"] >= 0.95 * res["tokens"]:
+        assert res["note"].startswith("--keep auto kept every token: ") and f"note: {res['note']}" in text
+    else:
+        assert "note" not in res
