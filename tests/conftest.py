@@ -96,7 +96,7 @@ def scenarios(tiny_sam2, stream_video, tmp_path_factory):
     computed on first use and shared by the session parity tests and the mutation check."""
     from official_stream import Scenarios
 
-    return Scenarios(tiny_sam2.model, stream_video, tmp_path_factory.mktemp("scenarios"))
+    return Scenarios(tiny_sam2, stream_video, tmp_path_factory.mktemp("scenarios"))
 
 
 @pytest.fixture(scope="session")

@@ -141,8 +141,9 @@ class Scenarios:
     """The streaming scenarios on one video, each SAM2 reference computed once per test session
     (the session parity tests and the mutation check share them)."""
 
-    def __init__(self, predictor, video, tmp_dir):
-        self.predictor, self.video, self.tmp = predictor, video, Path(tmp_dir)
+    def __init__(self, loaded, video, tmp_dir):
+        self.predictor_loaded = loaded  # LoadedSAM2 (the pruned reference takes it)
+        self.predictor, self.video, self.tmp = loaded.model, video, Path(tmp_dir)
         self._refs = {}
 
     def steps(self, name: str) -> list:

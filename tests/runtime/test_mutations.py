@@ -142,7 +142,8 @@ def run_check(name, pruned, scenarios, cache, stream_video) -> tuple:
     if name == "pruned":
         from pruned_reference import pruned_reference_check
 
-        return pruned_reference_check(pruned, stream_video, keep=0.5, encoder_cache=cache)
+        return pruned_reference_check(pruned, scenarios.predictor_loaded, stream_video.frames_dir_or_file,
+                                      stream_video.first_frame_points[1], keep=0.5)
     return scenarios.check(name, session(pruned, cache, **scenarios.options(name)))
 
 
