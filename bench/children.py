@@ -50,13 +50,10 @@ def child_export(spec: dict) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # fp32 graphs: bench.py compares pruning against the official predictor; CPU precisions
-        # are bench/precision.py's rows (export_bundle takes `precision` once export wires it in)
-        import inspect
-
-        fp32 = {"precision": "fp32"} if "precision" in inspect.signature(export_bundle).parameters else {}
+        # are bench/precision.py's rows
         export_bundle(config=spec["config"], checkpoint=None, target="cpu", keep=1.0, prompts="object",
                       text_pretrained="random", image_size=spec["image_size"], out=spec["bundle"],
-                      force=True, seed=spec["seed"], log=lambda m: None, **fp32)
+                      force=True, seed=spec["seed"], log=lambda m: None, precision="fp32")
     import onnxruntime
     import sam2  # noqa: F401  (its version is recorded below)
     from importlib.metadata import version

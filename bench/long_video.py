@@ -39,11 +39,9 @@ def main(argv=None) -> int:
     vid = make_video(args.out / "video", num_frames=args.frames, size=(240, 320), seed=7, fmt="mp4")
     bundle = args.out / "bundle"
     # export in a child process: this one must hold only what the runtime loads (no torch)
-    fp32 = ["--precision", "fp32"] if "--precision" in subprocess.run(
-        ["fastsam2-export", "--help"], capture_output=True, text=True).stdout else []
     subprocess.run(["fastsam2-export", "--target", "cpu", "--keep", "1.0", "--prompts", "cyclist",
                     "--text-pretrained", "random", "--image-size", str(args.image_size), "--out", str(bundle),
-                    "--force", *fp32], check=True, capture_output=True)
+                    "--force", "--precision", "fp32"], check=True, capture_output=True)
     samples = []
 
     def progress(i, total, frame):

@@ -49,11 +49,9 @@ def prepare_bundle(args, work: Path, log) -> Path:
     if args.bundle is None and not (b / "manifest.json").is_file():
         # fp32 export, then this script's --precision through the gate (export's own default
         # would gate the target's candidates and keep only the fastest)
-        helps = subprocess.run([sys.executable, "-m", "fastsam2.export.cli", "--help"], capture_output=True,
-                               text=True, cwd=ROOT).stdout
         sh([sys.executable, "-m", "fastsam2.export.cli", "--target", "cpu", "--keep", "1.0", "--prompts", "object",
             "--text-pretrained", "random", "--image-size", args.image_size, "--out", b, "--force",
-            *(["--precision", "fp32"] if "--precision" in helps else [])], log)
+            "--precision", "fp32"], log)
     m = json.loads((b / "manifest.json").read_text())
     if not (m.get("precision_gate") or {}).get("graphs"):  # no variants gated yet
         sh([sys.executable, "-m", "fastsam2.export.precision", b, "--precision", args.precision,

@@ -53,7 +53,8 @@ def export(size: int, out: Path) -> Path:
 
     log(f"exporting a seeded random-init bundle at {size} px -> {out}")
     export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=1.0, prompts="object",
-                  text_pretrained="random", image_size=size, out=str(out), force=True, log=lambda m: None)
+                  text_pretrained="random", image_size=size, out=str(out), force=True, precision="fp32",
+                  log=lambda m: None)
     return out
 
 

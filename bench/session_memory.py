@@ -65,7 +65,8 @@ def main(argv=None) -> int:
         # export in a child process: this one must hold only what the runtime loads (no torch)
         subprocess.run([sys.executable, "-m", "fastsam2.export.cli", "--target", "cpu", "--keep", "1.0",
                         "--prompts", "cyclist", "--text-pretrained", "random", "--image-size",
-                        str(args.image_size), "--out", str(bundle), "--force"], check=True, capture_output=True)
+                        str(args.image_size), "--precision", "fp32", "--out", str(bundle), "--force"],
+                       check=True, capture_output=True)
     every = max(1, args.frames // args.prompts)
     live, next_id, events = [], 1, []
     samples, lat_prompt, lat_plain = [], [], []

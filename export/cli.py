@@ -133,7 +133,7 @@ def echo_random_warnings(caught) -> None:
 def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0.5, prompts="",
                   prompts_file=None, text_model="ViT-B-32", text_pretrained="laion2b_s34b_b79k",
                   text_checkpoint=None, image_size=1024, opset=17, out="bundle", force=False,
-                  seed=0, router_weights=None, log=print) -> dict:
+                  seed=0, router_weights=None, precision="auto", calibration=None, log=print) -> dict:
     """The library function behind the command (tests call it directly)."""
     from fastsam2.export.onnx_export import prepare_out_dir
     from fastsam2.profiles import load_profile
@@ -149,6 +149,9 @@ def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0
     from fastsam2.export.text import TextEncoderSpec, compute_text_embeddings, parse_prompts
 
     prompt_list = parse_prompts(prompts, prompts_file)
+    from fastsam2.export.precision import precision_plan
+
+    plan = precision_plan(profile, precision)  # a bad --precision fails before minutes of work
     out = Path(out)
     prepare_out_dir(out, force)  # fail before minutes of work, not after
 
@@ -168,7 +171,8 @@ def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0
     pruned = PrunedSAM2(loaded, router=router, text_dim=text_info["dim"])
     return write_bundle(pruned, out, keep=keep, target=target, opset=opset, text_embeddings=emb,
                         text_info=text_info, force=force, profile=profile,
-                        engines_hook=_engines_hook(profile, keep, log), log=log)
+                        engines_hook=_engines_hook(profile, keep, log), precision_plan=plan,
+                        calibration_frames=calibration, log=log)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -187,9 +191,16 @@ def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random inits (SAM2 without --checkpoint, CLIP with 'random', the router).")
 @click.option("--router-weights", type=str, default=None, help="Trained router (fastsam2-calibrate router); without it the text term is untrained and the manifest says so.")
+@click.option("--precision", default="auto", show_default=True,
+              help="CPU precision per graph: auto (the target's cpu_precisions: the fastest that passes the "
+                   "agreement gate on this machine), fp32, int8, bf16, or graph=precision,...")
+@click.option("--calibration", default=None,
+              help="int8 calibration frames: a video, a frames folder, or engines/<target>/ from "
+                   "fastsam2-calibrate int8 (default: a generated video).")
 @click.option("--list-targets", is_flag=True, help="List the target profiles and exit.")
 def main(config, checkpoint, target, keep, prompts, prompts_file, text_model, text_pretrained,
-         text_checkpoint, image_size, opset, out, force, seed, router_weights, list_targets):
+         text_checkpoint, image_size, opset, out, force, seed, router_weights, precision, calibration,
+         list_targets):
     """Export the pruned SAM2 as a bundle for fastsam2-run."""
     from fastsam2.profiles import list_targets as _targets, load_profile
 
@@ -211,11 +222,14 @@ def main(config, checkpoint, target, keep, prompts, prompts_file, text_model, te
             warnings.simplefilter("always")
             manifest = export_bundle(config, checkpoint, target, keep, prompts, prompts_file, text_model,
                                      text_pretrained, text_checkpoint, image_size, opset, out, force, seed,
-                                     router_weights, log=lambda m: click.echo(m, err=True))
+                                     router_weights, precision=precision, calibration=calibration,
+                                     log=lambda m: click.echo(m, err=True))
         echo_random_warnings(caught)
         sizes = sum(g["bytes"] for g in manifest["graphs"].values()) / 1e6
+        reduced = {g: p for g, p in (manifest.get("precision") or {}).items() if p != "fp32"}
         click.echo(f"wrote bundle {out} ({sizes:.1f} MB of ONNX, {manifest['export_seconds']:.1f} s, "
-                   f"target {target}, keep {keep})")
+                   f"target {target}, keep {keep}"
+                   + (", " + ", ".join(f"{g} {p}" for g, p in reduced.items()) if reduced else "") + ")")
     except FastSam2Error as e:
         click.echo(f"error: {one_line(e)}", err=True)
         sys.exit(e.exit_code)

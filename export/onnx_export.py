@@ -111,11 +111,14 @@ def prepare_out_dir(out: Path, force: bool) -> None:
 
 def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
                  text_embeddings: dict, text_info: dict, force: bool = False,
-                 profile=None, engines_hook=None, log=print) -> dict:
+                 profile=None, engines_hook=None, precision_plan=None, calibration_frames=None,
+                 log=print) -> dict:
     """Export every graph of `pruned` and write the bundle at `out`. Returns the manifest.
 
     engines_hook(tmp_bundle_dir, manifest) -> dict, when given, builds engines or writes the
-    build plan inside the temporary bundle before it is moved into place.
+    build plan inside the temporary bundle before it is moved into place. precision_plan
+    (fastsam2.export.precision.precision_plan), when it names reduced precisions, adds the
+    gated int8/bf16 variants of graphs (export/precision.py) before the bundle is sealed.
     """
     import onnx
     import torch
@@ -190,6 +193,10 @@ def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
         }
         if engines_hook is not None:
             manifest["engines"] = engines_hook(tmp, manifest) or {}
+        if precision_plan is not None and precision_plan.get("graphs"):
+            from fastsam2.export.precision import add_precision_variants
+
+            add_precision_variants(tmp, manifest, precision_plan, calibration_frames, log)
         write_manifest(tmp, manifest)
         if out.exists():
             shutil.rmtree(out)

@@ -20,12 +20,7 @@ from fastsam2.runtime.bundle import sha256_file
 from fastsam2.runtime.errors import BackendError, BundleError, InputError
 from fastsam2.runtime.precision import graph_precisions, variant_path
 
-# ONNX Runtime 1.2x+ on Linux/macOS records telemetry (1DS: a device id and an event store under
-# $XDG_CACHE_HOME/Microsoft/DeveloperTools/.onnxruntime, uploaded to Microsoft) from the moment
-# it is imported. Opt out before it is imported, unless the user chose otherwise; both names,
-# since onnxruntime renamed the variable (ORT_DISABLE_TELEMETRY in 1.32, ORT_TELEMETRY_DISABLED later).
-for _name in ("ORT_DISABLE_TELEMETRY", "ORT_TELEMETRY_DISABLED"):
-    os.environ.setdefault(_name, "1")
+# ONNX Runtime's telemetry is opted out in fastsam2/runtime/__init__.py, before any import of it
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "openvino")
 
@@ -109,7 +104,12 @@ class OrtSession:
         # keep it off the user's stdout and keep its reason for our own one-line error
         captured = io.StringIO()
         with contextlib.redirect_stdout(captured):
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            try:
+                self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            except Exception as e:  # a graph ONNX Runtime cannot load: one line, not its C++ trace
+                from fastsam2.runtime.bundle_files import describe_graph_error
+
+                raise describe_graph_error(path, e) from None
         self.fallback_reason = next((ln.split("EP Error", 1)[1].lstrip(": ").split(" when using")[0]
                                      for ln in captured.getvalue().splitlines()
                                      if ln.startswith("EP Error")), None)
@@ -213,7 +213,7 @@ def open_backend(requested: str, bundle, threads: int | None = None, warn=print,
 def _ort_trt_cache_dir(bundle) -> Path:
     """Where ONNX Runtime's TensorRT provider keeps its engines: beside the bundle's own, or in
     the user cache when the bundle is read-only (a mounted model store)."""
-    here = (Path(bundle.path) / "engines" / "ort-trt").resolve()
+    here = bundle.file("engines/ort-trt", "ONNX Runtime TensorRT cache folder")
     try:
         here.mkdir(parents=True, exist_ok=True)
         probe = here / ".write-test"
@@ -269,7 +269,7 @@ def ort_trt_options(bundle, graph: str, cache_dir) -> dict:
         opts.update(trt_dla_enable=True, trt_dla_core=int(engines["dla_core"]))
     if precision == "int8":
         # the provider reads the table from its cache folder (TensorRT's own format)
-        calib = Path(bundle.path) / "engines" / engines["target"] / f"calibration_{graph}.cache"
+        calib = bundle.calibration_cache(graph, engines["target"])
         if calib.is_file():
             (Path(cache_dir) / calib.name).write_bytes(calib.read_bytes())
             opts.update(trt_int8_enable=True, trt_int8_use_native_calibration_table=True,
@@ -315,19 +315,19 @@ def create_sessions(bundle, backend: str, threads: int | None = None, precision:
         engines = bundle.engines
         if not engines.get("built"):
             target = engines.get("target", bundle.manifest["target"])
-            hint = (f"; build them on this device with bash {bundle.path / engines['build_plan']}"
+            hint = (f"; build them on this device with bash {bundle.file(engines['build_plan'], 'build plan')}"
                     if engines.get("build_plan") else "")
             raise BackendError(f"bundle {bundle.path} has no TensorRT engines (target {target}){hint}")
         check_engine_compat(engines)
         for g in GRAPH_ORDER:
-            f, digest = bundle.path / engines["graphs"][g]["file"], engines["graphs"][g].get("sha256")
+            f, digest = bundle.engine_file(g), engines["graphs"][g].get("sha256")
             if not f.is_file():
                 raise BundleError(f"TensorRT engine missing: {f}")
             if digest and sha256_file(f) != digest:
                 raise BundleError(f"TensorRT engine {f} changed since it was recorded (sha256 mismatch): "
                                   "build and record it again")
         dla = int(engines.get("dla_core", -1))
-        return {g: TensorRTSession(bundle.path / engines["graphs"][g]["file"], dla_core=dla) for g in GRAPH_ORDER}
+        return {g: TensorRTSession(bundle.engine_file(g), dla_core=dla) for g in GRAPH_ORDER}
     if backend not in _ORT_PROVIDERS:
         raise InputError(f"unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
     cache = _ort_trt_cache_dir(bundle) if backend == "ort-trt" else None

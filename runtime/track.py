@@ -149,6 +149,9 @@ def track(input_path, bundle_dir, prompt, out, keep: float | None = None,
     if not timeout > 0:
         raise InputError(f"--timeout must be > 0 seconds, got {timeout}")
     if not remote:
+        from fastsam2.runtime.backends import check_threads
+
+        check_threads(threads)
         pick_backend(backend, bundle)  # refuse an unavailable backend before opening the input
     _warn_about_bundle(bundle, warn)
     source = open_frames(input_path, realtime=realtime, open_timeout=timeout)

@@ -12,7 +12,7 @@ if ! $PY -c "import sam2" 2>/dev/null; then
   $PY -m pip install -q setuptools wheel
   SAM2_BUILD_CUDA=0 $PY -m pip install -q --no-build-isolation "sam2==1.1.0"
 fi
-$PY -m pip install -q -e ".[export,runtime,dev]"
+$PY -m pip install -q -e ".[export,runtime,openvino,dev]"
 # fastsam2-serve: tritonclient here; the tritonserver binary ships in nvidia-pytriton's wheel
 # (without its dependencies, which would pin this environment to numpy<2). Its python-backend
 # stub is built against numpy 1.x, so the server's models run in .venv-serve: this environment's

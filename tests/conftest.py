@@ -138,9 +138,10 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def export_tiny_bundle(out, target="cpu", keep=1.0, prompts="cyclist,red ball", checkpoint="test",
-                       image_size=TINY, force=False, router_weights=None):
+                       image_size=TINY, force=False, router_weights=None, precision="fp32"):
     """fastsam2-export's library function at the test size, offline (random CLIP). The default
-    checkpoint is the test model's (checkpoint=None: the exporter's own seeded random init)."""
+    checkpoint is the test model's (checkpoint=None: the exporter's own seeded random init); the
+    graphs stay fp32 (the parity tests are exact; tests/export/test_precision.py covers int8)."""
     from fastsam2.export.cli import export_bundle
 
     _silence()
@@ -151,7 +152,7 @@ def export_tiny_bundle(out, target="cpu", keep=1.0, prompts="cyclist,red ball", 
         return export_bundle(config="sam2.1_hiera_t", checkpoint=checkpoint, target=target, keep=keep,
                              prompts=prompts, text_pretrained="random", image_size=image_size,
                              out=str(out), force=force, router_weights=router_weights,
-                             log=lambda m: None)
+                             precision=precision, log=lambda m: None)
 
 
 @pytest.fixture(scope="session")

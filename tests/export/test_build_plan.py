@@ -162,7 +162,7 @@ def test_build_plan_polygraphy_checks(tmp_path):
         # fp16 relaxes the contract's tolerances x10
         atol = dict(w.split(":") for w in check[check.index("--atol") + 1:check.index("--rtol")])
         assert {k: float(v) for k, v in atol.items()} == pytest.approx(
-            {k: 10 * v for k, v in GRAPHS[g].atol.items()})
+            {k: 10 * v for k, v in GRAPHS[g].engine_atol.items()})
         if "--input-shapes" in ref:
             i = ref.index("--input-shapes") + 1
             given = {}

@@ -18,7 +18,7 @@ from fastsam2.export.sam2_loader import load_sam2
 from fastsam2.runtime.errors import CheckpointError
 
 BASE = ["--config", "sam2.1_hiera_t", "--target", "cpu", "--keep", "1.0", "--prompts", "cyclist",
-        "--text-pretrained", "random", "--image-size", "256"]
+        "--text-pretrained", "random", "--image-size", "256", "--precision", "fp32"]
 
 
 def run(args):

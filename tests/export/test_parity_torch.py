@@ -53,7 +53,12 @@ def track_frames(pruned, frames_dir, point, keep=1.0, num_frames=None, record=No
     return out, results, tr
 
 
-def assert_parity(official, ours, atol=1e-3, min_iou=0.999):
+# measured on the test model (max-abs logits vs SAM2VideoPredictor): 256 px 1.55e-6, 1024 px
+# 5.63e-6 (8 frames); the bounds are ~6-9x those. Mask prompts: 4.9e-6 relative to max |logit|.
+ATOL_256, ATOL_1024, RTOL_MASK_PROMPT = 1e-5, 5e-5, 5e-5
+
+
+def assert_parity(official, ours, atol=ATOL_256, min_iou=0.999):
     assert sorted(official) == sorted(ours)
     worst = max(float(np.abs(official[i] - ours[i]).max()) for i in official)
     ious = [mask_iou(official[i] > 0, ours[i] > 0) for i in official]
@@ -123,12 +128,13 @@ def test_parity_keep1_at_1024(tmp_path):
     from fastsam2.calibration.synthetic import make_video
     from fastsam2.export.model import PrunedSAM2
 
-    vid = make_video(tmp_path, num_frames=10, size=(240, 320), seed=1, fmt="jpg")
+    # 8 frames: the memory bank fills (num_maskmem = 7) and the pointers span 7 frames
+    vid = make_video(tmp_path, num_frames=8, size=(240, 320), seed=1, fmt="jpg")
     loaded = load_tiny(image_size=1024)
     official = run_official(loaded.model, vid.frames_dir_or_file, vid.first_frame_points[1])
     ours, _, _ = track_frames(PrunedSAM2(loaded), vid.frames_dir_or_file, vid.first_frame_points[1])
-    worst, min_iou = assert_parity(official, ours)
-    print(f"parity 1024px 10 frames: max-abs {worst:.2e}, min IoU {min_iou:.5f}")
+    worst, min_iou = assert_parity(official, ours, atol=ATOL_1024)
+    print(f"parity 1024px 8 frames: max-abs {worst:.2e}, min IoU {min_iou:.5f}")
 
 
 def test_parity_mask_prompt_two_objects_matches_add_new_mask(pruned, tiny_sam2, tmp_path):
@@ -160,7 +166,8 @@ def test_parity_mask_prompt_two_objects_matches_add_new_mask(pruned, tiny_sam2, 
             # frame 0 holds the -10/+10 logits of the mask itself: relative tolerance
             worst = max(worst, float(np.abs(ref - ours).max() / max(1.0, np.abs(ref).max())))
             ious.append(mask_iou(ref > 0, ours > 0))
-    assert worst <= 1e-3 and min(ious) >= 0.999, (worst, min(ious))
+    print(f"mask prompts, two objects: max relative {worst:.2e}, min IoU {min(ious):.5f}")
+    assert worst <= RTOL_MASK_PROMPT and min(ious) >= 0.999, (worst, min(ious))
 
 
 def torch_inference():

@@ -60,6 +60,7 @@ def test_run_writes_only_outputs_and_cache_and_opens_no_socket(bundle_dir, synth
         pytest.importorskip("openvino")
     home, cache, out = tmp_path / "home", tmp_path / "cache", tmp_path / "out"
     home.mkdir()
+    cache.mkdir()  # the user's cache root exists (~/.cache); only cache/fastsam2 is ours to write
     log = tmp_path / "strace.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "FASTSAM2_"))}
     # python's own .pyc cache is python's, not fastsam2's: keep it out of the picture

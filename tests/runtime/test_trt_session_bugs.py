@@ -65,7 +65,7 @@ def mismatch(session_cls, path, runs, dla_core=-1):
                 got = s.run(f)
                 for o, r in ref.items():
                     err = float(np.max(np.abs(got[o] - r)))
-                    if not err <= spec.tolerance(o, r):
+                    if not err <= spec.tolerance(o, r, engine=True):
                         return f"{o}: max-abs error {err:.3g}"
     except Exception as e:  # noqa: BLE001 - any failure is the point
         return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
