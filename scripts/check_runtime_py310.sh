@@ -6,8 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-PY310=${PY310:-$(command -v python3.10 || true)}
-if [ -z "$PY310" ] || ! "$PY310" -c "import sys; assert sys.version_info[:2] == (3, 10)" 2>/dev/null; then
+find_py310() {  # on PATH, or an installed pyenv version (whose shim needs it selected)
+  for c in "${PY310:-}" "$(command -v python3.10 || true)" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10*/bin/python3.10; do
+    if [ -n "$c" ] && [ -x "$c" ] && "$c" -c "import sys; assert sys.version_info[:2] == (3, 10)" 2>/dev/null; then
+      echo "$c"; return
+    fi
+  done
+}
+PY310=$(find_py310)
+if [ -z "$PY310" ]; then
   echo "check_runtime_py310: no Python 3.10 here; the runtime was NOT checked on 3.10" >&2
   exit 1
 fi
