@@ -23,13 +23,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+sys.path.insert(0, str(ROOT / "bench"))
+from long_video import rss_mb  # noqa: E402  (one RSS reader for the long-run benchmarks)
 
 
 def frames(n: int, size=(240, 320)):
