@@ -4,9 +4,10 @@ to docs/benchmarks.md, JSON to bench/results/session_memory.json), not a test.
 
     python bench/session_memory.py [--frames 1000] [--prompts 50] [--image-size 256] [--keep 0.5]
 
-Schedule (deterministic): every `frames / prompts` frames one event, cycling through: a new
-object starts with a click, an object gets a correction click, an object gets a box, an object
-is removed. At most 4 objects live at once; ids are reused after removal.
+Schedule (deterministic): `prompts` prompt events plus removals, evenly spread, cycling through
+PATTERN: objects start with a click, get new clicks or a box on later frames, and are removed;
+up to 4 objects live at once (a start with 4 live becomes a click, a removal with none live a
+start); ids are reused after removal.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+PATTERN = ("start", "click", "start", "box", "start", "click", "remove", "start", "box", "remove")
 sys.path.insert(0, str(ROOT / "bench"))
 from long_video import rss_mb  # noqa: E402  (one RSS reader for the long-run benchmarks)
 
@@ -62,32 +64,35 @@ def main(argv=None) -> int:
                         "--prompts", "cyclist", "--text-pretrained", "random", "--image-size",
                         str(args.image_size), "--precision", "fp32", "--out", str(bundle), "--force"],
                        check=True, capture_output=True)
-    every = max(1, args.frames // args.prompts)
-    live, next_id, events = [], 1, []
+    per_cycle = sum(k != "remove" for k in PATTERN)
+    n_events = -(-args.prompts * len(PATTERN) // per_cycle)  # enough cycles for `prompts` prompts
+    every = max(1, args.frames // n_events)
+    live, events = [], []
     samples, lat_prompt, lat_plain = [], [], []
     t0 = time.perf_counter()
     with Session.open(bundle, keep=float(args.keep) if args.keep != "auto" else "auto", backend="ort-cpu",
                       threads=args.threads, warn=lambda m: None) as s:
         for i, rgb, vid, src in frames(args.frames):
             prompted = False
-            if i % every == 0 and len(events) < args.prompts:
-                kind = ("start", "click", "box", "remove")[len(events) % 4]
-                if kind == "start" or not live:
-                    if len(live) >= 4:
-                        kind = "remove"
-                    else:
-                        obj = next(o for o in range(1, 10) if o not in live)
-                        gt = vid.read_mask(src)
-                        ys, xs = np.nonzero(gt > 0) if (gt > 0).any() else (np.array([120]), np.array([160]))
-                        j = (len(events) * 7919) % len(xs)
-                        s.add_prompt(obj, points=[(float(xs[j]), float(ys[j]))])
-                        live.append(obj)
-                        kind = "start"
-                if kind == "click":
+            done = sum(e["kind"] != "remove" for e in events)
+            if i % every == 0 and done < args.prompts:
+                kind = PATTERN[len(events) % len(PATTERN)]
+                if kind == "start" and len(live) >= 4:
+                    kind = "click"
+                if kind != "start" and not live:
+                    kind = "start"
+                if kind == "start":
+                    obj = next(o for o in range(1, 10) if o not in live)
+                    gt = vid.read_mask(src)
+                    ys, xs = np.nonzero(gt > 0) if (gt > 0).any() else (np.array([120]), np.array([160]))
+                    j = (len(events) * 7919) % len(xs)
+                    s.add_prompt(obj, points=[(float(xs[j]), float(ys[j]))])
+                    live.append(obj)
+                elif kind == "click":
                     s.add_prompt(live[len(events) % len(live)], points=[(100.0 + len(events) % 100, 120.0)])
                 elif kind == "box":
                     s.add_prompt(live[len(events) % len(live)], box=(60.0, 60.0, 200.0, 180.0))
-                elif kind == "remove":
+                else:
                     s.remove(live.pop(0))
                 events.append({"frame": i, "kind": kind, "objects_after": list(live)})
                 prompted = kind != "remove"
@@ -103,7 +108,8 @@ def main(argv=None) -> int:
         "frames": args.frames, "prompts": sum(e["kind"] != "remove" for e in events),
         "removals": sum(e["kind"] == "remove" for e in events), "image_size": args.image_size,
         "keep": args.keep, "threads": args.threads, "cpu_count": os.cpu_count(),
-        "loadavg_start_end": [round(x, 2) for x in os.getloadavg()],
+        "loadavg_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()],
+        "objects_live_max": max(x["objects"] for x in samples),
         "torch_loaded": "torch" in sys.modules, "seconds": round(time.perf_counter() - t0, 1),
         "frame_ms_with_prompt_median": round(float(np.median(lat_prompt)), 1) if lat_prompt else None,
         "frame_ms_without_prompt_median": round(float(np.median(lat_plain)), 1),

@@ -259,3 +259,18 @@ def test_keep_auto_says_why_it_kept_every_token(bundle_dir, tmp_path):
         assert res["note"].startswith("--keep auto kept every token: ") and f"note: {res['note']}" in text
     else:
         assert "note" not in res
+
+
+def test_live_stream_stops_after_duration(bundle_dir, tmp_path):
+    """--duration ends a live run (a looping stream would never end by itself; this one ends
+    after 6 s, so a broken --duration still finishes, with every frame)."""
+    from stream_server import serve_stream
+
+    out = tmp_path / "d"
+    with serve_stream("http", fps=25, frames=150) as served:
+        code, text = run([served.url, "--bundle", bundle_dir, "--point", xy(served.video.first_frame_points[1]),
+                          "--keep", "0.5", "--backend", "ort-cpu", "--duration", "1.5", "--timeout", "30",
+                          "--out", out, "--quiet", "--no-overlay"])
+    assert code == 0, text
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "finished" and res["frames"] and res["frames"][-1]["frame"] < 149
