@@ -45,6 +45,10 @@ def frames(n: int, size=(240, 320)):
         yield i, clip[src], vid, src
 
 
+def _median(xs):
+    return round(float(np.median(xs)), 1) if xs else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=1000)
@@ -69,6 +73,7 @@ def main(argv=None) -> int:
     every = max(1, args.frames // n_events)
     live, events = [], []
     samples, lat_prompt, lat_plain = [], [], []
+    by_objects = {}  # live objects during the push -> {"prompt": [ms], "plain": [ms]}
     t0 = time.perf_counter()
     with Session.open(bundle, keep=float(args.keep) if args.keep != "auto" else "auto", backend="ort-cpu",
                       threads=args.threads, warn=lambda m: None) as s:
@@ -100,6 +105,7 @@ def main(argv=None) -> int:
             s.push(rgb)
             ms = (time.perf_counter() - t) * 1e3
             (lat_prompt if prompted else lat_plain).append(ms)
+            by_objects.setdefault(len(s.objects), {"prompt": [], "plain": []})["prompt" if prompted else "plain"].append(ms)
             if i % 50 == 0 or i == args.frames - 1:
                 samples.append({"frame": i, "rss_mb": round(rss_mb(), 1), "bank_mb": round(s.memory_bytes() / 1e6, 2),
                                 "objects": len(s.objects)})
@@ -114,6 +120,12 @@ def main(argv=None) -> int:
         "frame_ms_with_prompt_median": round(float(np.median(lat_prompt)), 1) if lat_prompt else None,
         "frame_ms_without_prompt_median": round(float(np.median(lat_plain)), 1),
         "frame_ms_without_prompt_p90": round(float(np.percentile(lat_plain, 90)), 1),
+        # a frame's cost grows with the objects tracked (each has its own memory attention and
+        # decoder pass; the image encoder runs once), so the medians above mix 1 to 4 objects
+        "frame_ms_median_by_live_objects": {
+            str(n): {"frames_plain": len(v["plain"]), "plain": _median(v["plain"]),
+                     "frames_with_prompt": len(v["prompt"]), "with_prompt": _median(v["prompt"])}
+            for n, v in sorted(by_objects.items())},
         "rss_mb_min_max_after_frame_100": [min(x["rss_mb"] for x in after100), max(x["rss_mb"] for x in after100)],
         "rss_growth_mb_frame100_to_last": round(samples[-1]["rss_mb"] - after100[0]["rss_mb"], 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -6,6 +6,9 @@
 # virtual environment's python works without its bin/ on PATH).
 #   bash scripts/demo.sh [OUT]            OUT defaults to demo_out/
 #   CHECKPOINT=sam2.1_hiera_tiny.pt bash scripts/demo.sh   to use the official weights
+#   PRECISION=auto bash scripts/demo.sh   lets the cpu target's int8/bf16 agreement gate pick per
+#                                         graph (tens of minutes at 1024 px on 2 cores; the demo
+#                                         defaults to fp32 so that it ends in a few minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-demo_out}
@@ -20,7 +23,7 @@ CKPT_ARGS=()
 if [ -n "${CHECKPOINT:-}" ]; then CKPT_ARGS=(--checkpoint "$CHECKPOINT"); fi
 $PY -m fastsam2.export.cli --config sam2.1_hiera_t "${CKPT_ARGS[@]}" --target cpu --keep 0.5 \
     --prompts "red ball,cyclist" --text-pretrained random --image-size "$IMAGE_SIZE" \
-    --out "$OUT/bundle" --force
+    --precision "${PRECISION:-fp32}" --out "$OUT/bundle" --force
 $PY -m fastsam2.runtime.run_cli "$OUT/video/video.mp4" --bundle "$OUT/bundle" --prompt "red ball" --point "$POINT" \
     --keep 0.5 --backend ort-cpu --out "$OUT/results"
 echo "masks: $OUT/results/masks/  overlay: $OUT/results/overlay.mp4  report: $OUT/results/results.json"

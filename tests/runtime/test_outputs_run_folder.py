@@ -101,8 +101,11 @@ def test_earlier_outputs_refused_without_force_and_replaced_whole_with_it(tmp_pa
 
 
 CHILD = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     import numpy as np
+    # as started from a terminal: a suite run in the background (nohup, `&`) hands its children
+    # SIGINT ignored, and Python then installs no Ctrl-C handler (the Unix rule for background jobs)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from fastsam2.runtime.outputs import OverlayWriter, RunFolder, cli_interrupts, write_palette_png
 
     with cli_interrupts():
