@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 import pytest
+from pathlib import Path
 
 TINY = 256  # image size for the default suite (the architecture allows any multiple of 16)
 NUM_FRAMES = 12  # past num_maskmem = 7: the bank fills and old entries drop
@@ -153,6 +154,36 @@ def export_tiny_bundle(out, target="cpu", keep=1.0, prompts="cyclist,red ball", 
                              prompts=prompts, text_pretrained="random", image_size=image_size,
                              out=str(out), force=force, router_weights=router_weights,
                              precision=precision, log=lambda m: None)
+
+
+def retarget_bundle(bundle_dir, dst, target, keep=0.5, log=None) -> dict:
+    """The session's bundle as `fastsam2-export --target TARGET --keep KEEP` would have written it,
+    without exporting the graphs again (they do not depend on the target): its files hard-linked
+    into `dst`, then export's own engines step (engines built where the target's GPU is this
+    machine's, the build plan otherwise) and the keep fields, resealed. Returns the manifest.
+    Used where a test needs a TensorRT target's bundle and not the export itself
+    (tests/export/test_export_cli.py exports for TensorRT targets end to end)."""
+    import json
+    import os
+    import shutil
+
+    from fastsam2.export.cli import _engines_hook
+    from fastsam2.profiles import load_profile
+    from fastsam2.runtime.bundle import reseal
+    from fastsam2.runtime.contract import keep_to_k, memory_token_range
+
+    dst = Path(dst)
+    shutil.copytree(bundle_dir, dst, copy_function=os.link)
+    m = json.loads((dst / "manifest.json").read_text())
+    T = m["token_grid"][0] * m["token_grid"][1]
+    s = m["model"]
+    k = keep_to_k(keep, T)
+    m.update(target=target, keep=keep, k=k, memory_tokens={
+        sym: list(v) for sym, v in memory_token_range(k, k, T, s["num_maskmem"], s["max_obj_ptrs_in_encoder"]).items()})
+    m["engines"] = _engines_hook(load_profile(target), keep, log or (lambda _: None))(dst, m) or {}
+    (dst / "manifest.json").unlink()  # a hard link into the session's bundle: replace, never write through
+    (dst / "manifest.json").write_text(json.dumps(m, indent=2))
+    return reseal(dst)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("polygraphy")
 
 import trt_emulation as emu  # noqa: E402
-from conftest import export_tiny_bundle  # noqa: E402
+from conftest import export_tiny_bundle, retarget_bundle  # noqa: E402
 from fastsam2.export.tensorrt import build_engines, check_engines, shape_profiles  # noqa: E402
 from fastsam2.profiles import load_profile  # noqa: E402
 from fastsam2.runtime.bundle import load_bundle, sha256_file  # noqa: E402
@@ -40,10 +40,10 @@ def export_hook(bundle_dir, tmp_path, target, keep=0.5, log=None):
     return b, _engines_hook(load_profile(target), keep, log or (lambda _: None))(b, manifest)
 
 
-def test_export_builds_engines_for_this_gpu_and_run_uses_them(monkeypatch, tmp_path, synth):
+def test_export_builds_engines_for_this_gpu_and_run_uses_them(monkeypatch, tmp_path, synth, bundle_dir):
     em = emu.install(monkeypatch)  # an emulated sm 9.0 GPU: the hopper profile's
     out = tmp_path / "b"
-    m = export_tiny_bundle(out, target="hopper", keep=0.5)
+    m = retarget_bundle(bundle_dir, out, "hopper", keep=0.5)
     e = m["engines"]
     p = load_profile("hopper")
     assert e["built"] is True and e["gpu_name"] == "Emulated GPU" and e["tensorrt_version"] == emu.EMU_TRT

@@ -12,7 +12,7 @@ import json
 import onnxruntime
 import pytest
 
-from conftest import export_tiny_bundle
+from conftest import retarget_bundle
 from fastsam2.runtime import backends, openvino_backend, trt_backend
 from fastsam2.runtime.bundle import load_bundle
 from fastsam2.runtime.errors import BackendError, InputError
@@ -110,9 +110,9 @@ def _parse(spec: str) -> dict:
     return {n: tuple(int(d) for d in dims.split("x")) for n, dims in (p.split(":") for p in spec.split(","))}
 
 
-def test_ort_trt_options_follow_the_export_profile(tmp_path):
+def test_ort_trt_options_follow_the_export_profile(bundle_dir, tmp_path):
     out = tmp_path / "bj"
-    m = export_tiny_bundle(out, target="jetson-orin-nano", keep=0.5)
+    m = retarget_bundle(bundle_dir, out, "jetson-orin-nano", keep=0.5)
     bundle = load_bundle(out)
     e = m["engines"]
     cache = tmp_path / "cache"

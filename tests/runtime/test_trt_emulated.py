@@ -134,7 +134,7 @@ def test_profile_times_the_engines(emulated_device, engine_bundle):
     assert sum(e.calls for e in emulated_device.engines) == 3 * len(GRAPH_ORDER)  # 1 warm-up + 2 timed
 
 
-def test_jetson_flow_build_plan_on_the_device_then_run(monkeypatch, tmp_path, synth):
+def test_jetson_flow_build_plan_on_the_device_then_run(monkeypatch, tmp_path, synth, bundle_dir):
     """The Jetson story end to end: export for jetson-orin elsewhere (plan only), run
     build_plan.sh on the "device" (an Orin with 2 DLA cores and JetPack 6.0's TensorRT 8.6 in the
     child processes; the stand-in trtexec checks every flag's value), which records the engines;
@@ -142,12 +142,12 @@ def test_jetson_flow_build_plan_on_the_device_then_run(monkeypatch, tmp_path, sy
     import os
     import subprocess
 
-    from conftest import export_tiny_bundle
+    from conftest import retarget_bundle
     from fastsam2.profiles import load_profile
 
     emu.install(monkeypatch)  # this "machine" is an sm 9.0 GPU, not the Orin: plan only
     out = tmp_path / "b"
-    m = export_tiny_bundle(out, target="jetson-orin", keep=0.5)
+    m = retarget_bundle(bundle_dir, out, "jetson-orin", keep=0.5)
     assert m["engines"]["built"] is False
     plan = out / "engines" / "jetson-orin" / "build_plan.sh"
     env = {**os.environ, **emu.write_child_emulation(tmp_path / "device", emu.ORIN_GPU, emu.TRT86),
