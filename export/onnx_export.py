@@ -159,8 +159,6 @@ def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
         np.savez(tmp / "constants.npz", **pruned.constants())
         save_text_embeddings(tmp / "text_embeddings.npz", text_embeddings)
         loaded = pruned.loaded
-        T = geom["T"]
-        k = None if keep == "auto" else keep_to_k(keep, T)
         manifest = {
             "format": 1,
             "fastsam2_version": __version__,
@@ -173,15 +171,11 @@ def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
             "weights_random": loaded.checkpoint_sha256 is None,
             "image_size": geom["S"],
             "token_grid": [geom["G"], geom["G"]],
-            "keep": keep,
-            "k": k,
+            **keep_fields(keep, geom["T"], pruned.settings),
             "keep_floor": 64,
             "target": target,
             "opset": opset,
             "model": pruned.settings,
-            "memory_tokens": {sym: list(v) for sym, v in memory_token_range(
-                k or keep_to_k(0.3, T), k or T, T, pruned.settings["num_maskmem"],
-                pruned.settings["max_obj_ptrs_in_encoder"]).items()},
             "graphs": graphs,
             "constants": {"file": "constants.npz", "sha256": sha256_file(tmp / "constants.npz")},
             "text": {"file": "text_embeddings.npz", "sha256": sha256_file(tmp / "text_embeddings.npz"),
@@ -205,6 +199,14 @@ def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def keep_fields(keep, T: int, settings: dict) -> dict:
+    """The manifest's keep-dependent fields: keep, k (tokens kept; None for auto) and the memory
+    token range memory attention sees (auto: from keep 0.3 to every token)."""
+    k = None if keep == "auto" else keep_to_k(keep, T)
+    return {"keep": keep, "k": k, "memory_tokens": {sym: list(v) for sym, v in memory_token_range(
+        k or keep_to_k(0.3, T), k or T, T, settings["num_maskmem"], settings["max_obj_ptrs_in_encoder"]).items()}}
 
 
 def write_manifest(bundle_dir: Path, manifest: dict) -> None:

@@ -169,17 +169,13 @@ def retarget_bundle(bundle_dir, dst, target, keep=0.5, log=None) -> dict:
 
     from fastsam2.export.cli import _engines_hook
     from fastsam2.profiles import load_profile
+    from fastsam2.export.onnx_export import keep_fields
     from fastsam2.runtime.bundle import reseal
-    from fastsam2.runtime.contract import keep_to_k, memory_token_range
 
     dst = Path(dst)
     shutil.copytree(bundle_dir, dst, copy_function=os.link)
     m = json.loads((dst / "manifest.json").read_text())
-    T = m["token_grid"][0] * m["token_grid"][1]
-    s = m["model"]
-    k = keep_to_k(keep, T)
-    m.update(target=target, keep=keep, k=k, memory_tokens={
-        sym: list(v) for sym, v in memory_token_range(k, k, T, s["num_maskmem"], s["max_obj_ptrs_in_encoder"]).items()})
+    m.update(target=target, **keep_fields(keep, m["token_grid"][0] * m["token_grid"][1], m["model"]))
     m["engines"] = _engines_hook(load_profile(target), keep, log or (lambda _: None))(dst, m) or {}
     (dst / "manifest.json").unlink()  # a hard link into the session's bundle: replace, never write through
     (dst / "manifest.json").write_text(json.dumps(m, indent=2))
