@@ -84,7 +84,9 @@ def main(bundle, repo, http_port, grpc_port, metrics_port, address, instances, b
         click.echo(f"stopped ({how}; tritonserver exit code {code})", err=True)
     except FastSam2Error as e:
         _stop(server)
-        click.echo(f"error: {e}", err=True)
+        left = server.killed_stubs if server is not None else []
+        more = f"; killed {len(left)} model process(es) it left running (pid {', '.join(map(str, left))})" if left else ""
+        click.echo(f"error: {e}{more}", err=True)
         sys.exit(e.exit_code)
 
 

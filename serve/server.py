@@ -34,6 +34,7 @@ from .protocol import ServerError
 
 INSTALL_HINT = "install the server side: pip install 'fastsam2[serve]'"
 EXIT_TIMEOUT_S = 10  # Triton waits this long for requests in flight when told to stop
+STUB_GRACE_S = 5  # a stub left after its server exited gets this long to exit by itself
 
 
 def _probe(python: str) -> dict:
@@ -122,6 +123,36 @@ def _die_with_parent() -> None:
         pass
 
 
+def _group_members(pgid: int) -> list:
+    """Live (not zombie) processes of process group `pgid`, from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _kill_leftovers(pgid: int, grace: float = STUB_GRACE_S) -> list:
+    """After tritonserver exited: SIGKILL what is left of its process group, i.e. python-backend
+    stubs that did not exit with it; returns their pids. A stub notices a dead server and exits
+    by itself, but one whose model was executing when the server was killed can hang in its own
+    shutdown (seen here: 12 threads in futex waits, SIGTERM ignored, its memory held). The server
+    ran in a session of its own (start_new_session), so its group holds only it and its stubs."""
+    deadline = time.monotonic() + grace
+    while (left := _group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
 class TritonServer:
     """One tritonserver process on `repo`, bound to `address`. Use as a context manager or
     call start() / stop(); `log` receives the server's output lines (default: kept only)."""
@@ -135,6 +166,7 @@ class TritonServer:
         self.log = log
         self.install = install or Installation(python)
         self.proc = None
+        self.killed_stubs: list = []  # stubs left behind by a dead server, SIGKILLed by stop()
         self.tail = collections.deque(maxlen=400)
         self._tmp = None
 
@@ -214,6 +246,7 @@ class TritonServer:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                     self.proc.wait(10)
             code = self.proc.returncode
+            self.killed_stubs = _kill_leftovers(self.proc.pid)
             self._reader.join(timeout=5)
             # the tracker instances' session count (serve/sessions.py: Slots; named by our pid)
             shutil.rmtree(Path(tempfile.gettempdir()) / f"fastsam2-serve-{self.proc.pid}", ignore_errors=True)
