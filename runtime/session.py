@@ -215,14 +215,16 @@ class Session:
     def open(cls, bundle, *, keep=None, backend: str = "auto", threads: int | None = None,
              fill: str = "no_mem", num_frames: int | None = None,
              max_cond_frames: int = DEFAULT_MAX_COND, correct_as_cond: bool | None = None,
-             frame_size: tuple | None = None, warn=print) -> "Session":
-        """A session over a bundle (a folder or a loaded Bundle) on `backend`."""
+             frame_size: tuple | None = None, warn=print, graphs: tuple | None = None) -> "Session":
+        """A session over a bundle (a folder or a loaded Bundle) on `backend`. `graphs`: the
+        (backend name, graph sessions) of this bundle already open (open_backend), to share them
+        between sessions, as a server does between its streams; `backend`/`threads` then unused."""
         from fastsam2.runtime.backends import open_backend
         from fastsam2.runtime.bundle import Bundle, load_bundle
 
         bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         keep = validate_keep(keep, bundle)
-        name, sessions = open_backend(backend, bundle, threads, warn=warn)
+        name, sessions = graphs if graphs is not None else open_backend(backend, bundle, threads, warn=warn)
         m = bundle.manifest
         s = cls(sessions, bundle.constants, bundle.settings, text_embeddings=bundle.text_embeddings,
                 keep=keep, keep_floor=m.get("keep_floor", 64), keep_range=keep_range(bundle), fill=fill,

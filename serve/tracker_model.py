@@ -110,19 +110,15 @@ class TritonPythonModel:
     # -- sessions -----------------------------------------------------------------------------
     def _open_session(self, options: dict):
         from fastsam2.runtime.bank import DEFAULT_MAX_COND
-        from fastsam2.runtime.session import Session, keep_range, validate_keep
+        from fastsam2.runtime.session import Session
 
-        b, m = self.bundle, self.bundle.manifest
-        keep = validate_keep(options.get("keep"), b)
         fill = options.get("fill") or "no_mem"
         if fill not in FILLS:
             raise InputError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
         size = options.get("frame_size")
-        return Session(self.graphs, b.constants, b.settings, text_embeddings=b.text_embeddings, keep=keep,
-                       keep_floor=m.get("keep_floor", 64), keep_range=keep_range(b), fill=fill,
-                       num_frames=options.get("num_frames"),
-                       max_cond_frames=int(options.get("max_cond_frames") or DEFAULT_MAX_COND),
-                       frame_size=tuple(size) if size else None, backend=self.backend)
+        return Session.open(self.bundle, keep=options.get("keep"), fill=fill, num_frames=options.get("num_frames"),
+                            max_cond_frames=int(options.get("max_cond_frames") or DEFAULT_MAX_COND),
+                            frame_size=tuple(size) if size else None, graphs=(self.backend, self.graphs))
 
     def _reap_loop(self):
         period = max(0.1, min(1.0, self.table.idle_timeout / 4))

@@ -1,15 +1,18 @@
 """The streaming session against SAM2VideoPredictor driven in streaming order (keep 1.0):
 prompts on later frames, corrections of tracked frames, objects that start late, the bounded
-conditioning memory. Through the PyTorch modules (the exported graphs' source) and through ONNX
-Runtime on the bundle, logits compared per frame."""
+conditioning memory, logits compared per frame.
+
+Here through ONNX Runtime on the bundle (the product's path). The same scenarios through the
+PyTorch modules (the exported graphs' source) are the baseline of tests/runtime/test_mutations.py,
+which must pass before any mutation, with the same tolerance; both share each scenario's SAM2
+output (conftest `scenarios`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from official_stream import compare, correction_steps, first_click, frame_paths, inside, official, ours
-from conftest import run_official
+from official_stream import compare, first_click, inside, official, ours
 
 # measured on the test model, 256 px, 10 frames, max-abs logits vs SAM2 over every scenario
 # here: PyTorch modules 1.56e-6, ONNX Runtime 1.64e-6; the bound is ~6x that. The bugs of
@@ -24,104 +27,85 @@ def video(stream_video):
     return stream_video
 
 
-def torch_session(pruned, **kw):
-    from fastsam2.export.torch_backend import torch_sessions
+@pytest.fixture(scope="module")
+def ort_graphs(bundle_dir):
+    """The bundle's graphs on ONNX Runtime, opened once and shared by this module's sessions (as
+    a server shares them between streams): each test still gets a fresh Session."""
+    from fastsam2.runtime.backends import open_backend
+    from fastsam2.runtime.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    return bundle, open_backend("ort-cpu", bundle, None, warn=lambda m: None)
+
+
+def ort_session(ort_graphs, **kw):
     from fastsam2.runtime.session import Session
 
-    return Session(torch_sessions(pruned), pruned.constants(), pruned.settings,
-                   num_frames=kw.pop("num_frames", 10), **kw)
+    bundle, graphs = ort_graphs
+    return Session.open(bundle, keep=1.0, num_frames=10, graphs=graphs, **kw)
 
 
-def ort_session(bundle_dir, **kw):
-    from fastsam2.runtime.session import Session
+def check(scenarios, name, ort_graphs, record=None):
+    """(max-abs, min IoU, ours) of scenario `name` through ONNX Runtime against SAM2."""
+    got = ours(ort_session(ort_graphs, **scenarios.options(name)), scenarios.video.frames_dir_or_file,
+               scenarios.steps(name), record=record)
+    worst, iou = compare(scenarios.reference(name), got)
+    print(f"{name}: max-abs {worst:.2e}, min IoU {iou:.5f}")
+    return worst, iou, got
 
-    return Session.open(bundle_dir, keep=1.0, backend="ort-cpu", num_frames=10, warn=lambda m: None, **kw)
 
-
-@pytest.mark.parametrize("backend", ["torch", "ort"])
-def test_parity_prompt_at_later_frame(pruned, bundle_dir, video, official_correction, backend):
+def test_parity_prompt_at_later_frame(scenarios, ort_graphs, video):
     """(a) click at 0, propagate to t-1, add_new_points_or_box at t, propagate from t."""
-    steps, ref = official_correction
-    s = torch_session(pruned) if backend == "torch" else ort_session(bundle_dir)
-    got = ours(s, video.frames_dir_or_file, steps)
-    worst, iou = compare(ref, got)
-    print(f"prompt at frame 5 ({backend}): max-abs {worst:.2e}, min IoU {iou:.5f}")
-    assert worst <= (TORCH_ATOL if backend == "torch" else ORT_ATOL) and iou >= MIN_IOU
+    worst, iou, _ = check(scenarios, "correction", ort_graphs)
+    assert worst <= ORT_ATOL and iou >= MIN_IOU
     # the prompt changed tracking: the same run without it differs from frame 5 on
-    plain = ours(torch_session(pruned), video.frames_dir_or_file, steps[:1])
-    assert compare(ref, plain, frames=range(5))[0] <= TORCH_ATOL
-    assert all(compare(ref, plain, frames=[f])[0] > 100 * TORCH_ATOL for f in range(5, 10))
+    ref = scenarios.reference("correction")
+    plain = ours(ort_session(ort_graphs), video.frames_dir_or_file, scenarios.steps("correction")[:1])
+    assert compare(ref, plain, frames=range(5))[0] <= ORT_ATOL
+    assert all(compare(ref, plain, frames=[f])[0] > 100 * ORT_ATOL for f in range(5, 10))
 
 
-def test_parity_object_that_starts_late(tiny_sam2, pruned, video, tmp_path):
+def test_parity_object_that_starts_late(scenarios, ort_graphs):
     """(b) object 2 first prompted (a box) at frame 4 equals SAM2 run on frames 4.. alone; object
-    1 is unaffected by it."""
-    import shutil
-
-    ys, xs = np.nonzero(video.read_mask(4) == 2)
-    box4 = [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
-    steps = [first_click(video), ("box", 4, 2, box4)]
-    got = ours(torch_session(pruned), video.frames_dir_or_file, steps)
-    alone = tmp_path / "from4"
-    alone.mkdir()
-    for i, p in enumerate(frame_paths(video.frames_dir_or_file)[4:]):
-        shutil.copy(p, alone / f"{i:05d}.jpg")
-    ref2 = official(tiny_sam2.model, alone, [("box", 0, 2, box4)])
-    ref1 = {f: {1: v} for f, v in run_official(tiny_sam2.model, video.frames_dir_or_file,
-                                               video.first_frame_points[1]).items()}
+    1 equals SAM2 tracking it alone, unaffected by object 2."""
+    worst, iou, got = check(scenarios, "late", ort_graphs)
+    assert worst <= ORT_ATOL and iou >= MIN_IOU
     assert all(set(got[f]) == ({1} if f < 4 else {1, 2}) for f in got)
-    w1, i1 = compare(ref1, {f: {1: got[f][1]} for f in got})
-    w2, i2 = compare({f + 4: v for f, v in ref2.items()}, {f: {2: got[f][2]} for f in range(4, 10)})
-    print(f"late object: object 1 max-abs {w1:.2e}, object 2 {w2:.2e}; IoU {i1:.5f} {i2:.5f}")
-    assert max(w1, w2) <= TORCH_ATOL and min(i1, i2) >= MIN_IOU
     # the two objects stay apart: a bug that swapped or mixed their banks could not pass
     # (measured: 0.23 at frame 4 shrinking to 2.0e-3 at frame 9 -- the random-init decoder's
     # logits are small, |max| ~0.3 -- against parity errors of ~1.6e-6)
     apart = min(float(np.abs(got[f][1] - got[f][2]).max()) for f in range(4, 10))
-    assert apart > 100 * TORCH_ATOL, apart
+    assert apart > 100 * ORT_ATOL, apart
 
 
-@pytest.mark.parametrize("as_cond", [False, True])
-@pytest.mark.parametrize("backend", ["torch", "ort"])
-def test_parity_correction_of_a_tracked_frame(tiny_sam2, pruned, bundle_dir, video, as_cond, backend):
+@pytest.mark.parametrize("name", ["tracked_correction", "tracked_correction_cond"])
+def test_parity_correction_of_a_tracked_frame(scenarios, ort_graphs, name):
     """A click on the frame just tracked (SAM2: add_new_points_or_box on a tracked frame, fed its
     current logits): the corrected frame, and tracking after it, with SAM2's
-    add_all_frames_to_correct_as_cond off (the released configs) and on."""
-    steps = [first_click(video), ("correct", 5, 1, [inside(video, 5, 1, 0.3)], [1])]
-    ref = official(tiny_sam2.model, video.frames_dir_or_file, steps, correct_as_cond=as_cond)
-    s = (torch_session(pruned, correct_as_cond=as_cond) if backend == "torch"
-         else ort_session(bundle_dir, correct_as_cond=as_cond))
+    add_all_frames_to_correct_as_cond off (the released configs) and on (_cond)."""
     record = []
-    got = ours(s, video.frames_dir_or_file, steps, record=record)
-    worst, iou = compare(ref, got)
-    print(f"correction of frame 5 (as_cond={as_cond}, {backend}): max-abs {worst:.2e}, min IoU {iou:.5f}")
-    assert worst <= (TORCH_ATOL if backend == "torch" else ORT_ATOL) and iou >= MIN_IOU
+    worst, iou, _ = check(scenarios, name, ort_graphs, record=record)
+    assert worst <= ORT_ATOL and iou >= MIN_IOU
     assert record[5].objects[1].prompted and not record[4].objects[1].prompted
 
 
-def test_parity_prompting_a_conditioning_frame_again(tiny_sam2, pruned, video):
+def test_parity_prompting_a_conditioning_frame_again(tiny_sam2, ort_graphs, video):
     """New clicks on a frame that was prompted (before tracking goes on) are decoded with the
     frame's current logits, as SAM2 does for a second add_new_points_or_box on that frame."""
     second = ("click", 0, 1, [inside(video, 0, 1, 0.9)], [1])
     ref = official(tiny_sam2.model, video.frames_dir_or_file, [first_click(video), second])
-    s = torch_session(pruned)
+    s = ort_session(ort_graphs)
     got = ours(s, video.frames_dir_or_file, [first_click(video), ("correct",) + second[1:]])
     worst, iou = compare(ref, got)
     print(f"prompted frame prompted again: max-abs {worst:.2e}, min IoU {iou:.5f}")
-    assert worst <= TORCH_ATOL and iou >= MIN_IOU
+    assert worst <= ORT_ATOL and iou >= MIN_IOU
 
 
-def test_parity_bounded_conditioning_frames(tiny_sam2, pruned, video):
+def test_parity_bounded_conditioning_frames(tiny_sam2, scenarios, ort_graphs, video):
     """More prompts than max_cond_frames: SAM2 with max_cond_frames_in_attn attends to the
     closest ones and keeps the others as past frames' memory; so does the bank."""
-    steps = [first_click(video)] + [("click", f, 1, [inside(video, f, 1, 0.2 + 0.2 * i)], [1])
-                                    for i, f in enumerate((2, 3, 6))]
-    ref = official(tiny_sam2.model, video.frames_dir_or_file, steps, max_cond=2)
-    s = torch_session(pruned, max_cond_frames=2)
-    got = ours(s, video.frames_dir_or_file, steps)
-    worst, iou = compare(ref, got)
-    print(f"4 prompts, 2 conditioning frames attended: max-abs {worst:.2e}, min IoU {iou:.5f}")
-    assert worst <= TORCH_ATOL and iou >= MIN_IOU
+    worst, iou, got = check(scenarios, "bounded", ort_graphs)
+    assert worst <= ORT_ATOL and iou >= MIN_IOU
     # and it matters: attending to all four is another result
-    unbounded = official(tiny_sam2.model, video.frames_dir_or_file, steps)
-    assert compare(unbounded, got, frames=range(7, 10))[0] > 100 * TORCH_ATOL
+    unbounded = official(tiny_sam2.model, video.frames_dir_or_file, scenarios.steps("bounded"))
+    assert compare(unbounded, got, frames=range(7, 10))[0] > 100 * ORT_ATOL
