@@ -17,7 +17,7 @@ import pytest
 from pathlib import Path
 
 TINY = 256  # image size for the default suite (the architecture allows any multiple of 16)
-NUM_FRAMES = 12  # past num_maskmem = 7: the bank fills and old entries drop
+NUM_FRAMES = 9  # past num_maskmem = 7: the bank fills (frame 7) and its oldest entry drops (frame 8)
 
 
 def _silence():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import mask_iou
+from conftest import NUM_FRAMES, mask_iou
 from fastsam2.runtime.bundle import reseal
 from fastsam2.runtime.outputs import read_palette_png
 from fastsam2.runtime.run_cli import main
@@ -28,16 +28,16 @@ def test_parity_run_cli_keep1_matches_official_masks(bundle_dir, synth, official
     code, text = run([synth.frames_dir_or_file, "--prompt", "cyclist", "--bundle", bundle_dir,
                       "--point", f"{x},{y}", "--keep", "1.0", "--backend", "ort-cpu", "--out", out, "--quiet"])
     assert code == 0, text
-    assert len(text.strip().splitlines()) == 1 and "12 frames" in text  # --quiet: the summary only
+    assert len(text.strip().splitlines()) == 1 and f"{NUM_FRAMES} frames" in text  # --quiet: the summary only
     ious = []
     for i, logits in official_logits.items():
         ours = read_palette_png(out / "masks" / f"{i:05d}.png")
         assert ours.shape == (synth.height, synth.width)
         assert set(np.unique(ours)) <= {0, 1}
         ious.append(mask_iou(ours == 1, logits > 0))
-    assert len(ious) == 12 and min(ious) >= 0.999, ious
+    assert len(ious) == NUM_FRAMES and min(ious) >= 0.999, ious
     res = json.loads((out / "results.json").read_text())
-    assert [f["kept_tokens"] for f in res["frames"]] == [256] * 12
+    assert [f["kept_tokens"] for f in res["frames"]] == [256] * NUM_FRAMES
 
 
 def test_mp4_with_overlay_and_results(bundle_dir, tmp_path):
