@@ -34,7 +34,8 @@ from .protocol import ServerError
 
 INSTALL_HINT = "install the server side: pip install 'fastsam2[serve]'"
 EXIT_TIMEOUT_S = 10  # Triton waits this long for requests in flight when told to stop
-STUB_GRACE_S = 5  # a stub left after its server exited gets this long to exit by itself
+STUB_GRACE_S = 2  # a stub left after its server exited gets this long to exit by itself (its health
+# loop notices a dead server within ~0.3 s)
 
 
 def _probe(python: str) -> dict:

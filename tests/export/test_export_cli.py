@@ -55,11 +55,15 @@ def test_checkpoint_mismatch_names_first_key(tmp_path, tiny_sam2):
 
 
 def test_export_with_official_checkpoint_records_sha(tmp_path, official_ckpt):
+    """An official-format checkpoint, exported with --force over a folder in the way."""
     from fastsam2.export.sam2_loader import sha256_file
 
     out = tmp_path / "b"
-    code, text = run(BASE + ["--checkpoint", str(official_ckpt), "--out", str(out)])
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    code, text = run(BASE + ["--checkpoint", str(official_ckpt), "--out", str(out), "--force"])
     assert code == 0, text
+    assert not (out / "old.txt").exists()  # --force replaced the folder
     m = json.loads((out / "manifest.json").read_text())
     assert m["checkpoint"]["sha256"] == sha256_file(str(official_ckpt)) and m["weights_random"] is False
     assert "NOT meaningful" not in text  # no random-weights warning with a checkpoint
@@ -207,15 +211,6 @@ def test_existing_output_needs_force_and_unwritable_output(tmp_path):
     blocker.write_text("x")
     code, text = run(BASE + ["--out", str(blocker / "sub" / "b")])
     assert code == 2 and text.startswith("error: cannot") and "Traceback" not in text
-
-
-def test_force_replaces_bundle(tmp_path):
-    out = tmp_path / "o"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    code, text = run(BASE + ["--out", str(out), "--force"])
-    assert code == 0, text
-    assert not (out / "old.txt").exists() and (out / "manifest.json").is_file()
 
 
 def test_keep_auto_export_covers_the_profile_range(tmp_path):
