@@ -11,7 +11,11 @@ the runs interleaved (a shared CPU's load hits both alike), written to one JSON:
 - encoder_precision: the image encoder in every precision the bundle carries (ONNX Runtime and
                 OpenVINO), speed vs ort-cpu fp32 and output error;
 - session:      image encoder under ONNX Runtime session options (graph optimisation level,
-                a saved optimised model, thread spinning) and OpenVINO CPU pinning.
+                a saved optimised model, thread spinning) and OpenVINO CPU pinning;
+- chain:        whole frames (the five graphs one after another, a Session on a generated video)
+                with ONNX Runtime's intra-op threads spinning always ("on"), never ("off"), or
+                within a run and stopped after it ("run"): one graph alone does not show what
+                the pools of the other graphs cost it.
 A benchmark, not a test.
 """
 
@@ -136,6 +140,36 @@ def session_levers(bundle, image, threads, reps, work: Path) -> dict:
     return res
 
 
+def chain(bundle, threads, reps, work: Path, frames: int = 8) -> dict:
+    from fastsam2.calibration.synthetic import make_video
+    from fastsam2.runtime import backends
+    from fastsam2.runtime.session import Session
+    from fastsam2.runtime.video import open_frames
+
+    vid = make_video(work / "chain", num_frames=frames, size=(240, 320), seed=0, fmt="jpg")
+    with open_frames(vid.frames_dir_or_file) as src:
+        rgbs = [rgb for _, rgb in src]
+    sessions = {}
+    default = backends.ORT_SPIN
+    for spin in ("on", "off", "run"):  # spinning always / never / within a run, stopped after it
+        backends.ORT_SPIN = spin
+        sessions[spin] = Session.open(bundle, backend="ort-cpu", threads=threads, warn=lambda m: None)
+    backends.ORT_SPIN = default
+
+    def video(s):
+        s.reset()
+        s.add_prompt(1, frame=0, points=[vid.first_frame_points[1]])
+        for rgb in rgbs:
+            s.push(rgb)
+
+    res = interleave({k: (lambda s=s: video(s)) for k, s in sessions.items()}, reps)
+    for v in res.values():
+        v["ms_per_frame"] = round(v["median_ms"] / frames, 1)
+    res["frames"] = frames
+    res["runtime_default"] = default
+    return res
+
+
 def encoder_precision(bundle, image, threads, reps) -> dict:
     """The image encoder in each precision the bundle carries, ONNX Runtime and OpenVINO,
     interleaved; plus each one's max |diff| / max |fp32| per output."""
@@ -193,6 +227,8 @@ def main(argv=None) -> int:
                 res[part] = encoder_precision(bundle, image, args.threads, args.reps)
             elif part == "session":
                 res[part] = session_levers(bundle, image, args.threads, args.reps, Path(work))
+            elif part == "chain":
+                res[part] = chain(bundle, args.threads, args.reps, Path(work))
             res.setdefault("seconds", {})[part] = round(time.perf_counter() - t0, 1)
             print(part, json.dumps(res[part])[:600], flush=True)
     res["loadavg_after"] = list(os.getloadavg())

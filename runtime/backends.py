@@ -71,6 +71,7 @@ def check_threads(threads) -> int | None:
 
 
 _TELEMETRY_OFF = False
+ORT_SPIN = "run"  # intra-op threads: "on" spin, "off" never, "run" only within a run (bench/levers.py chain)
 
 
 def _telemetry_off(ort) -> None:
@@ -95,9 +96,12 @@ class OrtSession:
             opts.add_session_config_entry("session.use_env_allocators", "1")
         # each graph has its own intra-op pool; a pool whose run just ended spins for more work
         # while the next graph of the frame runs, and on a small CPU those spinning threads take
-        # the cores from it (measured, 2 cores, 256 px: 0.42 -> 0.24 s per frame; 1024 px: the
-        # same within noise, since the image encoder's 3 s dwarf the spin)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # the cores from it. "run": spin between the operators of a run, stop when it ends
+        # (bench/levers.py chain, 2 cores, 256 px: 417 -> 285 ms per frame; 1024 px: within
+        # the run-to-run spread of +-4 %: the encoder's ~3 s per frame dwarf the spin)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if ORT_SPIN == "off" else "1")
+        if ORT_SPIN == "run":
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
         opts.log_severity_level = 3  # shape-merge warnings of the exported Hiera are harmless
         if precision == "bf16":  # MLAS's bf16 GEMMs (ARM64 only; checked by graph_precisions)
             opts.add_session_config_entry("mlas.enable_gemm_fastmath_arm64_bfloat16", "1")

@@ -184,3 +184,12 @@ def test_onnxruntime_fallback_banner_becomes_the_reason(monkeypatch, bundle_dir,
     msg = str(e.value)
     assert "onnxruntime says: Please install TensorRT libraries as mentioned in the GPU requirements page." in msg
     assert "onnxruntime_src" not in msg and "::" not in msg and "\n" not in msg
+
+
+def test_cpu_threads_spin_within_a_run_only(bundle_dir):
+    """Each graph's pool stops spinning when its run ends, so it does not take the cores from the
+    next graph of the frame (bench/levers.py chain: 256 px, 2 cores, ~1.5x per frame)."""
+    s = backends.OrtSession(load_bundle(bundle_dir).graph_path("router"), ["CPUExecutionProvider"], threads=1)
+    opts = s.session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
