@@ -156,6 +156,17 @@ def export_tiny_bundle(out, target="cpu", keep=1.0, prompts="cyclist,red ball", 
                              precision=precision, log=lambda m: None)
 
 
+def own_bundle(bundle_dir, dst) -> Path:
+    """The session bundle is shared: hard-link its files into a folder a test may write into (a
+    symlink would point outside the bundle, which the runtime refuses; the manifest is replaced,
+    never written through)."""
+    import os
+    import shutil
+
+    shutil.copytree(bundle_dir, dst, copy_function=os.link)
+    return Path(dst)
+
+
 def retarget_bundle(bundle_dir, dst, target, keep=0.5, log=None) -> dict:
     """The session's bundle as `fastsam2-export --target TARGET --keep KEEP` would have written it,
     without exporting the graphs again (they do not depend on the target): its files hard-linked
@@ -164,16 +175,13 @@ def retarget_bundle(bundle_dir, dst, target, keep=0.5, log=None) -> dict:
     Used where a test needs a TensorRT target's bundle and not the export itself
     (tests/export/test_export_cli.py exports for TensorRT targets end to end)."""
     import json
-    import os
-    import shutil
 
     from fastsam2.export.cli import _engines_hook
     from fastsam2.profiles import load_profile
     from fastsam2.export.onnx_export import keep_fields
     from fastsam2.runtime.bundle import reseal
 
-    dst = Path(dst)
-    shutil.copytree(bundle_dir, dst, copy_function=os.link)
+    dst = own_bundle(bundle_dir, dst)
     m = json.loads((dst / "manifest.json").read_text())
     m.update(target=target, **keep_fields(keep, m["token_grid"][0] * m["token_grid"][1], m["model"]))
     m["engines"] = _engines_hook(load_profile(target), keep, log or (lambda _: None))(dst, m) or {}

@@ -1,12 +1,10 @@
 """fastsam2-calibrate int8 on the 256-px cpu bundle: the npz files users hand to TensorRT."""
 
-import os
-import shutil
-
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import own_bundle
 from fastsam2.calibration.calibrate_cli import main
 from fastsam2.calibration.int8 import load_feeds
 from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, PTR_TOKENS, keep_to_k
@@ -20,13 +18,6 @@ def frames(tmp_path_factory):
     from fastsam2.calibration.synthetic import make_video
 
     return make_video(tmp_path_factory.mktemp("int8v"), num_frames=5, size=(120, 160), seed=3).frames_dir_or_file
-
-
-def own_bundle(bundle_dir, dst):
-    """The session bundle is shared: hard-link its files into a folder this test may write into
-    (a symlink would point outside the bundle, which the runtime refuses)."""
-    shutil.copytree(bundle_dir, dst, copy_function=os.link)
-    return dst
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ a copy of the session's bundle through the same export hook, which is what varie
 
 from __future__ import annotations
 
-import json
-import shutil
 from importlib import resources
 
 import numpy as np
@@ -20,7 +18,7 @@ import pytest
 pytest.importorskip("polygraphy")
 
 import trt_emulation as emu  # noqa: E402
-from conftest import export_tiny_bundle, retarget_bundle  # noqa: E402
+from conftest import export_tiny_bundle, own_bundle, retarget_bundle  # noqa: E402
 from fastsam2.export.tensorrt import build_engines, check_engines, shape_profiles  # noqa: E402
 from fastsam2.profiles import load_profile  # noqa: E402
 from fastsam2.runtime.bundle import load_bundle, sha256_file  # noqa: E402
@@ -30,14 +28,10 @@ from fastsam2.runtime.track import PromptSpec, track  # noqa: E402
 
 
 def export_hook(bundle_dir, tmp_path, target, keep=0.5, log=None):
-    """What fastsam2-export does about engines for `target`, on a copy of the session's bundle
-    (the ONNX graphs do not depend on the target): plan, and build + check where the GPU fits."""
-    from fastsam2.export.cli import _engines_hook
-
+    """What fastsam2-export does about engines for `target` (the session's bundle retargeted):
+    plan, and build + check where the GPU fits. Returns (bundle folder, manifest's engines)."""
     b = tmp_path / "b"
-    shutil.copytree(bundle_dir, b)
-    manifest = json.loads((b / "manifest.json").read_text())
-    return b, _engines_hook(load_profile(target), keep, log or (lambda _: None))(b, manifest)
+    return b, retarget_bundle(bundle_dir, b, target, keep=keep, log=log)["engines"]
 
 
 def test_export_builds_engines_for_this_gpu_and_run_uses_them(monkeypatch, tmp_path, synth, bundle_dir):
@@ -107,7 +101,7 @@ def test_inconsistent_profile_is_refused_by_the_builder(monkeypatch, tmp_path, b
     lo, opt, hi = shapes["memory_attention"]["curr"]
     shapes["memory_attention"]["curr"] = (opt, lo, hi)
     b = tmp_path / "b"
-    shutil.copytree(bundle_dir, b)
+    own_bundle(bundle_dir, b)
     with pytest.raises(BackendError, match="refused memory_attention's optimisation profile"):
         build_engines(b, p, shapes, log=lambda _: None)
     log = (b / "engines" / "hopper" / "build.log").read_text()
@@ -177,7 +171,7 @@ def test_engine_with_non_finite_outputs_fails_its_check(monkeypatch, tmp_path, b
     n_max = shapes["memory_attention"]["curr"][2][0]
     monkeypatch.setattr(emu, "PERTURB", {"memory_attention": lambda s: np.nan if s["curr"][0] == n_max else 0.0})
     b = tmp_path / "b"
-    shutil.copytree(bundle_dir, b)
+    own_bundle(bundle_dir, b)
     built = build_engines(b, p, shapes, log=lambda _: None)
     report = check_engines(b, built, shapes, p.precision)
     worst = report["memory_attention"]["outputs"]["conditioned"]

@@ -4,12 +4,10 @@ variant which fails the gate never reaches the manifest."""
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
 import pytest
 
+from conftest import own_bundle
 from fastsam2.export import precision as prec
 from fastsam2.profiles import load_profile
 from fastsam2.runtime import openvino_backend
@@ -25,13 +23,6 @@ SMALL_GATE = dict(threads=2, calib_frames=2, gate_videos=1, gate_frames=3)
 # the gate's promise; measured here with int8 encoder + int8 memory attention: IoU 0.980-0.986
 # per frame (mean 0.983) over the suite's 8-frame video at 256 px
 MASKS_IOU = 0.97
-
-
-def own_bundle(bundle_dir, dst):
-    """The session bundle is shared: hard-link its files into a folder this test may write into
-    (symlinks would point outside the bundle; the manifest is replaced, never written through)."""
-    shutil.copytree(bundle_dir, dst, copy_function=os.link)
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +115,7 @@ def test_changed_variant_file_is_refused(int8_bundle, tmp_path):
     if not picked:
         pytest.skip("no int8 variant passed the gate on this model")
     c = tmp_path / "c"
-    shutil.copytree(b, c, copy_function=os.link)
+    own_bundle(b, c)
     f = c / m["graphs"][picked[0]]["variants"]["int8"]["file"]
     data = bytearray(f.read_bytes())
     data[-1] ^= 1

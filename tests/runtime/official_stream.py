@@ -189,6 +189,10 @@ class Scenarios:
         self._refs[name] = ref
         return ref
 
+    def track(self, name: str, session, record=None) -> dict:
+        """`session` driven through the scenario: {frame: {obj: video-resolution logits}}."""
+        return ours(session, self.video.frames_dir_or_file, self.steps(name), record=record)
+
     def check(self, name: str, session) -> tuple:
         """(max-abs, min IoU) of `session` driven through the scenario against SAM2."""
-        return compare(self.reference(name), ours(session, self.video.frames_dir_or_file, self.steps(name)))
+        return compare(self.reference(name), self.track(name, session))

@@ -47,8 +47,7 @@ def ort_session(ort_graphs, **kw):
 
 def check(scenarios, name, ort_graphs, record=None):
     """(max-abs, min IoU, ours) of scenario `name` through ONNX Runtime against SAM2."""
-    got = ours(ort_session(ort_graphs, **scenarios.options(name)), scenarios.video.frames_dir_or_file,
-               scenarios.steps(name), record=record)
+    got = scenarios.track(name, ort_session(ort_graphs, **scenarios.options(name)), record=record)
     worst, iou = compare(scenarios.reference(name), got)
     print(f"{name}: max-abs {worst:.2e}, min IoU {iou:.5f}")
     return worst, iou, got
