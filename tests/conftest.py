@@ -16,7 +16,49 @@ import numpy as np
 import pytest
 from pathlib import Path
 
+def _cpus() -> list:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return list(range(os.cpu_count() or 1))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (scripts/test.sh: -n 2), each worker runs on its own share of the CPUs,
+    so the threads of its graph runtimes (and of the processes it starts, which inherit the
+    mask) never compete with the other worker's."""
+    global THREADS
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    cpus = _cpus()
+    if worker and count and hasattr(os, "sched_setaffinity") and len(cpus) >= int(count) > 1:
+        os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw"))::int(count)])
+    THREADS = min(2, len(_cpus()))
+    # caches (OpenVINO's compiled models, ORT-TensorRT engines) go to a folder of this run, not
+    # the user's ~/.cache; tests of the cache location set their own
+    import atexit
+    import shutil
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix="fastsam2-test-cache-")
+    atexit.register(shutil.rmtree, cache, True)
+    os.environ["XDG_CACHE_HOME"] = cache
+
+
+# test files whose session fixtures are costly and shared: one xdist worker runs them together
+# (scripts/test.sh: --dist loadgroup; every other file is a group of its own)
+_GROUPS = {"test_mutations.py": "scenarios", "test_session_parity.py": "scenarios"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group(_GROUPS.get(name, str(item.path.relative_to(config.rootpath)))))
+
+
 TINY = 256  # image size for the default suite (the architecture allows any multiple of 16)
+# threads for graph sessions in tests: 2, or fewer where this process may use fewer CPUs
+THREADS = min(2, len(_cpus()))
 NUM_FRAMES = 9  # past num_maskmem = 7: the bank fills (frame 7) and its oldest entry drops (frame 8)
 
 
@@ -30,7 +72,7 @@ def _silence():
 def torch_threads():
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(THREADS)
     return torch
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import own_bundle
+from conftest import THREADS, own_bundle
 from fastsam2.export import precision as prec
 from fastsam2.profiles import load_profile
 from fastsam2.runtime import openvino_backend
@@ -16,10 +16,10 @@ from fastsam2.runtime.bundle import load_bundle
 from fastsam2.runtime.contract import GRAPH_ORDER
 from fastsam2.runtime.errors import BundleError, InputError
 
-GATE = dict(threads=2, calib_frames=4, gate_videos=1, gate_frames=6)
+GATE = dict(threads=THREADS, calib_frames=4, gate_videos=1, gate_frames=6)
 # where a test checks the gate's logic, not its numbers: the smallest gate that still tracks
 # (a prompted frame, then frames with memory)
-SMALL_GATE = dict(threads=2, calib_frames=2, gate_videos=1, gate_frames=3)
+SMALL_GATE = dict(threads=THREADS, calib_frames=2, gate_videos=1, gate_frames=3)
 # the gate's promise; measured here with int8 encoder + int8 memory attention: IoU 0.980-0.986
 # per frame (mean 0.983) over the suite's 8-frame video at 256 px
 MASKS_IOU = 0.97

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import THREADS
 from fastsam2.runtime import backends, openvino_backend
 from fastsam2.runtime.bundle import load_bundle
 from fastsam2.runtime.errors import BackendError, InputError
@@ -42,10 +43,10 @@ def track_logits(sessions, bundle, video, keep, frames=8) -> np.ndarray:
 def test_openvino_fp32_matches_onnxruntime(bundle_dir, synth, keep):
     """keep 0.5 feeds memory attention a new N and a growing M / Ms every frame (dynamic shapes)."""
     bundle = load_bundle(bundle_dir)
-    name, ov = backends.open_backend("openvino", bundle, threads=2, precision="fp32")
+    name, ov = backends.open_backend("openvino", bundle, threads=THREADS, precision="fp32")
     assert name == "openvino"
     assert all(s.providers == ["OpenVINO:CPU:f32"] for s in ov.values())  # f32 asked, not the plugin default
-    ref = track_logits(backends.create_sessions(bundle, "ort-cpu", 2, precision="fp32"), bundle, synth, keep)
+    ref = track_logits(backends.create_sessions(bundle, "ort-cpu", THREADS, precision="fp32"), bundle, synth, keep)
     got = track_logits(ov, bundle, synth, keep)
     assert np.abs(got - ref).max() <= LOGITS_ATOL
     assert ((got > 0) == (ref > 0)).all()

@@ -8,6 +8,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from conftest import THREADS
+
 from fastsam2.runtime.contract import GRAPH_ORDER, keep_to_k
 from fastsam2.runtime.profile_cli import main
 
@@ -21,7 +23,7 @@ FRAME_SUM_FACTOR = 1.5
 def report_dir(bundle_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("profile") / "report"
     res = CliRunner().invoke(main, ["--bundle", str(bundle_dir), "--backend", "ort-cpu", "--keep", "1.0,0.5",
-                                    "--warmup", "1", "--iters", "2", "--threads", "2", "--out", str(out)])
+                                    "--warmup", "1", "--iters", "2", "--threads", str(THREADS), "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "wrote report.json, report.md, latency.png" in res.output
     return out
