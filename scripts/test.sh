@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 PY=${PYTHON:-python3}
 export FASTSAM2_SERVE_PYTHON=${FASTSAM2_SERVE_PYTHON:-$PWD/.venv-serve/bin/python}
-cpus=$($PY -c "import os; print(len(os.sched_getaffinity(0)))")
+cpus=$(nproc)  # the CPUs this process may use
 workers=${FASTSAM2_TEST_WORKERS:-$(( cpus < 2 ? 0 : 2 ))}
 xdist=()
 [ "$workers" -gt 0 ] && xdist=(-n "$workers" --dist loadgroup)

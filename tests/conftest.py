@@ -16,23 +16,20 @@ import numpy as np
 import pytest
 from pathlib import Path
 
-def _cpus() -> list:
-    try:
-        return sorted(os.sched_getaffinity(0))
-    except AttributeError:
-        return list(range(os.cpu_count() or 1))
-
 
 def pytest_configure(config):
     """Under pytest-xdist (scripts/test.sh: -n 2), each worker runs on its own share of the CPUs,
     so the threads of its graph runtimes (and of the processes it starts, which inherit the
     mask) never compete with the other worker's."""
     global THREADS
+    from fastsam2.runtime.backends import default_threads
+
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    cpus = _cpus()
-    if worker and count and hasattr(os, "sched_setaffinity") and len(cpus) >= int(count) > 1:
-        os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw"))::int(count)])
-    THREADS = min(2, len(_cpus()))
+    if worker and count and hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) >= int(count) > 1:
+            os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw"))::int(count)])
+    THREADS = min(2, default_threads())
     # caches (OpenVINO's compiled models, ORT-TensorRT engines) go to a folder of this run, not
     # the user's ~/.cache; tests of the cache location set their own
     import atexit
@@ -57,8 +54,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 TINY = 256  # image size for the default suite (the architecture allows any multiple of 16)
-# threads for graph sessions in tests: 2, or fewer where this process may use fewer CPUs
-THREADS = min(2, len(_cpus()))
+# threads for graph sessions in tests: 2, or fewer where this process may use fewer CPUs (set
+# by pytest_configure, after an xdist worker is pinned)
+THREADS = 2
 NUM_FRAMES = 9  # past num_maskmem = 7: the bank fills (frame 7) and its oldest entry drops (frame 8)
 
 
