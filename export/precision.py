@@ -33,22 +33,13 @@ import numpy as np
 
 from fastsam2.runtime.contract import GRAPH_ORDER
 from fastsam2.runtime.errors import InputError
-from fastsam2.runtime.precision import CPU_PRECISIONS, cpu_has_bf16
+from fastsam2.runtime import host
+from fastsam2.runtime.precision import CPU_PRECISIONS
 
 MIN_MASK_IOU = 0.97  # the issue's gate: tracked masks at keep 1.0 vs fp32, mean over frames
 QUANTISABLE = ("image_encoder", "memory_attention")  # where a CPU frame's time goes
 # Ops quantised. Hiera's attention and MLP are MatMul/Gemm; its patch embed and the FPN are Conv.
 INT8_OPS = ("MatMul", "Gemm", "Conv")
-
-
-def cpu_has_vnni() -> bool:
-    """u8 x s8 dot products without overflow (VNNI); without it MLAS's AVX2 kernels saturate
-    on full-range int8 weights, so static QDQ uses 7-bit weights (reduce_range) there."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in text.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 # -- the plan ---------------------------------------------------------------------------------
@@ -108,7 +99,7 @@ def quantize_int8(src: Path, dst: Path, method: str, feeds: list | None = None) 
         raise ValueError(method)
     if not feeds:
         raise ValueError("static int8 needs calibration feeds")
-    reduce = not cpu_has_vnni()
+    reduce = not host.cpu_has_vnni()
     feeds = feeds[:len(feeds) - 1] if len(feeds) > 2 and len(feeds) % 2 == 0 else feeds  # see _calib_chunks
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
@@ -292,8 +283,9 @@ def add_precision_variants(tmp_dir, manifest: dict, plan: dict, calibration_fram
         for g, cands in todo.items():
             tried = {"fp32": {"ms_per_call": _time_fp32(base[g], feeds.get(g, []))}}
             for p in dict.fromkeys(c for c in cands if c != "fp32"):
-                if p == "bf16" and not _bf16_here():
-                    tried[p] = {"skipped": _bf16_why()}
+                why = _bf16_unavailable() if p == "bf16" else None
+                if why:
+                    tried[p] = {"skipped": why}
                     log(f"{g}: bf16 skipped: {tried[p]['skipped']}")
                     continue
                 methods = ("static", "dynamic") if p == "int8" and g == "image_encoder" else ("dynamic",)
@@ -329,19 +321,19 @@ def add_precision_variants(tmp_dir, manifest: dict, plan: dict, calibration_fram
     return picks
 
 
-def _bf16_here() -> bool:
-    from fastsam2.runtime.openvino_backend import device_has_bf16, openvino_available
+def _bf16_unavailable() -> str | None:
+    """Why a bf16 candidate cannot be gated here, or None where it can: bf16 runs through
+    OpenVINO, which must report BF16 on this CPU. Reads the two probes (host.cpu_has_bf16,
+    openvino_backend.device_has_bf16) that tests patch."""
+    from fastsam2.runtime import openvino_backend
 
-    return openvino_available() and device_has_bf16("CPU")
-
-
-def _bf16_why() -> str:
-    from fastsam2.runtime.openvino_backend import openvino_available
-
-    if not openvino_available():
+    if not openvino_backend.openvino_available():
         return "bf16 runs through OpenVINO: pip install fastsam2[openvino]"
-    return ("this CPU has no bf16 arithmetic (AVX512_BF16 or AMX)" if not cpu_has_bf16() else
-            "OpenVINO reports no BF16 capability on this CPU")
+    if not host.cpu_has_bf16():
+        return "this CPU has no bf16 arithmetic (AVX512_BF16 or AMX)"
+    if not openvino_backend.device_has_bf16("CPU"):
+        return "OpenVINO reports no bf16 capability on this CPU"
+    return None
 
 
 def _say(log, g, name, r) -> None:

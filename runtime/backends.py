@@ -15,6 +15,7 @@ import os
 import re
 from pathlib import Path
 
+from fastsam2.runtime import host
 from fastsam2.runtime.contract import GRAPH_ORDER, dynamic_inputs, profile_shapes
 from fastsam2.runtime.bundle import sha256_file
 from fastsam2.runtime.errors import BackendError, BundleError, InputError
@@ -49,11 +50,7 @@ def _share_cpu_arena(ort) -> bool:
 
 
 def default_threads() -> int:
-    # the CPUs this process may run on (a container quota can be below os.cpu_count())
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return host.usable_cpus()
 
 
 def check_threads(threads) -> int | None:

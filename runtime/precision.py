@@ -16,6 +16,7 @@ import os
 import platform
 from pathlib import Path
 
+from fastsam2.runtime import host
 from fastsam2.runtime.bundle import sha256_file
 from fastsam2.runtime.contract import GRAPH_ORDER
 from fastsam2.runtime.errors import BundleError, InputError
@@ -23,19 +24,6 @@ from fastsam2.runtime.errors import BundleError, InputError
 CPU_BACKENDS = ("ort-cpu", "openvino")  # where the bundle's CPU precisions apply
 CPU_PRECISIONS = ("fp32", "bf16", "int8")
 PRECISION_ENV = "FASTSAM2_PRECISION"  # e.g. "fp32", "int8", "image_encoder=int8,memory_attention=fp32"
-
-
-def cpu_has_bf16() -> bool:
-    """bf16 arithmetic in this CPU: AVX512_BF16 or AMX-BF16 (x86), the BF16 extension (aarch64)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def parse_precision(text: str | None) -> dict:
@@ -92,7 +80,7 @@ def _unsupported(precision: str, backend: str, variant: dict) -> str | None:
             return None if device_has_bf16("CPU") else "OpenVINO reports no BF16 on this CPU (needs AVX512_BF16 or AMX)"
         if platform.machine().lower() not in ("aarch64", "arm64"):
             return "ONNX Runtime runs bf16 matrix products on ARM64 only; use --backend openvino"
-        return None if cpu_has_bf16() else "this CPU has no BF16 extension"
+        return None if host.cpu_has_bf16() else "this CPU has no BF16 extension"
     if backend == "openvino" and variant.get("format") == "dynamic":
         return "OpenVINO runs int8 from QDQ graphs, and this variant is ONNX Runtime's dynamic int8"
     return None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -23,6 +22,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from fastsam2 import __version__
+from fastsam2.runtime import host
 from fastsam2.runtime.backends import open_backend, pick_backend
 from fastsam2.runtime.bundle import load_bundle
 from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, PTR_TOKENS, geometry, keep_to_k
@@ -77,37 +77,6 @@ def synthetic_feeds(name: str, dims: dict, memory_frames: int = 1, seed: int = 0
 
 
 # -- memory ----------------------------------------------------------------------------------
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Linux resets VmHWM to the current RSS when "5" is written to clear_refs (since 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size: VmHWM where /proc has it, else ru_maxrss (kB on Linux)."""
-    hwm = _status_kb("VmHWM")
-    if hwm is None:
-        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        if platform.system() == "Darwin":  # bytes there
-            hwm //= 1024
-    return round(hwm / 1024, 1)
-
-
 def _device_memory(backend: str) -> tuple:
     """(device MB in use, note). Native TensorRT: cudaMemGetInfo through polygraphy's libcudart,
     device-wide (other processes count too). ONNX Runtime's CUDA arena has no public query."""
@@ -132,17 +101,6 @@ def _device_memory(backend: str) -> tuple:
 
 
 # -- machine ---------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _nvidia_driver() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -156,9 +114,10 @@ def machine_info(backends=()) -> dict:
     """CPU model and cores, onnxruntime version and providers; GPU, driver and TensorRT when a
     GPU backend is profiled."""
     info = {
-        "cpu_model": _cpu_model(),
+        "cpu_model": host.cpu_model(),
+        "cpu_flags": host.cpu_features(),
         "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_cores_usable": host.usable_cpus(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -261,15 +220,15 @@ def profile_bundle(bundle_dir, backend="ort-cpu", keeps=DEFAULT_KEEPS, memory_fr
         sess_info[b] = sorted({p for sess in sessions.values() for p in getattr(sess, "providers", [b])})
         for keep in keeps:
             k = keep_to_k(keep, T, floor)
-            rss_before = _status_kb("VmRSS")
-            scoped = _reset_peak_rss()
+            rss_before = host.rss_mb()
+            scoped = host.reset_peak_rss()
             if log:
                 log(f"{b} keep {keep:g}: k = {k}/{T}, {warmup} warm-up + {iters} timed frames")
             r = _profile_keep(sessions, dims, k, memory_frames, warmup, iters, seed)
             dev, note = _device_memory(b)
             r = {"backend": b, "keep": keep, **r,
-                 "memory": {"peak_rss_mb": peak_rss_mb(),
-                            "rss_before_mb": None if rss_before is None else round(rss_before / 1024, 1),
+                 "memory": {"peak_rss_mb": host.peak_rss_mb(),
+                            "rss_before_mb": rss_before or None,
                             "peak_rss_scope": "this keep (VmHWM reset before it)" if scoped
                             else "whole process so far",
                             "device_mb": dev, "device_note": note}}

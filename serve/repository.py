@@ -21,10 +21,10 @@ contract's graphs have batch 1 today, so each graph gets max_batch_size 0 (see d
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
+from fastsam2.runtime import host
 from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, geometry
 from fastsam2.runtime.errors import BundleError, InputError, OutputError
 
@@ -162,11 +162,7 @@ def _copy_bundle(src: Path, dst: Path) -> None:
 
 
 def default_threads(instances: int) -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // max(1, instances))
+    return max(1, host.usable_cpus() // max(1, instances))
 
 
 def write_repository(bundle_dir, repo, *, instances: int = 1, backend: str = "auto", layout: str = "in-process",

@@ -10,7 +10,7 @@ import pytest
 from conftest import THREADS, own_bundle
 from fastsam2.export import precision as prec
 from fastsam2.profiles import load_profile
-from fastsam2.runtime import openvino_backend
+from fastsam2.runtime import host, openvino_backend
 from fastsam2.runtime.backends import create_sessions, open_backend
 from fastsam2.runtime.bundle import load_bundle
 from fastsam2.runtime.contract import GRAPH_ORDER
@@ -137,13 +137,20 @@ def test_failing_gate_falls_back_to_fp32(bundle_dir, tmp_path, monkeypatch):
     assert sorted(p.name for p in b.iterdir()) == sorted(p.name for p in bundle_dir.iterdir())
 
 
-def test_bf16_where_the_cpu_lacks_it_is_skipped_with_the_reason(bundle_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(prec, "_bf16_here", lambda: False)
+@pytest.mark.parametrize("cpu, openvino, why", [
+    (False, False, "this CPU has no bf16 arithmetic (AVX512_BF16 or AMX)"),
+    (True, False, "OpenVINO reports no bf16 capability on this CPU")])
+def test_bf16_where_the_cpu_lacks_it_is_skipped_with_the_reason(bundle_dir, tmp_path, monkeypatch, cpu, openvino, why):
+    """The probes are patched at their one source (host, openvino_backend), so this runs the
+    same on AVX2-only and on AVX-512-BF16 CPUs."""
+    monkeypatch.setattr(host, "cpu_has_bf16", lambda: cpu)
+    monkeypatch.setattr(openvino_backend, "device_has_bf16", lambda device="CPU": openvino)
+    monkeypatch.setattr(openvino_backend, "openvino_available", lambda: True)
     b = own_bundle(bundle_dir, tmp_path / "b")
     said = []
     m = prec.upgrade_bundle(b, "image_encoder=bf16", log=said.append, **SMALL_GATE)
     tried = m["precision_gate"]["graphs"]["image_encoder"]["tried"]
-    assert "bf16" in tried["bf16"]["skipped"] and m["precision"]["image_encoder"] == "fp32"
+    assert tried["bf16"]["skipped"] == why and m["precision"]["image_encoder"] == "fp32"
     assert any("stays fp32" in s and "not available here" in s for s in said)
 
 
@@ -151,7 +158,7 @@ def test_bf16_where_the_cpu_lacks_it_is_skipped_with_the_reason(bundle_dir, tmp_
 def test_bf16_candidate_runs_through_openvino(bundle_dir, tmp_path, monkeypatch):
     """The bf16 path end to end: a hint on the fp32 file, gated on OpenVINO. On a CPU without
     bf16 OpenVINO computes f32 anyway, so here it must pass and record the fp32 file."""
-    monkeypatch.setattr(prec, "_bf16_here", lambda: True)
+    monkeypatch.setattr(prec, "_bf16_unavailable", lambda: None)
     b = own_bundle(bundle_dir, tmp_path / "b")
     m = prec.upgrade_bundle(b, "image_encoder=bf16", **SMALL_GATE, log=lambda s: None)
     v = m["graphs"]["image_encoder"]["variants"]["bf16"]
