@@ -13,8 +13,8 @@ from pathlib import Path
 import click
 
 from fastsam2.runtime.errors import FastSam2Error, InputError, OutputError
-from fastsam2.export.cli import echo_random_warnings, one_line, require_export_extra
-from fastsam2.runtime.outputs import cli_interrupts
+from fastsam2.export.cli import echo_random_warnings, require_export_extra
+from fastsam2.runtime.cli_edge import cli_interrupts, one_line
 
 
 def _point(text: str) -> tuple:

@@ -12,7 +12,8 @@ import click
 
 from fastsam2.calibration import davis
 from fastsam2.runtime.errors import FastSam2Error, InputError
-from fastsam2.runtime.outputs import RunFolder, cli_interrupts
+from fastsam2.runtime.cli_edge import cli_interrupts
+from fastsam2.runtime.outputs import RunFolder
 
 
 def run_outputs(names, split) -> dict:

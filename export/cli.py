@@ -11,15 +11,11 @@ from pathlib import Path
 
 import click
 
+from fastsam2.runtime.cli_edge import ANSI, NOT_UNPICKLED, one_line
 from fastsam2.runtime.errors import FastSam2Error, InputError
 
 # what the [export] extra brings (pyproject.toml): the torch side of fastsam2
 EXPORT_MODULES = ("torch", "sam2", "onnx", "open_clip")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_NOT_UNPICKLED = ("it holds Python objects besides tensors and plain containers, which fastsam2 does not "
-                  "unpickle (a state dict saved with torch.save loads)")
-
-
 def require_export_extra(command: str) -> None:
     """FastSam2Error naming the extra to install, where the torch side is missing (a device
     with the runtime extra only): one line instead of a torch ImportError traceback."""
@@ -37,20 +33,12 @@ def require_export_extra(command: str) -> None:
 def torch_load_reason(exc: BaseException) -> str:
     """Why torch.load(weights_only=True) refused a file, without torch's advice to turn
     weights_only off (which would run the file's code): for the checkpoint and router loaders."""
-    text = _ANSI.sub("", str(exc))
+    text = ANSI.sub("", str(exc))
     if "Weights only load failed" in text:
         m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text, re.S)
-        return f"{_NOT_UNPICKLED}: {' '.join(m.group(1).split())}" if m else _NOT_UNPICKLED
+        return f"{NOT_UNPICKLED}: {' '.join(m.group(1).split())}" if m else NOT_UNPICKLED
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return first[:200]
-
-
-def one_line(e: BaseException) -> str:
-    """The `error:` line for a user error: one line, torch's weights_only advice replaced by
-    what it means (the loaders keep torch's first line, which is that advice)."""
-    text = _ANSI.sub("", str(e))
-    text = re.sub(r"Weights only load failed.*", _NOT_UNPICKLED, text, flags=re.S)
-    return " ".join(text.split())
 
 
 def _engines_hook(profile, keep: float, log):

@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from fastsam2.runtime.errors import InputError, OutputError
-# one output folder = one run, and signals that clean up: re-exported for the CLIs
-from fastsam2.runtime.run_folder import (RUN_OUTPUTS, RunFolder, Terminated, cli_interrupts,  # noqa: F401
-                                         exit_code_of, signals_as_exceptions)
+# one output folder = one run: re-exported for the CLIs
+from fastsam2.runtime.run_folder import RUN_OUTPUTS, RunFolder  # noqa: F401
 
 
 def _davis_palette() -> np.ndarray:

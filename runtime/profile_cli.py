@@ -7,7 +7,8 @@ import sys
 import click
 
 from fastsam2.runtime.errors import FastSam2Error, InputError
-from fastsam2.runtime.outputs import RunFolder, cli_interrupts
+from fastsam2.runtime.cli_edge import cli_interrupts
+from fastsam2.runtime.outputs import RunFolder
 
 # what a report folder holds (profile_report.write_report): replaced as a unit by each run
 REPORT_OUTPUTS = {"report.json": None, "report.md": None, "latency.png": None}

@@ -11,7 +11,7 @@ import sys
 
 from fastsam2.runtime import trt_backend
 from fastsam2.runtime.errors import FastSam2Error
-from fastsam2.runtime.outputs import cli_interrupts
+from fastsam2.runtime.cli_edge import cli_interrupts
 
 
 def main(argv=None) -> None:

@@ -52,7 +52,7 @@ def main(input_path, bundle, server, prompts, points, neg_points, boxes, removes
          out, force, overlay, max_frames, duration, realtime, timeout, fill, max_cond_frames, threads, quiet):
     """Track the prompted object(s) through INPUT."""
     from fastsam2.runtime.prompt_flags import schedule_from_file, schedule_from_flags
-    from fastsam2.runtime.run_folder import cli_interrupts
+    from fastsam2.runtime.cli_edge import cli_interrupts
     from fastsam2.runtime.track import track
 
     bar = None

@@ -1,13 +1,11 @@
-"""One output folder = one run, and a run stopped by a signal cleans up like one that failed.
+"""One output folder = one run.
 
 RunFolder holds a lock on the folder for the run's duration (a second run on it is refused),
 refuses an earlier run's outputs without force and removes them as a unit with it (only the
 names fastsam2 writes, never other files), removes the hidden temp files a killed run left,
 and creates sub-folders (masks/) on their first file, so an early error leaves no empty one.
 
-signals_as_exceptions / cli_interrupts turn SIGTERM and SIGHUP into an exception (SIGINT is
-KeyboardInterrupt already), so the `with` blocks that write files atomically remove their temp
-files on the way out; the CLI then exits 130 (Ctrl-C) or 128 + the signal (143 for SIGTERM).
+A run stopped by a signal cleans up like one that failed: see fastsam2.runtime.cli_edge.
 """
 
 from __future__ import annotations
@@ -15,9 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
-import sys
-import threading
 from pathlib import Path
 
 from fastsam2.runtime.errors import OutputError
@@ -205,61 +200,3 @@ class RunFolder:
             os.unlink(self.path / LOCK_NAME)
         os.close(self._fd)
         self._fd = None
-
-
-# -- signals ---------------------------------------------------------------------------------
-
-class Terminated(BaseException):
-    """A SIGTERM/SIGHUP raised where the program was, like KeyboardInterrupt for Ctrl-C: not an
-    Exception, so only cleanup (`with`, `finally`, `except BaseException`) sees it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-        self.exit_code = 128 + signum
-
-
-def exit_code_of(exc: BaseException) -> int | None:
-    """The shell's exit status for a run stopped by exc: 130 for Ctrl-C, 128 + N for signal N."""
-    if isinstance(exc, KeyboardInterrupt):
-        return 128 + signal.SIGINT
-    if isinstance(exc, Terminated):
-        return exc.exit_code
-    return None
-
-
-@contextlib.contextmanager
-def signals_as_exceptions(signals=(signal.SIGTERM, signal.SIGHUP)):
-    """Inside the block, each of `signals` raises Terminated once (a second one while the first
-    unwinds is ignored, so cleanup finishes); handlers are restored after. Only the main thread
-    can set handlers: elsewhere the block runs unchanged."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    raised = []
-
-    def handler(signum, frame):
-        if not raised:
-            raised.append(signum)
-            raise Terminated(signum)
-
-    old = {s: signal.signal(s, handler) for s in signals}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def cli_interrupts(echo=None):
-    """A CLI's body: SIGTERM/SIGHUP/Ctrl-C unwind it as exceptions (temp files removed by the
-    writers' own cleanup), then one `error:` line and exit 130 / 128 + signal."""
-    echo = echo or (lambda m: print(m, file=sys.stderr))
-    try:
-        with signals_as_exceptions():
-            yield
-    except (KeyboardInterrupt, Terminated) as e:
-        how = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else str(e)
-        echo(f"error: interrupted by {how}; the files finished so far are kept, partial ones removed")
-        sys.exit(exit_code_of(e))

@@ -177,7 +177,7 @@ def _loop(session, source, schedule, run, bundle, keep, fill, overlay, max_frame
     """Frames through the session into the run folder. However the loop ends, the frames done
     are complete on disk (masks, overlay, results.json) before the reason is raised."""
     from fastsam2.runtime.outputs import OverlayWriter, atomic_write_json, write_palette_png
-    from fastsam2.runtime.run_folder import Terminated
+    from fastsam2.runtime.cli_edge import Terminated
 
     expected = source.num_frames if max_frames is None else min(max_frames, source.num_frames or max_frames)
     frames, todo, t_start = [], list(schedule), time.perf_counter()

@@ -53,7 +53,7 @@ def _forward(line: str) -> None:
 def main(bundle, repo, http_port, grpc_port, metrics_port, address, instances, backend, layout,
          max_sessions, idle_timeout, write_only):
     """Serve a bundle's tracker on Triton Inference Server: one stream per Triton sequence."""
-    from fastsam2.runtime.run_folder import Terminated, signals_as_exceptions
+    from fastsam2.runtime.cli_edge import Terminated, signals_as_exceptions
 
     from .repository import write_repository
     from .server import TritonServer

@@ -142,7 +142,7 @@ def pickled_object_file(tmp_path_factory):
 
 def test_checkpoint_and_router_errors_do_not_repeat_torchs_advice(tmp_path, pickled_object_file):
     from fastsam2.calibration.router_training import load_router
-    from fastsam2.export.cli import one_line
+    from fastsam2.runtime.cli_edge import one_line
 
     code, text = run(BASE + ["--checkpoint", str(pickled_object_file), "--out", str(tmp_path / "o")])
     line = _one_line_error(text)

@@ -106,7 +106,8 @@ CHILD = textwrap.dedent("""
     # as started from a terminal: a suite run in the background (nohup, `&`) hands its children
     # SIGINT ignored, and Python then installs no Ctrl-C handler (the Unix rule for background jobs)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    from fastsam2.runtime.outputs import OverlayWriter, RunFolder, cli_interrupts, write_palette_png
+    from fastsam2.runtime.cli_edge import cli_interrupts
+    from fastsam2.runtime.outputs import OverlayWriter, RunFolder, write_palette_png
 
     with cli_interrupts():
         with RunFolder(sys.argv[1]) as run:
