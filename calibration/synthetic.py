@@ -5,7 +5,10 @@ background; a same-colour distractor and an occluder bar crossing the scene make
 non-trivial. The output is a frame folder or an mp4, palette-PNG index masks, and a
 first-frame point and box per object. numpy + pillow + PyAV only: the torch-free demo uses it.
 
-    python -m fastsam2.calibration.synthetic demo/ --frames 48 --size 480x640
+    python -m fastsam2.calibration.synthetic demo/ --frames 48 --size 640x480
+
+The command line writes sizes WIDTHxHEIGHT (as ffmpeg, v4l2 and the summary line do); the
+Python API takes size=(H, W), numpy's order.
 """
 
 from __future__ import annotations
@@ -289,10 +292,12 @@ def make_davis_layout(
 
 
 def _parse_size(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT on the command line (video tools' order) -> (H, W) for make_video."""
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
+        w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 240x320 (HxW), not {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"size must be WIDTHxHEIGHT, e.g. 640x480, not {text[:40]!r}") from None
     return h, w
 
 
@@ -303,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("out", type=Path, help="output folder")
     ap.add_argument("--frames", type=int, default=48, help="number of frames (default 48)")
-    ap.add_argument("--size", type=_parse_size, default=(480, 640), help="HxW (default 480x640)")
+    ap.add_argument("--size", type=_parse_size, default=(480, 640),
+                    help="WIDTHxHEIGHT in pixels (default 640x480)")
     ap.add_argument("--mp4", action="store_true", help="write video.mp4 instead of JPEG frames")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--objects", type=int, default=1)
@@ -315,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                        "mp4" if a.mp4 else "jpg", a.occlusion)
     except ValueError as e:
         ap.error(str(e))
-    print(f"wrote {v.num_frames} frames ({v.width}x{v.height}) to {v.frames_dir_or_file}")
+    print(f"wrote {v.num_frames} frames ({v.width}x{v.height}: width x height) to {v.frames_dir_or_file}")
     print(f"ground-truth masks in {v.masks}")
     for obj_id, (x, y) in v.first_frame_points.items():
         x0, y0, x1, y1 = v.first_frame_boxes[obj_id]

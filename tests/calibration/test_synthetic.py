@@ -99,11 +99,28 @@ def test_davis_layout(tmp_path):
 
 
 def test_cli_prints_the_first_frame_point(tmp_path, capsys):
-    assert main([str(tmp_path / "demo"), "--frames", "3", "--size", "64x96", "--mp4"]) == 0
+    assert main([str(tmp_path / "demo"), "--frames", "3", "--size", "96x64", "--mp4"]) == 0
     out = capsys.readouterr().out
     assert "object 1: point" in out
     with open_frames(tmp_path / "demo" / "video.mp4") as src:
         assert (src.num_frames, src.height, src.width) == (3, 64, 96)
+
+
+def test_cli_size_is_width_x_height_in_and_out(tmp_path, capsys):
+    """--size takes WIDTHxHEIGHT, as video tools do, and the summary prints the same order:
+    what goes in comes back out (it took HxW and printed WxH)."""
+    assert main([str(tmp_path / "v"), "--frames", "2", "--size", "160x64"]) == 0
+    out = capsys.readouterr().out
+    assert "(160x64: width x height)" in out
+    with open_frames(tmp_path / "v" / "frames") as src:
+        assert (src.width, src.height) == (160, 64)
+    x, y = (int(v) for v in out.split("object 1: point ")[1].split()[0].split(","))
+    assert 0 <= x < 160 and 0 <= y < 64  # the printed point is (x, y) in that frame
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "bad"), "--size", "640by480"])
+    assert e.value.code == 2
+    assert "WIDTHxHEIGHT" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_synthetic_and_runtime_io_do_not_import_torch():
