@@ -1,0 +1,71 @@
+"""Real servers the scale-out tests start on 127.0.0.1: redis-server and haproxy.
+
+Each binds a free port, is waited for with a bound, and is stopped (and its files removed) by
+the context manager that started it. CI installs both (scripts/install.sh); where one is missing
+outside CI the tests that need it skip, in CI they fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need(binary: str) -> str:
+    path = shutil.which(binary) or next((p for p in (f"/usr/sbin/{binary}", f"/usr/bin/{binary}")
+                                         if os.access(p, os.X_OK)), None)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{binary} is not installed (scripts/install.sh installs it)")
+        pytest.skip(f"{binary} is not installed (scripts/install.sh installs it)")
+    return path
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{proc.args[0]} did not listen on {port} within {timeout} s")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
+@contextlib.contextmanager
+def redis_server(tmp: Path):
+    """Yields redis://127.0.0.1:PORT/0 of a fresh redis-server (no persistence)."""
+    exe = need("redis-server")
+    port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp), "--protected-mode", "yes"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+        yield f"redis://127.0.0.1:{port}/0", proc
+    finally:
+        stop(proc)
