@@ -4,12 +4,14 @@
     open_frames("rtsp://user:pw@cam.local/stream1")             # kind "stream"
     open_frames("http://127.0.0.1:8080/live.ts", realtime=True)
 
-What is live (live_target): a URL with a scheme (rtsp, rtsps, http, https, udp, tcp, rtp,
-rtmp, rtmps, srt, ...: whatever this FFmpeg build reads; this PyAV wheel has no srt), a V4L2
-camera (/dev/videoN, any character device such as /dev/v4l/by-id/..., or a bare number N for
-/dev/videoN as OpenCV users type it). A URL whose container declares a length (an mp4 or an HLS
-VOD playlist over HTTP) is read like a file: live=False, num_frames declared, every frame in
-order, realtime ignored. Everything else is live: no end, num_frames None.
+What is live: see fastsam2.runtime.live_target (live_target, and the FFmpeg options per
+scheme). A URL whose container declares a length (an mp4 or an HLS VOD playlist over HTTP) is
+read like a file: live=False, num_frames declared, every frame in order, realtime ignored.
+Everything else is live: no end, num_frames None.
+
+Size: the first frame's size is the working size; one over MAX_INPUT_SIDE is refused
+(SourceError; fastsam2.runtime.frame_source). Later frames of another size (a stream that
+changes resolution) are scaled to the working size as they are converted, one at a time.
 
 Reading. A background thread owns the PyAV container: it opens it, decodes continuously and
 passes frames on; frames() never calls into FFmpeg. Two policies:
@@ -22,109 +24,54 @@ passes frames on; frames() never calls into FFmpeg. Two policies:
   that arrived while the consumer was busy count as dropped (dropped, dropped_ranges). A frame
   that arrives but is never asked for (the source is stopped first) is not counted.
 Frame.index counts every frame decoded, so handed-out indices plus dropped ranges cover
-0..last without gaps. Frame.timestamp is from the stream's pts relative to the first frame; for
-streams without timestamps (MJPEG over HTTP) it is the arrival time relative to the first frame.
+0..last without gaps; `received` counts the frames decoded so far (handed out, dropped or
+waiting), so a caller can compare it with what it was handed. Frame.timestamp is from the
+stream's pts relative to the first frame; for streams without timestamps (MJPEG over HTTP) it
+is the arrival time relative to the first frame.
 
 Time bounds: open_timeout bounds the time to the first decoded frame (connect, probe, decode;
 the constructor gives up OPEN_GRACE_S after it at the latest, even where FFmpeg cannot be
 interrupted, e.g. a hanging name lookup); read_timeout the silence between frames; both give
-SourceError (one line; FFmpeg's own log is
-silenced). A stream the server ends (EOF, or the server closing the connection) ends the
-iteration normally. UDP has no end: a sender that stops reads as a silent stream (SourceError
-after read_timeout).
+SourceError (one line; FFmpeg's own log is silenced). A stream the server ends (EOF, or the
+server closing the connection) ends the iteration normally; for RTSP that includes a server
+that goes away mid-stream (FFmpeg reports its closed connection as the end of the stream, as
+it does an RTCP BYE). UDP has no end: a sender that stops reads as a silent stream
+(SourceError after read_timeout).
 
 Stopping: stop() (thread-safe) makes frames() return at once; the reader thread ends when its
 current read returns (the next frame, or read_timeout on a silent stream) and closes the
 container itself. close(), the end of a with-block and garbage collection of the source do the
 same, also when the consumer raised.
 
-RTSP is read over TCP (rtsp_transport=tcp): no packet loss and it passes NAT; a camera also
-needs no UDP ports open. Cameras are asked for `fps` frames/s when it is given. FFmpeg reads
-PROBE_SECONDS of a stream before the first frame is out, and MPEG-TS/H.264 holds the newest
-frame until the next one starts, so a TS stream is ~2 frames behind the sender.
+FFmpeg reads PROBE_SECONDS of a stream before the first frame is out, and MPEG-TS/H.264 holds
+the newest frame until the next one starts, so a TS stream is ~2 frames behind the sender.
 """
 
 from __future__ import annotations
 
 import errno
-import os
-import re
-import socket
-import stat
 import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from fastsam2.runtime.errors import SourceError
-from fastsam2.runtime.video import DEFAULT_FOLDER_FPS, DropRecord, Frame, FrameSource
+from .errors import SourceError
+from .frame_source import DEFAULT_FOLDER_FPS, DropRecord, Frame, FrameSource, check_input_size
+# what is live and how FFmpeg opens it; re-exported for callers of this module
+from .live_target import PROBE_SECONDS, LiveTarget, check_host, ffmpeg_options, live_target  # noqa: F401
 
 QUEUE_FRAMES = 2  # decoded frames waiting in order: the decode of the next overlaps the consumer
 OPEN_GRACE_S = 2.0  # on top of open_timeout: FFmpeg's own timeout should fire first
 WATCHDOG_GRACE_S = 5.0  # on top of read_timeout, for a reader stuck where FFmpeg cannot time out
 CLOSE_JOIN_S = 1.0  # close() waits this long for the reader; it finishes on its own after
-PROBE_SECONDS = 0.5  # analyzeduration for streams: how much stream FFmpeg reads to learn its format
 AVFMT_NOTIMESTAMPS = 0x80
 # Protocols that end by closing the connection: there, an I/O error after the first frame is
 # the server hanging up (FFmpeg's http reader reports a close without a final chunk as EIO).
 CLOSING_SCHEMES = ("http", "https", "tcp", "rtmp", "rtmps", "rtmpt", "rtmpts")
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-@dataclass(frozen=True)
-class LiveTarget:
-    kind: str  # "camera" | "stream"
-    url: str  # what FFmpeg opens
-    format: str | None  # the demuxer to force ("v4l2" for cameras); None: FFmpeg probes
-    display: str  # for messages and results: the URL without credentials
-    name: str  # short name for outputs
-
-    @property
-    def scheme(self) -> str:
-        m = _URL.match(self.url)
-        return m.group(1).lower() if m else ""
-
-
-def _hide_credentials(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"***@{host}"))
-
-
-def live_target(path) -> LiveTarget | None:
-    """The camera or stream `path` names, or None for a file or folder (or a missing path)."""
-    if isinstance(path, os.PathLike):
-        path = os.fspath(path)
-    text = str(path)
-    m = _URL.match(text)
-    if m:
-        scheme = m.group(1).lower()
-        if scheme == "file":
-            return None  # open_frames reads file:// URLs as paths
-        parts = urlsplit(text)
-        stem = Path(parts.path).stem
-        return LiveTarget("stream", text, None, _hide_credentials(text),
-                          stem or parts.hostname or scheme)
-    if text.isdigit() and not Path(text).exists():
-        text = f"/dev/video{int(text)}"
-    p = Path(text)
-    try:
-        is_char_device = stat.S_ISCHR(p.stat().st_mode)
-    except OSError:
-        is_char_device = False
-    if is_char_device or text.startswith("/dev/video"):
-        return LiveTarget("camera", text, "v4l2", text, p.name)
-    return None
 
 
 class _Reader:
@@ -144,6 +91,7 @@ class _Reader:
         self.ended = False  # nothing more will come
         self.error: BaseException | None = None
         self.decode_errors = 0
+        self.received = 0  # frames decoded so far: handed out, dropped or waiting
 
     # --- reader side
     def put(self, index: int, timestamp: float, payload) -> None:
@@ -155,6 +103,7 @@ class _Reader:
                 while len(self.items) >= QUEUE_FRAMES and not self.stop.is_set():
                     self.cond.wait(0.5)
             self.items.append((index, timestamp, payload))
+            self.received = index + 1
             self.cond.notify_all()
 
     def finish(self, error: BaseException | None = None) -> None:
@@ -239,7 +188,7 @@ def _run(r: _Reader) -> None:
 
     container = None
     try:
-        _check_host(r)
+        check_host(r.target)
         try:
             container = av.open(r.target.url, "r", format=r.target.format, options=r.options,
                                 timeout=(r.open_timeout, r.read_timeout))
@@ -268,6 +217,9 @@ def _run(r: _Reader) -> None:
                     now = last_arrival = time.monotonic()
                     if index == 0:
                         first_pts, first_arrival = f.pts, now
+                        # the working size for the whole run: bounded before anything uses it
+                        check_input_size(f.width, f.height, f"{r.target.kind} {r.target.display}",
+                                         SourceError)
                         r.info = _stream_info(r, container, st, f)
                         # A finished file over HTTP is read like a file: every frame, in order.
                         r.realtime = r.realtime and r.info["live"]
@@ -300,19 +252,6 @@ def _run(r: _Reader) -> None:
         r.finish()
 
 
-def _check_host(r: _Reader) -> None:
-    """An unknown host name gives a clear line (FFmpeg, silenced, would only say EIO)."""
-    host = urlsplit(r.target.url).hostname if r.target.kind == "stream" else None
-    # Behind a proxy only the proxy may know the name; FFmpeg's http reader uses http_proxy.
-    if not host or any(os.environ.get(k) for k in ("http_proxy", "HTTP_PROXY")):
-        return
-    try:
-        socket.getaddrinfo(host, None)
-    except (socket.gaierror, UnicodeError) as e:
-        why = getattr(e, "strerror", None) or str(e)
-        raise SourceError(f"cannot open stream {r.target.display}: unknown host {host} ({why})") from None
-
-
 def _stream_info(r: _Reader, container, st, first) -> dict:
     no_timestamps = bool(container.format.flags & AVFMT_NOTIMESTAMPS)
     rate = r.fps or st.average_rate or (None if no_timestamps else st.guessed_rate)
@@ -332,21 +271,6 @@ def _to_rgb(frame, info: dict) -> np.ndarray:
     # The first frame's size for every frame, as for files (a stream may change resolution).
     rgb = frame.to_ndarray(format="rgb24", width=info["width"], height=info["height"])
     return np.ascontiguousarray(rgb, dtype=np.uint8)
-
-
-def _options(target: LiveTarget, fps: float | None, read_timeout: float) -> dict:
-    us = str(int(read_timeout * 1e6))
-    if target.kind == "camera":
-        return {"framerate": f"{fps:g}"} if fps else {}
-    opts = {"analyzeduration": str(int(PROBE_SECONDS * 1e6)), "rw_timeout": us}
-    scheme = target.scheme
-    if scheme in ("rtsp", "rtsps"):
-        opts.update(rtsp_transport="tcp", timeout=us)
-    elif scheme == "udp":
-        # A slow moment must not end the stream: an overrun loses packets (decode errors,
-        # skipped), it is not fatal.
-        opts.update(overrun_nonfatal="1", timeout=us)
-    return opts
 
 
 def _silence_ffmpeg() -> None:
@@ -380,7 +304,7 @@ class LiveSource(FrameSource):
         if target.kind == "camera" and not Path(target.url).exists():
             raise SourceError(f"no camera at {target.display} (no such device)")
         _silence_ffmpeg()
-        r = self._reader = _Reader(target, _options(target, fps, read_timeout), realtime, fps,
+        r = self._reader = _Reader(target, ffmpeg_options(target, fps, read_timeout), realtime, fps,
                                    open_timeout, read_timeout, self._stop_event)
         self._drops, self._drops_lock = r.drops, r.cond
         self._thread = threading.Thread(target=_run, args=(r,), daemon=True,
@@ -406,6 +330,12 @@ class LiveSource(FrameSource):
     def decode_errors(self) -> int:
         """Packets the decoder rejected and skipped (damaged data, e.g. UDP loss)."""
         return self._reader.decode_errors
+
+    @property
+    def received(self) -> int:
+        """Frames decoded so far: handed out, dropped (realtime) or waiting to be handed out."""
+        with self._reader.cond:
+            return self._reader.received
 
     def frames(self) -> Iterator[Frame]:
         r = self._reader
