@@ -29,6 +29,12 @@ The server binds 127.0.0.1 port 0 and reports the port it got, so there is no ra
 port (UDP is the exception: the reader binds, so the port is picked free here and passed on).
 Leaving the `with` block always stops the process (SIGTERM, then SIGKILL), bounded in time.
 
+gate=True makes the test the clock instead of the wall: the server sends nothing until told.
+served.release(n) lets every connection send its frames up to n (exclusive) at once, unpaced;
+served.play() paces the rest at fps from then on; served.wait_sent(n) waits until some
+connection (the UDP sender) has handed frame n-1 to the network. Tests that assert what a
+reader drops or where it joins use this instead of sleeping.
+
 stamp=True writes the server's frame counter into the top STAMP_ROWS rows as STAMP_BITS black
 and white blocks; read_stamp(rgb) reads it back after lossy coding, so a test can check which
 frames it got. stall_after=N sends N frames and then goes quiet with the connection left open
@@ -95,9 +101,47 @@ class ServedStream:
     frames: int  # frames in one pass of the clip
     loop: bool
     video: object = None  # the SyntheticVideo streamed (ground truth), None for source=
+    gate: "_Gate | None" = None  # gate=True: the test says when frames go out
+
+    def release(self, n: int) -> None:
+        """gate=True: let frames < n go out now (unpaced)."""
+        self.gate.send(f"{int(n)}")
+
+    def play(self) -> None:
+        """gate=True: from now on frames go out at fps, without a limit."""
+        self.gate.send("play")
+
+    def wait_sent(self, n: int, timeout: float = START_TIMEOUT_S) -> None:
+        """gate=True: wait until frames < n were handed to the network; a hang guard, not a
+        timing assumption (RuntimeError after `timeout`)."""
+        self.gate.wait_sent(n, timeout)
 
     def __str__(self) -> str:
         return self.url
+
+
+class _Gate:
+    """The parent's end of a gated server: commands on its stdin, SENT reports from its stdout."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.sent, self.cond = proc, 0, threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(b"SENT "):
+                with self.cond:
+                    self.sent = max(self.sent, int(line.split()[1]))
+                    self.cond.notify_all()
+
+    def send(self, command: str) -> None:
+        self.proc.stdin.write(command.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def wait_sent(self, n: int, timeout: float) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.sent >= n, timeout):
+                raise RuntimeError(f"stream server sent {self.sent} frames, not {n}, within {timeout} s")
 
 
 def _free_udp_port() -> int:
@@ -118,13 +162,15 @@ def serve_stream(
     stamp: bool = False,
     seed: int = 0,
     objects: int = 1,
+    gate: bool = False,
 ) -> Iterator[ServedStream]:
     """Serve a stream on 127.0.0.1 while the block runs; yields a ServedStream (.url, .video).
 
     The clip is `source` (a frames folder or a video file) or else a synthetic video of
     `frames` frames of size (H, W) made with fastsam2.calibration.synthetic.make_video (moving
     shapes with ground truth: served.video). loop=False sends the clip once and then closes
-    the connection (the stream ends); loop=True repeats it until the block ends.
+    the connection (the stream ends); loop=True repeats it until the block ends. gate=True:
+    frames go out when the test says (ServedStream.release / play; see the module docstring).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
@@ -144,16 +190,19 @@ def serve_stream(
             cmd.append("--stamp")
         if stall_after is not None:
             cmd += ["--stall-after", str(int(stall_after))]
+        if gate:
+            cmd.append("--gate")
         if kind == "udp":
             cmd += ["--port", str(_free_udp_port())]
         log_path = Path(tmp) / "server.log"
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
+                                    stdin=subprocess.PIPE if gate else subprocess.DEVNULL)
         try:
             port, count = _wait_ready(proc, log_path)
             path = {"http": "/live.ts", "mjpeg": "/live.mjpg"}.get(kind, "")
             yield ServedStream(f"{kind if kind in ('tcp', 'udp') else 'http'}://127.0.0.1:{port}{path}",
-                               kind, float(fps), count, loop, video)
+                               kind, float(fps), count, loop, video, _Gate(proc) if gate else None)
         finally:
             _stop(proc)
 
@@ -183,8 +232,10 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(STOP_TIMEOUT_S)
-    if proc.stdout is not None:
-        proc.stdout.close()
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 # ----------------------------------------------------------------------------- the server side
@@ -203,28 +254,66 @@ def _load_clip(source: Path) -> list[np.ndarray]:
 
 
 class _Pacer:
-    """Frame i is due at start + i/fps: a real-time source, not one that waits for readers."""
+    """Frame i is due at start + (i - index0)/fps: a real-time source, not one that waits for
+    readers."""
 
-    def __init__(self, fps: float):
-        self.fps, self.start = fps, time.monotonic()
+    def __init__(self, fps: float, index0: int = 0):
+        self.fps, self.start, self.index0 = fps, time.monotonic(), index0
 
     def wait(self, i: int) -> None:
-        delay = self.start + i / self.fps - time.monotonic()
+        delay = self.start + (i - self.index0) / self.fps - time.monotonic()
         if delay > 0:
             time.sleep(delay)
 
 
+class _ServerGate:
+    """--gate: frames < allowed go out unpaced; after "play", all of them, paced from then."""
+
+    def __init__(self, fps: float):
+        self.fps, self.allowed, self.playing, self.cond = fps, 0, False, threading.Condition()
+        self.out_lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in sys.stdin:
+            with self.cond:
+                if line.strip() == "play":
+                    self.playing = True
+                else:
+                    self.allowed = max(self.allowed, int(line))
+                self.cond.notify_all()
+
+    def wait(self, i: int) -> _Pacer | None:
+        """Block until frame i may go; the pacer to use from there (None: unpaced)."""
+        with self.cond:
+            self.cond.wait_for(lambda: i < self.allowed or self.playing)
+            return None if i < self.allowed else _Pacer(self.fps, index0=i)
+
+    def sent(self, n: int) -> None:
+        with self.out_lock:
+            print(f"SENT {n}", flush=True)
+
+
+GATE: _ServerGate | None = None  # --gate
+
+
 def _frames(clip, args) -> Iterator[tuple[int, np.ndarray]]:
-    """(counter, rgb) in sending order, paced; ends after one pass unless --loop."""
-    pacer, i = _Pacer(args.fps), 0
+    """(counter, rgb) in sending order, paced (or as --gate says); ends after one pass unless
+    --loop."""
+    pacer, i = (None if args.gate else _Pacer(args.fps)), 0
     while True:
         for rgb in clip:
             if args.stall_after is not None and i >= args.stall_after:
                 while True:  # quiet, with the connection left open, until we are stopped
                     time.sleep(3600)
-            pacer.wait(i)
+            if args.gate and pacer is None:
+                pacer = GATE.wait(i)  # None while the frames go out as released, unpaced
+            if pacer is not None:
+                pacer.wait(i)
             yield i, (stamp(rgb, i) if args.stamp else rgb)
             i += 1
+            if args.gate:
+                GATE.sent(i)  # the consumer of this generator has sent frame i - 1
         if not args.loop:
             return
 
@@ -352,7 +441,10 @@ def main(argv=None) -> int:
     ap.add_argument("--stamp", action="store_true")
     ap.add_argument("--stall-after", type=int, default=None)
     ap.add_argument("--port", type=int, default=0, help="udp: the port the reader binds")
+    ap.add_argument("--gate", action="store_true", help="send frames as stdin says (see _ServerGate)")
     args = ap.parse_args(argv)
+    global GATE
+    GATE = _ServerGate(args.fps) if args.gate else None
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     clip = _load_clip(args.source)
     if not clip:

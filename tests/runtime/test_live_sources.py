@@ -4,6 +4,9 @@ serves at real time (tests/stream_server.py), never an outside address.
 The server stamps its frame counter into every frame (stream_server.stamp), so a test knows
 exactly which frames it was handed. Every test is bounded by its own deadline (no
 pytest-timeout here); the deadlines are hang guards, far above the time the test needs.
+Nothing here depends on speed: where a test asserts what was dropped or where a reader joined,
+the server sends frames when the test says (serve_stream(gate=True)) and the test waits for
+the reader to have them (LiveSource.received), instead of sleeping.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import av
 import numpy as np
 import pytest
 
+from fastsam2.runtime import frame_source
 from fastsam2.runtime.errors import SourceError
 from fastsam2.runtime.video import Frame, open_frames
 from stream_server import read_stamp, serve_stream
@@ -81,6 +85,15 @@ def read_all(src, per_frame_s: float = 0.0, limit: int | None = None) -> list[tu
     return got
 
 
+def wait_until(condition, seconds: float = HANG_S) -> None:
+    """A bounded wait for something another thread does (a hang guard, not a timing bet)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not reached within {seconds} s")
+        time.sleep(0.01)
+
+
 def refused_port():
     """A bound TCP port nobody listens on: connecting is refused, and no other process can
     take the port while the socket is held."""
@@ -112,30 +125,59 @@ def test_in_order_hands_out_every_frame(stream, kind):
         assert np.allclose(ts, np.arange(24) / FPS, atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["http", "mjpeg"])
-def test_realtime_slow_consumer_gets_the_newest_and_counts_the_rest(stream, kind):
-    served = stream(kind)
+def test_realtime_hands_out_the_newest_and_counts_the_frames_that_came_meanwhile():
+    # The test is the clock: after each frame it takes, it lets the server send 5 more and
+    # waits until the reader has decoded them (MJPEG: a frame is out as soon as it arrives).
+    # Four of them arrived while the consumer was busy: dropped; the fifth is handed out.
+    with serve_stream("mjpeg", fps=FPS, frames=24, size=SIZE, stamp=True, gate=True) as served:
+        served.release(1)
 
-    def run():
-        with open_frames(served.url, realtime=True, open_timeout=10) as src:
-            assert src.realtime
-            got = read_all(src, per_frame_s=6 / FPS)  # a consumer 6x slower than the stream
-            return got, src.dropped, src.dropped_ranges
+        def run():
+            with open_frames(served.url, realtime=True, open_timeout=10) as src:
+                assert src.realtime
+                got, frames, sent = [], src.frames(), 1
+                for f in frames:
+                    got.append((f.index, read_stamp(f.rgb)))
+                    if sent == 24:
+                        continue
+                    sent = min(24, sent + 5)
+                    served.release(sent)
+                    wait_until(lambda: src.received == sent)
+                return got, src.dropped, src.dropped_ranges, src.received
 
-    got, dropped, ranges = bounded(run)
+        got, dropped, ranges, received = bounded(run)
+    assert [g[1] for g in got] == [g[0] for g in got]  # index i is the server's i-th frame
+    assert [g[0] for g in got] == [0, 5, 10, 15, 20, 23]
+    assert ranges == [[1, 4], [6, 9], [11, 14], [16, 19], [21, 22]] and dropped == 18
+    assert received == 24  # handed out and dropped together are every frame the server sent
+
+
+def test_realtime_consumer_behind_a_whole_ts_stream_gets_its_last_frame():
+    # All 24 frames are out before the consumer asks for its second: whatever it got first,
+    # the next is the last, and every frame in between is counted as dropped.
+    with serve_stream("http", fps=FPS, frames=24, size=SIZE, stamp=True, gate=True) as served:
+        served.release(24)
+
+        def run():
+            with open_frames(served.url, realtime=True, open_timeout=10) as src:
+                frames = src.frames()
+                first = next(frames)
+                wait_until(lambda: src.received == 24)
+                got = [first] + list(frames)
+                return [(f.index, read_stamp(f.rgb)) for f in got], src.dropped, src.dropped_ranges
+
+        got, dropped, ranges = bounded(run)
     idx = [g[0] for g in got]
-    assert [g[1] for g in got] == idx  # index i is the server's i-th frame: drops are counted
-    assert idx == sorted(set(idx)) and idx[-1] == 23  # increasing; the last frame is handed out
-    assert len(idx) < 24 and dropped > 0
+    assert [g[1] for g in got] == idx and idx[-1] == 23 and len(idx) <= 2
     skipped = [i for a, b in ranges for i in range(a, b + 1)]
-    assert len(skipped) == dropped
-    # handed out and dropped together are every frame, each once
-    assert sorted(idx + skipped) == list(range(24))
+    assert dropped == len(skipped) == 24 - len(idx) and sorted(idx + skipped) == list(range(24))
 
 
 def test_udp_reader_joins_mid_stream_in_order():
-    with serve_stream("udp", fps=FPS, frames=24, size=SIZE, stamp=True, loop=True) as served:
-        time.sleep(1.2)  # the sender is past its first keyframe: the reader joins mid-stream
+    with serve_stream("udp", fps=FPS, frames=24, size=SIZE, stamp=True, loop=True, gate=True) as served:
+        served.release(30)  # frames 0..29 (keyframes 0 and 24) go out before anyone listens
+        served.wait_sent(30)
+        served.play()  # the rest at the stream's rate
 
         def run():
             with open_frames(served.url, open_timeout=10) as src:
@@ -145,7 +187,7 @@ def test_udp_reader_joins_mid_stream_in_order():
     stamps = [g[1] for g in got]
     # UDP has no connection: the reader starts at the sender's next keyframe (one per second),
     # and from there on gets every frame in order; its indices count from its first frame.
-    assert stamps[0] % 24 == 0 and stamps[0] >= 24
+    assert stamps[0] % 24 == 0 and stamps[0] >= 48
     assert stamps == list(range(stamps[0], stamps[0] + 30))
     assert [g[0] for g in got] == list(range(30)) and dropped == 0
 
@@ -158,16 +200,16 @@ def test_stop_from_another_thread_ends_the_wait_on_a_silent_stream(stream):
     served = stream("http", frames=48, stall_after=24)
     src = bounded(lambda: open_frames(served.url, open_timeout=3 * HANG_S,
                                       read_timeout=3 * HANG_S))
-    last = [time.monotonic(), 0]  # when the consumer got its latest frame, how many
+    taken = [0]
 
     def consume():
         for _ in src.frames():
-            last[:] = [time.monotonic(), last[1] + 1]
-        return last[1]
+            taken[0] += 1
+        return taken[0]
 
     def stop_when_blocked():
-        while last[1] == 0 or time.monotonic() - last[0] < 0.5:
-            time.sleep(0.05)
+        # the consumer has every frame the reader decoded, past the probing: it waits
+        wait_until(lambda: taken[0] >= 20 and taken[0] == src.received)
         src.stop()
 
     threading.Thread(target=stop_when_blocked, daemon=True).start()
@@ -188,7 +230,7 @@ def test_stop_inside_the_loop_hands_out_no_further_frame(stream):
             for f in src.frames():
                 got.append(f.index)
                 if len(got) == 5:
-                    time.sleep(0.3)  # frames queue up meanwhile; stop() discards them
+                    wait_until(lambda: src.received >= 7)  # frames wait; stop() discards them
                     src.stop()
             return got
 
@@ -314,3 +356,38 @@ def test_finished_file_over_http_is_read_like_a_file(tmp_path):
         httpd.server_close()
     assert (live, realtime, n, dropped) == (False, False, 12, 0)
     assert idx == list(range(12))
+
+
+# --------------------------------------------------------------------- the size of live frames
+
+
+def test_live_first_frame_over_the_maximum_side_is_refused(stream, monkeypatch):
+    monkeypatch.setattr(frame_source, "MAX_INPUT_SIDE", 100)  # the stream's frames are 128x96
+    served = stream("mjpeg")
+    with pytest.raises(SourceError) as e:
+        bounded(lambda: open_frames(served.url, open_timeout=10))
+    assert str(e.value).startswith(f"stream {served.url} is 128x96: over the 100 px maximum side")
+    assert "\n" not in str(e.value)
+
+
+def test_live_frames_of_another_size_are_scaled_to_the_first(tmp_path, monkeypatch):
+    # The first frame sets the working size; a later frame over the maximum (patched down so
+    # the test allocates nothing big) or under it is scaled to it, one frame at a time.
+    monkeypatch.setattr(frame_source, "MAX_INPUT_SIDE", 200)
+    from PIL import Image
+
+    sizes = [(96, 128), (240, 320), (48, 64), (96, 128)]
+    greys = [40, 120, 200, 80]
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, ((h, w), g) in enumerate(zip(sizes, greys)):
+        Image.fromarray(np.full((h, w, 3), g, np.uint8)).save(folder / f"{i:05d}.png")
+    with serve_stream("mjpeg", fps=FPS, source=folder) as served:
+        def run():
+            with open_frames(served.url, open_timeout=10) as src:
+                return (src.width, src.height), [f.rgb for f in src.frames()]
+
+        size, frames = bounded(run)
+    assert size == (128, 96) and len(frames) == 4
+    assert all(f.shape == (96, 128, 3) for f in frames)
+    assert np.allclose([f.mean() for f in frames], greys, atol=3)
