@@ -158,6 +158,35 @@ def test_mixed_size_folder_names_the_file(tmp_path):
             list(src)
 
 
+def test_frames_over_the_maximum_side_are_refused_before_decoding(tmp_path):
+    # 4100x8: over MAX_INPUT_SIDE (4096) and still a tiny file; the size is read from the
+    # header, so a huge frame costs nothing before it is refused
+    _write_rgb(tmp_path / "0.png", 8, 4100, 0)
+    with pytest.raises(InputError) as e:
+        open_frames(tmp_path)
+    assert str(e.value).startswith(f"frame {tmp_path / '0.png'} is 4100x8: over the 4096 px maximum side")
+    # a later frame too (it would otherwise be decoded whole, then refused for its size)
+    later = tmp_path / "later"
+    later.mkdir()
+    _write_rgb(later / "0.png", 8, 8, 0)
+    _write_rgb(later / "1.png", 4100, 8, 0)
+    with open_frames(later) as src, pytest.raises(InputError, match=r"1\.png is 8x4100: over the 4096"):
+        list(src)
+
+
+def test_video_over_the_maximum_side_is_refused(clip, monkeypatch):
+    from fastsam2.runtime import frame_source
+
+    monkeypatch.setattr(frame_source, "MAX_INPUT_SIDE", 300)  # the clip is 320x240
+    _, mp4 = clip
+    with pytest.raises(InputError) as e:
+        open_frames(mp4.frames_dir_or_file)
+    assert str(e.value).startswith(f"video {mp4.frames_dir_or_file} is 320x240: over the 300 px maximum side")
+    monkeypatch.setattr(frame_source, "MAX_INPUT_SIDE", 320)  # the bound itself is accepted
+    with open_frames(mp4.frames_dir_or_file) as src:
+        assert (src.width, src.height) == (320, 240)
+
+
 def test_duplicate_stems_rejected(tmp_path):
     _write_rgb(tmp_path / "0.jpg", 8, 8, 0)
     _write_rgb(tmp_path / "0.png", 8, 8, 0)
