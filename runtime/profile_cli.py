@@ -6,12 +6,15 @@ import sys
 
 import click
 
-from fastsam2.runtime.errors import FastSam2Error, InputError
-from fastsam2.runtime.cli_edge import cli_interrupts
+from fastsam2.runtime.backends import BACKENDS
+from fastsam2.runtime.cli_edge import Terminated, cli_errors
+from fastsam2.runtime.errors import InputError
 from fastsam2.runtime.outputs import RunFolder
+from fastsam2.runtime.profiling import CPU_COUNTS, GPU_COUNTS
 
-# what a report folder holds (profile_report.write_report): replaced as a unit by each run
+# what a report folder holds (profile_report.write_report): replaced as a unit with --force
 REPORT_OUTPUTS = {"report.json": None, "report.md": None, "latency.png": None}
+INTERRUPTED = "the keeps finished so far are in report.json and report.md (status interrupted)"
 
 
 def _keeps(text: str) -> tuple:
@@ -21,39 +24,77 @@ def _keeps(text: str) -> tuple:
         raise InputError(f"--keep must be comma-separated numbers in (0, 1], got {text!r}") from None
 
 
+class _Bars:
+    """One tqdm bar per keep on stderr (frames done of warm-up + timed)."""
+
+    def __init__(self):
+        self.bar, self.label = None, None
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        if label != self.label:
+            from tqdm import tqdm
+
+            self.close()
+            self.bar, self.label = tqdm(total=total, desc=label, unit="frame", file=sys.stderr), label
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", required=True, help="Bundle folder written by fastsam2-export.")
 @click.option("--backend", default="auto", show_default=True,
-              help="auto, ort-cpu, ort-cuda, ort-trt or tensorrt; comma-separate several to compare.")
+              help=f"One of {', '.join(BACKENDS)}; comma-separate several to compare.")
 @click.option("--keep", "keep", default="1.0,0.7,0.5,0.3", show_default=True, help="Keep ratios to time.")
-@click.option("--memory-frames", type=int, default=7, show_default=True,
-              help="Frames in the memory bank, the conditioning frame (all tokens) included.")
-@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed frames per keep.")
-@click.option("--iters", type=int, default=50, show_default=True, help="Timed frames per keep.")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--memory-frames", type=int, default=None,
+              help="Frames in the memory bank, the conditioning frame (all tokens) included: 1 up to the "
+                   "bundle's num_maskmem (default: num_maskmem, a full bank).")
+@click.option("--warmup", type=int, default=None,
+              help=f"Untimed frames per keep (default: {CPU_COUNTS[0]} on CPU backends, {GPU_COUNTS[0]} on GPUs).")
+@click.option("--iters", type=int, default=None,
+              help=f"Timed frames per keep (default: {CPU_COUNTS[1]} on CPU backends, {GPU_COUNTS[1]} on GPUs).")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
 @click.option("--out", default="report", show_default=True, help="Folder for report.json, report.md, latency.png.")
-@click.option("--quiet", is_flag=True, help="Only the summary lines.")
-def main(bundle, backend, keep, memory_frames, warmup, iters, threads, out, quiet):
+@click.option("--force", is_flag=True, help="Replace an earlier report in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar or warnings; only the summary lines.")
+def main(bundle, backend, keep, memory_frames, warmup, iters, threads, out, force, quiet):
     """Time image encoder, router, memory attention, memory encoder and mask decoder separately
-    on synthetic inputs with a full memory bank, at each keep ratio."""
-    from fastsam2.runtime.bundle import read_manifest
+    on synthetic inputs with a full memory bank, at each keep ratio. Ctrl-C keeps the keeps
+    already measured (report status "interrupted")."""
     from fastsam2.runtime.profile_report import write_report
-    from fastsam2.runtime.profiling import profile_bundle
+    from fastsam2.runtime.profiling import plan_profile, profile_bundle
 
-    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
-    with cli_interrupts(lambda m: click.echo(m, err=True)):
-        try:
-            keeps = _keeps(keep)
-            read_manifest(bundle)  # a bad bundle fails before the report folder is touched
-            # the folder holds one report: locked while profiling, an earlier report replaced
-            # whole (a plot from an older run never sits beside new numbers)
-            with RunFolder(out, force=True, outputs=REPORT_OUTPUTS):
-                report = profile_bundle(bundle, backend=backend, keeps=keeps, memory_frames=memory_frames,
-                                        warmup=warmup, iters=iters, threads=threads, log=log)
-                written = write_report(report, out, log=log)
-        except FastSam2Error as e:
-            click.echo(f"error: {' '.join(str(e).split())}", err=True)
-            sys.exit(e.exit_code)
+    bars = None if quiet else _Bars()
+    report = {}
+
+    def echo_err(m):  # a line between bars: the finished bar first
+        if bars is not None:
+            bars.close()
+        click.echo(m, err=True)
+
+    log = (lambda m: None) if quiet else echo_err
+    with cli_errors(echo_err, INTERRUPTED):
+        # a bad bundle or setting fails before the report folder is touched
+        plan = plan_profile(bundle, backend, _keeps(keep), memory_frames, warmup, iters, threads)
+        # the folder holds one report: locked while profiling; an earlier report refused without
+        # --force, replaced whole with it (a plot from an older run never sits beside new numbers)
+        with RunFolder(out, force=force, outputs=REPORT_OUTPUTS):
+            try:
+                profile_bundle(plan["bundle"], backend=plan["backends"], keeps=plan["keeps"],
+                               memory_frames=plan["memory_frames"], warmup=warmup, iters=iters,
+                               threads=threads, log=log, progress=bars, report=report)
+            except BaseException as e:
+                if report.get("results"):  # Ctrl-C, SIGTERM or an error: keep what was measured
+                    report["status"] = "interrupted" if isinstance(e, (KeyboardInterrupt, Terminated)) else "failed"
+                    write_report(report, out, plot=False)  # no plot: matplotlib takes seconds to load
+                raise
+            finally:
+                if bars is not None:
+                    bars.close()
+            written = write_report(report, out, log=log)
     for r in report["results"]:
         f = r["frame"]
         click.echo(f"{r['backend']} keep {r['keep']:g} (k {r['k']}/{report['geometry']['tokens']}): "

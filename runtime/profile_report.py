@@ -15,6 +15,27 @@ def _fmt(v, nd=1) -> str:
     return "–" if v is None else f"{v:.{nd}f}"
 
 
+def graph_shares(result: dict) -> dict:
+    """{graph: whole percent} of the in-frame graphs' summed medians, rounded so that they add
+    up to exactly 100 (largest remainders round up). The frame median is not that sum (it is
+    the median of per-frame sums), so shares of it do not add up (108 % was seen)."""
+    med = {g: v["median_ms"] for g, v in result["graphs"].items() if v["in_frame"]}
+    total = sum(med.values())
+    if total <= 0:
+        return {}
+    exact = {g: 100 * v / total for g, v in med.items()}
+    out = {g: int(v) for g, v in exact.items()}
+    for g in sorted(exact, key=lambda g: out[g] - exact[g])[: 100 - sum(out.values())]:
+        out[g] += 1
+    return out
+
+
+def _counts(report: dict) -> str:
+    seen = sorted({(r.get("warmup", report["settings"]["warmup"]), r.get("iters", report["settings"]["iters"]))
+                   for r in report["results"]}, key=str)
+    return "; ".join(f"{w} warm-up + {i} timed frames" for w, i in seen) or "no keep finished"
+
+
 def report_markdown(report: dict) -> str:
     mc, st, geo = report["machine"], report["settings"], report["geometry"]
     b = report["bundle"]
@@ -28,9 +49,15 @@ def report_markdown(report: dict) -> str:
         + (f"; GPU {mc.get('gpu_name')}, driver {mc.get('gpu_driver')}, TensorRT {mc.get('tensorrt')}"
            if "gpu_name" in mc else ""),
         f"- memory frames {st['memory_frames']} (conditioning frame + {st['memory_frames'] - 1} tracked), "
-        f"{st['object_pointers']} object pointers; {st['warmup']} warm-up + {st['iters']} timed "
-        f"iterations; threads {st['threads'] or 'default'}",
+        f"{st['object_pointers']} object pointers; {_counts(report)} per keep; "
+        f"threads {st['threads'] or 'default'}",
         f"- created {report['created']}",
+    ]
+    if report.get("status", "complete") != "complete":
+        done = len(report["results"])
+        lines.append(f"- status: {report['status']} after {done} of "
+                     f"{len(st['keeps']) * max(1, len(st['backends']))} keeps: the keeps below finished")
+    lines += [
         "",
         "## Summary",
         "",
@@ -46,14 +73,17 @@ def report_markdown(report: dict) -> str:
                      f"| {_fmt(r['memory']['peak_rss_mb'])} | {_fmt(r['memory']['device_mb'])} |")
     for r in report["results"]:
         sh = r["shapes"]
-        frame_ms = r["frame"]["median_ms"]
         lines += ["", f"## {r['backend']} · keep {r['keep']:g} (N = {sh['N']}, Ms = {sh['Ms']}, M = {sh['M']})",
-                  "", "| graph | in frame | median ms | p90 ms | min ms | share of frame |", "|---|---|---|---|---|---|"]
+                  "", "| graph | in frame | median ms | p90 ms | min ms | share of graphs' sum |",
+                  "|---|---|---|---|---|---|"]
+        shares = graph_shares(r)
         for g, v in r["graphs"].items():
-            share = f"{100 * v['median_ms'] / frame_ms:.0f} %" if v["in_frame"] and frame_ms > 0 else "–"
+            share = f"{shares[g]} %" if g in shares else "–"
             lines.append(f"| {g} | {'yes' if v['in_frame'] else 'no (k = T)'} | {_fmt(v['median_ms'], 2)} "
                          f"| {_fmt(v['p90_ms'], 2)} | {_fmt(v['min_ms'], 2)} | {share} |")
         f = r["frame"]
+        summed = sum(v["median_ms"] for g, v in r["graphs"].items() if g in shares)
+        lines.append(f"| graphs' sum | | {_fmt(summed, 2)} | | | 100 % |")
         lines.append(f"| **frame** | | {_fmt(f['median_ms'], 2)} | {_fmt(f['p90_ms'], 2)} | "
                      f"{_fmt(f['min_ms'], 2)} | {_fmt(f['fps'], 2)} FPS |")
         if r["memory"]["device_note"]:
@@ -62,8 +92,10 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_latency(report: dict, path) -> None:
-    """Stacked bar of per-graph median latency (graphs in the frame) per backend and keep."""
+def plot_latency(report: dict, path) -> list:
+    """Stacked bar of per-graph median latency (graphs in the frame) per backend and keep, each
+    labelled with its own height (the sum of those medians: the bar and its label are one
+    statistic). Returns [(bar height ms, label)]."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,21 +110,24 @@ def plot_latency(report: dict, path) -> None:
         vals = np.array([r["graphs"][g]["median_ms"] if r["graphs"][g]["in_frame"] else 0.0 for r in res])
         ax.bar(labels, vals, bottom=bottom, label=g)
         bottom += vals
-    for x, (r, top) in enumerate(zip(res, bottom)):
-        ax.annotate(f"{r['frame']['median_ms']:.0f} ms", (x, top), ha="center", va="bottom", fontsize=8)
+    tops = []
+    for x, top in enumerate(bottom):
+        tops.append((float(top), f"{top:.0f} ms"))
+        ax.annotate(tops[-1][1], (x, top), ha="center", va="bottom", fontsize=8)
     geo, mc = report["geometry"], report["machine"]
     where = mc.get("gpu_name") or mc.get("cpu_model")
-    ax.set_ylabel("median latency per frame (ms)")
+    ax.set_ylabel("sum of per-graph median latencies (ms)")
     ax.set_title(f"fastsam2 per-graph latency, {geo['image_size']} px ({where})", fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     ax.margins(y=0.12)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return tops
 
 
-def write_report(report: dict, out_dir, log=None) -> list:
-    """report.json, report.md and latency.png in out_dir; returns the paths written.
+def write_report(report: dict, out_dir, log=None, plot: bool = True) -> list:
+    """report.json, report.md and (with plot) latency.png in out_dir; returns the paths written.
 
     Without matplotlib (it is not a runtime dependency) the plot is skipped, with a log line.
     """
@@ -102,6 +137,8 @@ def write_report(report: dict, out_dir, log=None) -> list:
     atomic_write_json(out / "report.json", report)
     atomic_write_bytes(out / "report.md", report_markdown(report).encode())
     written = [out / "report.json", out / "report.md"]
+    if not plot:
+        return written
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -8,6 +8,11 @@ memory encoder, mask decoder), so the per-graph numbers carry the cache effects 
 loop; the frame time of an iteration is the sum of its graphs (the router only when k < T, as
 in Tracker.track). Host-side numpy work (top-k, scatter, bank assembly, resizing) is not timed.
 
+The report dict is filled in place as keeps finish (`report=` lets a caller that is interrupted
+keep the keeps measured so far), and `progress(done, total, label)` is called after every frame.
+Frame counts default by backend (CPU_COUNTS / GPU_COUNTS): a 1024-px frame takes seconds on a
+CPU, so the CPU default is a few frames per keep, the GPU one enough for stable percentiles.
+
 Numpy only: matplotlib is imported inside `write_report`, for the plot alone.
 """
 
@@ -24,12 +29,16 @@ import numpy as np
 from fastsam2 import __version__
 from fastsam2.runtime import host
 from fastsam2.runtime.backends import open_backend, pick_backend
-from fastsam2.runtime.bundle import load_bundle
+from fastsam2.runtime.bundle import Bundle, load_bundle
 from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, PTR_TOKENS, geometry, keep_to_k
 from fastsam2.runtime.errors import InputError
 
 DEFAULT_KEEPS = (1.0, 0.7, 0.5, 0.3)
 GPU_BACKENDS = ("ort-cuda", "ort-trt", "tensorrt")
+# (warm-up, timed) frames per keep when not given. Measured at 1024 px on 2 cores (ort-cpu):
+# ~3 s a frame, so 1 + 5 frames x 4 keeps is ~1.5 min; 5 + 50 took 15+ min per keep
+CPU_COUNTS = (1, 5)
+GPU_COUNTS = (5, 50)
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -145,7 +154,13 @@ def _stats(samples_ms) -> dict:
             "min_ms": round(float(a.min()), 3), "mean_ms": round(float(a.mean()), 3), "samples": int(a.size)}
 
 
-def _check_args(keeps, memory_frames, warmup, iters, threads) -> tuple:
+def frame_counts(backend: str, warmup: int | None = None, iters: int | None = None) -> tuple:
+    """(warm-up, timed) frames per keep on `backend`: the ones given, else its default."""
+    dw, di = GPU_COUNTS if backend in GPU_BACKENDS else CPU_COUNTS
+    return (dw if warmup is None else warmup), (di if iters is None else iters)
+
+
+def _check_args(keeps, warmup, iters, threads) -> tuple:
     try:
         keeps = tuple(float(k) for k in keeps)
     except (TypeError, ValueError):
@@ -155,18 +170,47 @@ def _check_args(keeps, memory_frames, warmup, iters, threads) -> tuple:
     bad = [k for k in keeps if not (0.0 < k <= 1.0)]  # NaN fails this too
     if bad:
         raise InputError(f"keep must be in (0, 1], got {bad[0]:g}")
-    if iters < 1:
+    if iters is not None and iters < 1:
         raise InputError(f"--iters must be >= 1, got {iters}")
-    if warmup < 0:
+    if warmup is not None and warmup < 0:
         raise InputError(f"--warmup must be >= 0, got {warmup}")
-    if memory_frames < 1:
-        raise InputError(f"--memory-frames must be >= 1 (the conditioning frame), got {memory_frames}")
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be >= 1, got {threads}")
     return keeps
 
 
-def _profile_keep(sessions, dims, k, memory_frames, warmup, iters, seed) -> dict:
+def memory_frames_of(bundle, memory_frames: int | None) -> int:
+    """--memory-frames, bounded by the bundle's num_maskmem: the tracking loop's bank never
+    holds more frames, and each one more grows memory attention's inputs (100000 asked ~22 GB)."""
+    most = int(bundle.settings["num_maskmem"])
+    if memory_frames is None:
+        return most
+    if not 1 <= memory_frames <= most:
+        raise InputError(f"--memory-frames must be in 1..{most} (the conditioning frame included; the "
+                         f"bundle's memory bank holds at most num_maskmem = {most} frames), got {memory_frames}")
+    return memory_frames
+
+
+def plan_profile(bundle_dir, backend="auto", keeps=DEFAULT_KEEPS, memory_frames: int | None = None,
+                 warmup: int | None = None, iters: int | None = None, threads: int | None = None) -> dict:
+    """Every setting checked against the bundle and this machine before anything runs:
+    {"bundle", "backends" (requested names, one per backend they resolve to), "keeps",
+    "memory_frames", "warmup", "iters", "threads"}."""
+    keeps = _check_args(keeps, warmup, iters, threads)
+    names = backend.split(",") if isinstance(backend, str) else list(backend)
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise InputError("give a backend")
+    bundle = bundle_dir if isinstance(bundle_dir, Bundle) else load_bundle(bundle_dir)
+    chosen = {}
+    for n in names:  # all checked before timing; one run per backend they resolve to
+        chosen.setdefault(pick_backend(n, bundle), n)
+    return {"bundle": bundle, "backends": list(chosen.values()), "keeps": keeps,
+            "memory_frames": memory_frames_of(bundle, memory_frames), "warmup": warmup, "iters": iters,
+            "threads": threads}
+
+
+def _profile_keep(sessions, dims, k, memory_frames, warmup, iters, seed, tick=None) -> dict:
     T = dims["T"]
     d = dict(dims, **bank_shapes(T, k, memory_frames, dims["ptrs"]))
     feeds = {g: synthetic_feeds(g, d, memory_frames, seed) for g in GRAPH_ORDER}
@@ -183,6 +227,8 @@ def _profile_keep(sessions, dims, k, memory_frames, warmup, iters, seed) -> dict
             for g in GRAPH_ORDER:
                 samples[g].append(lat[g])
             frame.append(sum(v for g, v in lat.items() if in_frame[g]))
+        if tick:
+            tick(it + 1, warmup + iters)
     graphs = {g: {**_stats(samples[g]), "in_frame": in_frame[g],
                   "inputs": {n: list(a.shape) for n, a in feeds[g].items()}} for g in GRAPH_ORDER}
     fstats = _stats(frame)
@@ -190,71 +236,74 @@ def _profile_keep(sessions, dims, k, memory_frames, warmup, iters, seed) -> dict
     return {"k": k, "shapes": {s: d[s] for s in ("N", "Ms", "M")}, "graphs": graphs, "frame": fstats}
 
 
-def profile_bundle(bundle_dir, backend="ort-cpu", keeps=DEFAULT_KEEPS, memory_frames: int = 7,
-                   warmup: int = 5, iters: int = 50, threads: int | None = None, seed: int = 0,
-                   log=None) -> dict:
+NOTES = [
+    "synthetic inputs with the contract's shapes; one tracked frame's chain per iteration",
+    "frame = image_encoder + router (only when k < T) + memory_attention + memory_encoder"
+    " + mask_decoder, summed per iteration; host-side numpy work is not included",
+    "share = a graph's median over the sum of the in-frame graphs' medians (what latency.png stacks); "
+    "the frame median (median of per-frame sums) differs from that sum by the noise between frames",
+    "memory attention sees a full bank: N = k, Ms = T + (memory_frames - 1) k, "
+    "M = Ms + object_pointers * 4",
+    "peak RSS per keep starts from the RSS left by the keeps before it (ONNX Runtime's CPU "
+    "arena keeps what it allocated): for one keep's own peak, profile that keep alone",
+]
+
+
+def profile_bundle(bundle_dir, backend="ort-cpu", keeps=DEFAULT_KEEPS, memory_frames: int | None = None,
+                   warmup: int | None = None, iters: int | None = None, threads: int | None = None,
+                   seed: int = 0, log=None, progress=None, report: dict | None = None) -> dict:
     """Time each graph of the bundle at each keep ratio with a full memory bank.
 
     `backend` is one name or several (a sequence, or comma-separated); "auto" resolves as in
-    fastsam2-run. Returns the report dict that `write_report` writes.
+    fastsam2-run. `memory_frames` defaults to the bundle's num_maskmem, `warmup`/`iters` to
+    frame_counts(backend). Returns the report dict that `write_report` writes; `report`, when
+    given, is that dict filled in place ("status" "running" until the last keep is done).
     """
-    keeps = _check_args(keeps, memory_frames, warmup, iters, threads)
-    names = backend.split(",") if isinstance(backend, str) else list(backend)
-    names = [n.strip() for n in names if n.strip()]
-    if not names:
-        raise InputError("give a backend")
-    bundle = load_bundle(bundle_dir)
-    # check all before timing; one run per backend they resolve to
-    chosen = {}
-    for n in names:
-        chosen.setdefault(pick_backend(n, bundle), n)
+    plan = plan_profile(bundle_dir, backend, keeps, memory_frames, warmup, iters, threads)
+    bundle, keeps, memory_frames = plan["bundle"], plan["keeps"], plan["memory_frames"]
     m, s = bundle.manifest, bundle.settings
     dims = geometry(int(m["image_size"]), int(s.get("text_dim", 512)))
     dims.update(P=1, ptrs=int(s.get("max_obj_ptrs_in_encoder", 16)))
     T, floor = dims["T"], int(m.get("keep_floor", 64))
-    results, sess_info = [], {}
-    ran = []  # what actually ran: `auto` may fall back from the backend it resolved to
-    for requested in chosen.values():
+    report = {} if report is None else report
+    report.update({
+        "tool": "fastsam2-profile",
+        "fastsam2_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": "running",
+        "bundle": {"path": str(bundle.path), **bundle.summary()},
+        "machine": machine_info(),
+        "settings": {"backends": [], "keeps": list(keeps), "memory_frames": memory_frames,
+                     "object_pointers": dims["ptrs"], "warmup": warmup, "iters": iters,
+                     "threads": threads, "seed": seed, "keep_floor": floor},
+        "geometry": {"image_size": dims["S"], "grid": dims["G"], "tokens": T},
+        "notes": list(NOTES),
+        "results": [],
+    })
+    ran, sess_info = report["settings"]["backends"], {}
+    for requested in plan["backends"]:
         b, sessions = open_backend(requested, bundle, threads, warn=log or print)
-        ran.append(b)
+        ran.append(b)  # what actually runs: `auto` may fall back from the backend it resolved to
         sess_info[b] = sorted({p for sess in sessions.values() for p in getattr(sess, "providers", [b])})
+        report["machine"] = machine_info(ran) | {"session_providers": sess_info}
+        nw, ni = frame_counts(b, warmup, iters)
         for keep in keeps:
             k = keep_to_k(keep, T, floor)
             rss_before = host.rss_mb()
             scoped = host.reset_peak_rss()
+            label = f"{b} keep {keep:g}"
             if log:
-                log(f"{b} keep {keep:g}: k = {k}/{T}, {warmup} warm-up + {iters} timed frames")
-            r = _profile_keep(sessions, dims, k, memory_frames, warmup, iters, seed)
+                log(f"{label}: k = {k}/{T}, {nw} warm-up + {ni} timed frames")
+            tick = (lambda done, total, label=label: progress(done, total, label)) if progress else None
+            r = _profile_keep(sessions, dims, k, memory_frames, nw, ni, seed, tick)
             dev, note = _device_memory(b)
-            r = {"backend": b, "keep": keep, **r,
-                 "memory": {"peak_rss_mb": host.peak_rss_mb(),
-                            "rss_before_mb": rss_before or None,
-                            "peak_rss_scope": "this keep (VmHWM reset before it)" if scoped
-                            else "whole process so far",
-                            "device_mb": dev, "device_note": note}}
-            results.append(r)
+            report["results"].append({
+                "backend": b, "keep": keep, "warmup": nw, "iters": ni, **r,
+                "memory": {"peak_rss_mb": host.peak_rss_mb(),
+                           "rss_before_mb": rss_before or None,
+                           "peak_rss_scope": "this keep (VmHWM reset before it)" if scoped
+                           else "whole process so far",
+                           "device_mb": dev, "device_note": note}})
         del sessions
-    return {
-        "tool": "fastsam2-profile",
-        "fastsam2_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "bundle": {"path": str(bundle.path), **bundle.summary()},
-        "machine": machine_info(ran) | {"session_providers": sess_info},
-        "settings": {"backends": ran, "keeps": list(keeps), "memory_frames": memory_frames,
-                     "object_pointers": dims["ptrs"], "warmup": warmup, "iters": iters,
-                     "threads": threads, "seed": seed, "keep_floor": floor},
-        "geometry": {"image_size": dims["S"], "grid": dims["G"], "tokens": T},
-        "notes": [
-            "synthetic inputs with the contract's shapes; one tracked frame's chain per iteration",
-            "frame = image_encoder + router (only when k < T) + memory_attention + memory_encoder"
-            " + mask_decoder, summed per iteration; host-side numpy work is not included",
-            "memory attention sees a full bank: N = k, Ms = T + (memory_frames - 1) k, "
-            "M = Ms + object_pointers * 4",
-            "peak RSS per keep starts from the RSS left by the keeps before it (ONNX Runtime's CPU "
-            "arena keeps what it allocated): for one keep's own peak, profile that keep alone",
-        ],
-        "results": results,
-    }
-
-
-# -- report ----------------------------------------------------------------------------------
+    report["status"] = "complete"
+    return report

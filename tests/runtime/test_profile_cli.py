@@ -87,7 +87,8 @@ def test_library_call_matches_the_cli_shape(bundle_dir, tmp_path):
     (["--keep", "0"], "keep must be in (0, 1]"),
     (["--keep", "half"], "--keep must be comma-separated numbers"),
     (["--iters", "0"], "--iters must be >= 1"),
-    (["--memory-frames", "0"], "--memory-frames must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--threads", "0"], "--threads must be >= 1"),
     (["--backend", "cuda-magic"], "unknown backend 'cuda-magic'"),
 ])
 def test_bad_input_is_one_line(bundle_dir, tmp_path, args, needle):
@@ -113,3 +114,123 @@ def test_profile_modules_do_not_import_torch_or_matplotlib():
             "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _one_error_line(res, *words):
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("frames", ["8", "0"])
+def test_memory_frames_are_bounded_by_the_bundles_bank(bundle_dir, tmp_path, frames):
+    """The bank never holds more than num_maskmem frames (7 here): 100000 grew to 22 GB."""
+    res = CliRunner().invoke(main, ["--bundle", str(bundle_dir), "--out", str(tmp_path / "r"),
+                                    "--memory-frames", frames])
+    assert res.exit_code == 2, res.output
+    _one_error_line(res, "--memory-frames must be in 1..7", "num_maskmem", f"got {frames}")
+    assert not (tmp_path / "r").exists()
+
+
+def test_cpu_defaults_are_a_few_frames_with_a_progress_bar(bundle_dir, tmp_path):
+    """No --warmup/--iters on a CPU backend: CPU_COUNTS (a 1024-px frame takes seconds there);
+    a bar per keep on stderr, none with --quiet; the memory bank defaults to num_maskmem."""
+    from fastsam2.runtime.profiling import CPU_COUNTS, GPU_COUNTS, frame_counts
+
+    assert frame_counts("ort-cpu") == frame_counts("openvino") == CPU_COUNTS == (1, 5)
+    assert frame_counts("tensorrt") == frame_counts("ort-cuda") == GPU_COUNTS
+    assert frame_counts("ort-cpu", 0, 2) == (0, 2)
+    res = CliRunner().invoke(main, ["--bundle", str(bundle_dir), "--backend", "ort-cpu", "--keep", "0.5",
+                                    "--threads", str(THREADS), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    (r,) = rep["results"]
+    assert (r["warmup"], r["iters"], r["frame"]["samples"]) == (1, 5, 5)
+    assert rep["settings"]["memory_frames"] == 7 and rep["status"] == "complete"
+    assert "ort-cpu keep 0.5" in res.stderr and "6/6" in res.stderr  # tqdm: warm-up + timed frames
+    assert "1 warm-up + 5 timed frames per keep" in (tmp_path / "r" / "report.md").read_text()
+    res = CliRunner().invoke(main, ["--bundle", str(bundle_dir), "--backend", "ort-cpu", "--keep", "0.5",
+                                    "--iters", "1", "--warmup", "0", "--out", str(tmp_path / "q"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr == ""
+
+
+def test_an_earlier_report_is_replaced_only_with_force(bundle_dir, report_dir, tmp_path):
+    """As fastsam2-run: --out holding a report is refused without --force (nothing changes)."""
+    import shutil
+
+    out = tmp_path / "report"
+    shutil.copytree(report_dir, out)
+    (out / "mine.txt").write_text("the user's")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    args = ["--bundle", str(bundle_dir), "--backend", "ort-cpu", "--keep", "0.5", "--warmup", "0",
+            "--iters", "1", "--out", str(out), "--quiet"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    _one_error_line(res, "holds an earlier run's outputs (report.json, report.md, latency.png)", "--force")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    res = CliRunner().invoke(main, args + ["--force"])
+    assert res.exit_code == 0, res.output
+    assert [r["keep"] for r in json.loads((out / "report.json").read_text())["results"]] == [0.5]
+    assert (out / "mine.txt").read_text() == "the user's"
+
+
+def test_ctrl_c_keeps_the_keeps_already_measured(bundle_dir, tmp_path, monkeypatch):
+    """Ctrl-C during the second keep: exit 130, one line, report.json/md hold the first keep with
+    status interrupted (it used to delete the whole --out)."""
+    from fastsam2.runtime import profiling
+
+    real, calls = profiling._profile_keep, []
+
+    def interrupted_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(profiling, "_profile_keep", interrupted_second)
+    out = tmp_path / "r"
+    res = CliRunner().invoke(main, ["--bundle", str(bundle_dir), "--backend", "ort-cpu", "--keep", "1.0,0.5",
+                                    "--warmup", "0", "--iters", "1", "--out", str(out), "--quiet"])
+    assert res.exit_code == 130, res.output
+    _one_error_line(res, "interrupted by Ctrl-C", "report.json and report.md (status interrupted)")
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["status"] == "interrupted" and [r["keep"] for r in rep["results"]] == [1.0]
+    assert "status: interrupted after 1 of 2 keeps" in (out / "report.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+
+
+def test_shares_add_up_to_100_and_the_bar_is_its_label(report_dir, tmp_path):
+    """Shares are of the graphs' summed medians (the frame median is another statistic: shares
+    of it summed to 108 %); latency.png's label is its bar's own height."""
+    from fastsam2.runtime.profile_report import graph_shares, plot_latency, report_markdown
+
+    rep = json.loads((report_dir / "report.json").read_text())
+    for r in rep["results"]:  # a frame median well under the graphs' sum, as seen at keep 1.0
+        r["frame"]["median_ms"] = 0.9 * sum(v["median_ms"] for v in r["graphs"].values() if v["in_frame"])
+    md = report_markdown(rep)
+    sections = md.split("\n## ")[2:]
+    assert len(sections) == len(KEEPS)
+    for sec in sections:
+        shares = [int(line.split("|")[6].strip(" %")) for line in sec.splitlines()
+                  if line.startswith("| ") and line.split("|")[1].strip() in GRAPH_ORDER
+                  and line.split("|")[6].strip() != "–"]
+        assert sum(shares) == 100, sec
+    thirds = {"graphs": {g: {"median_ms": 1.0, "in_frame": g != "router"} for g in GRAPH_ORDER}}
+    assert sum(graph_shares(thirds).values()) == 100 and sorted(graph_shares(thirds).values()) == [25] * 4
+    odd = {"graphs": {g: {"median_ms": m, "in_frame": True} for g, m in zip(GRAPH_ORDER, (1, 1, 1, 0, 0))}}
+    assert sorted(graph_shares(odd).values()) == [0, 0, 33, 33, 34]
+    tops = plot_latency(rep, tmp_path / "latency.png")
+    for (top, label), r in zip(tops, rep["results"]):
+        summed = sum(v["median_ms"] for v in r["graphs"].values() if v["in_frame"])
+        assert top == pytest.approx(summed) and label == f"{summed:.0f} ms"
+
+
+def test_help_lists_every_backend():
+    from fastsam2.runtime.backends import BACKENDS
+
+    res = CliRunner().invoke(main, ["--help"])
+    assert res.exit_code == 0
+    text = " ".join(res.output.split())
+    assert f"One of {', '.join(BACKENDS)}" in text and "openvino" in BACKENDS
