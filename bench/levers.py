@@ -142,7 +142,7 @@ def session_levers(bundle, image, threads, reps, work: Path) -> dict:
 
 def chain(bundle, threads, reps, work: Path, frames: int = 8) -> dict:
     from fastsam2.calibration.synthetic import make_video
-    from fastsam2.runtime import backends
+    from fastsam2.runtime import ort_backend
     from fastsam2.runtime.session import Session
     from fastsam2.runtime.video import open_frames
 
@@ -150,11 +150,11 @@ def chain(bundle, threads, reps, work: Path, frames: int = 8) -> dict:
     with open_frames(vid.frames_dir_or_file) as src:
         rgbs = [rgb for _, rgb in src]
     sessions = {}
-    default = backends.ORT_SPIN
+    default = ort_backend.ORT_SPIN
     for spin in ("on", "off", "run"):  # spinning always / never / within a run, stopped after it
-        backends.ORT_SPIN = spin
+        ort_backend.ORT_SPIN = spin
         sessions[spin] = Session.open(bundle, backend="ort-cpu", threads=threads, warn=lambda m: None)
-    backends.ORT_SPIN = default
+    ort_backend.ORT_SPIN = default
 
     def video(s):
         s.reset()

@@ -9,17 +9,17 @@ runtime hint, only where the CPU has bf16); the bundle records which one export 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import re
-from pathlib import Path
 
 from fastsam2.runtime import host
-from fastsam2.runtime.contract import GRAPH_ORDER, dynamic_inputs, profile_shapes
+from fastsam2.runtime.contract import GRAPH_ORDER
 from fastsam2.runtime.bundle import sha256_file
 from fastsam2.runtime.errors import BackendError, BundleError, InputError
 from fastsam2.runtime.precision import graph_precisions, variant_path
+
+# the ONNX Runtime side, importable from here as before
+from .ort_backend import (AttentionBySize, OrtSession, _check_provider, _ort_trt_cache_dir,  # noqa: F401
+                          bundle_profile_shapes, ort_trt_options)
 
 # ONNX Runtime's telemetry is opted out in fastsam2/runtime/__init__.py, before any import of it
 
@@ -30,23 +30,6 @@ _ORT_PROVIDERS = {
     "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
-
-
-_SHARED_CPU_ARENA = False
-
-
-def _share_cpu_arena(ort) -> bool:
-    """One CPU memory arena for all five sessions instead of one each: their peaks no longer
-    add up (measured at 1024 px, keep 0.3: peak RSS 2.2 GB -> 1.65 GB, same speed)."""
-    global _SHARED_CPU_ARENA
-    if not _SHARED_CPU_ARENA:
-        try:
-            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
-            _SHARED_CPU_ARENA = True
-        except Exception:  # older onnxruntime: per-session arenas, still correct
-            return False
-    return True
 
 
 def default_threads() -> int:
@@ -65,67 +48,6 @@ def check_threads(threads) -> int | None:
     if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= have:
         raise InputError(f"--threads must be in 1..{have} (the CPUs this process may use), got {threads}")
     return threads
-
-
-_TELEMETRY_OFF = False
-ORT_SPIN = "run"  # intra-op threads: "on" spin, "off" never, "run" only within a run (bench/levers.py chain)
-
-
-def _telemetry_off(ort) -> None:
-    """ONNX Runtime's telemetry events off, for builds that ignore the variables above (Windows: ETW)."""
-    global _TELEMETRY_OFF
-    if not _TELEMETRY_OFF:
-        with contextlib.suppress(Exception):
-            ort.disable_telemetry_events()
-        _TELEMETRY_OFF = True
-
-
-class OrtSession:
-    def __init__(self, path, providers, threads: int | None = None, profile_dir=None, precision: str = "fp32"):
-        import onnxruntime as ort
-
-        _telemetry_off(ort)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or default_threads()
-        first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
-        if first == "CPUExecutionProvider" and _share_cpu_arena(ort):
-            opts.add_session_config_entry("session.use_env_allocators", "1")
-        # each graph has its own intra-op pool; a pool whose run just ended spins for more work
-        # while the next graph of the frame runs, and on a small CPU those spinning threads take
-        # the cores from it. "run": spin between the operators of a run, stop when it ends
-        # (bench/levers.py chain, 2 cores, 256 px: 417 -> 285 ms per frame; 1024 px: within
-        # the run-to-run spread of +-4 %: the encoder's ~3 s per frame dwarf the spin)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if ORT_SPIN == "off" else "1")
-        if ORT_SPIN == "run":
-            opts.add_session_config_entry("session.force_spinning_stop", "1")
-        opts.log_severity_level = 3  # shape-merge warnings of the exported Hiera are harmless
-        if precision == "bf16":  # MLAS's bf16 GEMMs (ARM64 only; checked by graph_precisions)
-            opts.add_session_config_entry("mlas.enable_gemm_fastmath_arm64_bfloat16", "1")
-        self.precision = precision
-        if profile_dir is not None:
-            opts.enable_profiling = True
-            opts.profile_file_prefix = str(profile_dir)
-        # onnxruntime print()s an "EP Error" banner when a provider fails and it falls back:
-        # keep it off the user's stdout and keep its reason for our own one-line error
-        captured = io.StringIO()
-        with contextlib.redirect_stdout(captured):
-            try:
-                self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-            except Exception as e:  # a graph ONNX Runtime cannot load: one line, not its C++ trace
-                from fastsam2.runtime.bundle_files import describe_graph_error
-
-                raise describe_graph_error(path, e) from None
-        self.fallback_reason = next((ln.split("EP Error", 1)[1].lstrip(": ").split(" when using")[0]
-                                     for ln in captured.getvalue().splitlines()
-                                     if ln.startswith("EP Error")), None)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.providers = self.session.get_providers()
-
-    def run(self, feeds: dict) -> dict:
-        outs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
-        return dict(zip(self.output_names, outs))
 
 
 def _gpu_visible() -> bool:
@@ -208,6 +130,10 @@ def open_backend(requested: str, bundle, threads: int | None = None, warn=print,
     order = _candidates(requested, bundle)
     for i, name in enumerate(order):
         try:
+            if requested == "auto" and name in CPU_MIX and "openvino" in order:
+                moved = openvino_graphs(bundle, precision)
+                if moved:
+                    return _mixed_sessions(bundle, moved, threads, precision, warn)
             return name, create_sessions(bundle, name, threads, precision=precision, warn=warn)
         except (BackendError, BundleError) as e:
             if i + 1 == len(order):
@@ -216,105 +142,37 @@ def open_backend(requested: str, bundle, threads: int | None = None, warn=print,
     raise AssertionError("unreachable")
 
 
-def _ort_trt_cache_dir(bundle) -> Path:
-    """Where ONNX Runtime's TensorRT provider keeps its engines: beside the bundle's own, or in
-    the user cache when the bundle is read-only (a mounted model store)."""
-    here = bundle.file("engines/ort-trt", "ONNX Runtime TensorRT cache folder")
-    try:
-        here.mkdir(parents=True, exist_ok=True)
-        probe = here / ".write-test"
-        probe.touch()
-        probe.unlink()
-        return here
-    except OSError:
-        tag = bundle.manifest["graphs"]["memory_attention"]["sha256"][:12]
-        alt = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastsam2" / "ort-trt" / tag
-        alt.mkdir(parents=True, exist_ok=True)
-        return alt
+CPU_MIX = ("ort-cpu",)  # where `auto` may hand single graphs to OpenVINO
+MIXED = "ort-cpu+openvino"  # the backend name a run reports when it does
 
 
-def bundle_profile_shapes(bundle) -> dict:
-    """{graph: {input: (min, opt, max)}} of the dynamic inputs, as the bundle's engines were
-    (or would be) built: the export's TensorRT profile, or for an ONNX-only bundle the whole
-    keep range down to the keep floor."""
-    engines = bundle.engines
-    if engines.get("profile_shapes"):
-        return {g: {n: tuple(tuple(x) for x in v) for n, v in d.items()}
-                for g, d in engines["profile_shapes"].items()}
-    m, st = bundle.manifest, bundle.settings
-    t = m["token_grid"][0] * m["token_grid"][1]
-    keep = m["keep"] if isinstance(m["keep"], (int, float)) else 0.5
-    shapes = profile_shapes(m["image_size"], min(1.0, m.get("keep_floor", 64) / t), keep, 1.0,
-                            st["num_maskmem"], st["max_obj_ptrs_in_encoder"], st["text_dim"],
-                            engines.get("max_points", 8))
-    return {g: {n: shapes[g][n] for n in dynamic_inputs(g)} for g in GRAPH_ORDER if dynamic_inputs(g)}
+def openvino_graphs(bundle, precision: str | None = None) -> dict:
+    """{graph: precision} of the graphs whose chosen CPU precision ONNX Runtime cannot run here
+    and OpenVINO can (a bf16 encoder picked on an AVX512-BF16 CPU): `auto` runs those on
+    OpenVINO and the rest on ONNX Runtime, rather than dropping them to fp32."""
+    quiet = lambda m: None  # noqa: E731
+    ort = graph_precisions(bundle, "ort-cpu", precision, quiet)
+    ov = graph_precisions(bundle, "openvino", precision, quiet)
+    return {g: ov[g] for g in GRAPH_ORDER if ort[g] == "fp32" and ov[g] != "fp32"}
 
 
-def _dims(shape) -> str:
-    return "x".join(str(int(d)) for d in shape)
-
-
-def ort_trt_options(bundle, graph: str, cache_dir) -> dict:
-    """TensorrtExecutionProvider options for one graph: the optimisation profile of the
-    dynamic inputs (without it the provider rebuilds its engine whenever N or M grow past what
-    it has seen: nearly every frame while the memory bank fills), the target's precision,
-    workspace and DLA core, and on-disk engine + timing caches so the build happens once."""
-    engines = bundle.engines
-    precision = engines.get("precision", "fp32")
-    opts = {
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(cache_dir),
-        "trt_timing_cache_enable": True,
-        "trt_fp16_enable": precision in ("fp16", "int8"),
-    }
-    if engines.get("workspace_mib"):
-        opts["trt_max_workspace_size"] = int(engines["workspace_mib"]) << 20
-    if engines.get("builder_optimization_level") is not None:
-        opts["trt_builder_optimization_level"] = int(engines["builder_optimization_level"])
-    if engines.get("dla_core", -1) >= 0:
-        opts.update(trt_dla_enable=True, trt_dla_core=int(engines["dla_core"]))
-    if precision == "int8":
-        # the provider reads the table from its cache folder (TensorRT's own format)
-        calib = bundle.calibration_cache(graph, engines["target"])
-        if calib.is_file():
-            (Path(cache_dir) / calib.name).write_bytes(calib.read_bytes())
-            opts.update(trt_int8_enable=True, trt_int8_use_native_calibration_table=True,
-                        trt_int8_calibration_table_name=calib.name)
-    shapes = bundle_profile_shapes(bundle).get(graph)
-    if shapes:
-        for i, which in enumerate(("min", "opt", "max")):
-            opts[f"trt_profile_{which}_shapes"] = ",".join(f"{n}:{_dims(s[i])}" for n, s in shapes.items())
-    return opts
-
-
-def _check_provider(session: OrtSession, wanted: str, graph: str) -> None:
-    # onnxruntime drops a provider it cannot load (missing CUDA/cuDNN/TensorRT libraries) and
-    # quietly runs on the CPU: refuse instead of reporting a GPU backend that is not in use
-    if wanted not in session.providers:
-        reason = getattr(session, "fallback_reason", None)
-        why = (f"onnxruntime says: {_short(reason)}" if reason else
-               "its CUDA/cuDNN/TensorRT libraries or the GPU are missing")
-        raise BackendError(
-            f"onnxruntime could not start {wanted} for {graph} (it runs on "
-            f"{', '.join(session.providers)}): {why}; install them or use --backend ort-cpu"
-        )
-
-
-def _short(text: str, limit: int = 200) -> str:
-    # onnxruntime's reasons carry source paths ("/onnxruntime_src/...cc:729 void f(...) Please ...")
-    # and the C++ signature of the function that failed, before the sentence meant for users
-    text = " ".join(w for w in text.split() if not w.startswith("/onnxruntime_src"))
-    sig = re.search(r"::\w+\(.*?\)\s+(?=[A-Z])", text)
-    if sig:
-        text = text[sig.end():]
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+def _mixed_sessions(bundle, moved: dict, threads, precision, warn) -> tuple:
+    ort = create_sessions(bundle, "ort-cpu", threads, precision=precision, warn=warn,
+                          graphs=[g for g in GRAPH_ORDER if g not in moved])
+    ov = _openvino_sessions(bundle, threads, moved, graphs=list(moved))
+    warn(f"backend auto: {', '.join(f'{g} {p}' for g, p in moved.items())} on openvino (ONNX Runtime runs "
+         f"no {'/'.join(sorted(set(moved.values())))} {'graph' if len(moved) == 1 else 'graphs'} here), "
+         "the other graphs on ort-cpu")
+    return MIXED, {g: (ov.get(g) or ort[g]) for g in GRAPH_ORDER}
 
 
 def create_sessions(bundle, backend: str, threads: int | None = None, precision: str | None = None,
-                    warn=print) -> dict:
+                    warn=print, graphs=None) -> dict:
+    """{graph: session} on `backend`, for every graph or those in `graphs`."""
     threads = check_threads(threads)
+    graphs = list(GRAPH_ORDER if graphs is None else graphs)
     if backend == "openvino":
-        return _openvino_sessions(bundle, threads, graph_precisions(bundle, backend, precision, warn))
+        return _openvino_sessions(bundle, threads, graph_precisions(bundle, backend, precision, warn), graphs)
     if backend == "tensorrt":
         from fastsam2.runtime.trt_backend import TensorRTSession, check_engine_compat
 
@@ -337,9 +195,13 @@ def create_sessions(bundle, backend: str, threads: int | None = None, precision:
     if backend not in _ORT_PROVIDERS:
         raise InputError(f"unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
     cache = _ort_trt_cache_dir(bundle) if backend == "ort-trt" else None
-    precisions = graph_precisions(bundle, backend, precision, warn)
+    said = []
+    precisions = graph_precisions(bundle, backend, precision, said.append)
+    for line in said:  # the fp32 fallbacks of the graphs opened here (another backend runs the rest)
+        if any(line.startswith(f"warning: {g} ") for g in graphs) or not line.startswith("warning: "):
+            warn(line)
     sessions = {}
-    for g in GRAPH_ORDER:
+    for g in graphs:
         providers = list(_ORT_PROVIDERS[backend])
         if backend == "ort-trt":
             providers[0] = (providers[0], ort_trt_options(bundle, g, cache))
@@ -348,15 +210,15 @@ def create_sessions(bundle, backend: str, threads: int | None = None, precision:
         _check_provider(sessions[g], _ORT_PROVIDERS[backend][0], g)
     # the fused-attention variant runs on ORT's CPU and CUDA providers, not its TensorRT one
     fused = bundle.graph_path("memory_attention", ort_variant=True)
-    if (backend in ("ort-cpu", "ort-cuda") and fused != bundle.graph_path("memory_attention")
-            and precisions["memory_attention"] == "fp32"):
+    if (backend in ("ort-cpu", "ort-cuda") and "memory_attention" in sessions
+            and fused != bundle.graph_path("memory_attention") and precisions["memory_attention"] == "fp32"):
         providers = _ORT_PROVIDERS[backend]
         sessions["memory_attention"] = AttentionBySize(sessions["memory_attention"],
                                                        OrtSession(fused, providers, threads))
     return sessions
 
 
-def _openvino_sessions(bundle, threads, precisions: dict) -> dict:
+def _openvino_sessions(bundle, threads, precisions: dict, graphs=GRAPH_ORDER) -> dict:
     from fastsam2.runtime.contract import GRAPHS
     from fastsam2.runtime.openvino_backend import (DEVICES, OpenVINOSession, cache_dir, devices,
                                                    graph_device)
@@ -368,7 +230,7 @@ def _openvino_sessions(bundle, threads, precisions: dict) -> dict:
     have = devices()
     base = ov.get("precision", "fp32")  # what fp32 graphs run in off the CPU (NPUs: fp16)
     sessions = {}
-    for g in GRAPH_ORDER:
+    for g in graphs:
         dev = graph_device(device, bool(GRAPHS[g].dynamic))
         if dev != "AUTO" and not any(d.split(".")[0] == dev for d in have):
             raise BackendError(f"OpenVINO has no {dev} device here (it has: {', '.join(have) or 'none'})")
@@ -377,24 +239,3 @@ def _openvino_sessions(bundle, threads, precisions: dict) -> dict:
         sessions[g] = OpenVINOSession(path, dev, threads, prec,
                                       cache=cache_dir(bundle.manifest["graphs"][g]["sha256"]))
     return sessions
-
-
-class AttentionBySize:
-    """Memory attention through the fused-attention graph when the N x M attention is large,
-    the plain one otherwise. Measured on 2 CPU cores at 1024 px (one call, plain vs fused):
-    N x M = 4096 x 28672: 2.54 vs 2.12 s; 2868 x 21304: 1.31 vs 1.21 s; 2048 x 16384: 0.74 vs
-    0.66 s; 1229 x 11470: 0.35 vs 0.40 s. Both graphs give the same result (1e-6). Those figures
-    predate a committed script: `python bench/levers.py --bundle B --only attention` re-measures
-    the crossover (bench/results/levers_<S>px.json) before FUSED_FROM is moved."""
-
-    FUSED_FROM = 24_000_000  # N * M where the fused kernel starts to win
-
-    def __init__(self, plain, fused):
-        self.plain, self.fused = plain, fused
-        self.input_names, self.output_names = plain.input_names, plain.output_names
-        self.precision, self.providers = plain.precision, plain.providers
-
-    def run(self, feeds: dict) -> dict:
-        work = feeds["curr"].shape[0] * feeds["memory"].shape[0]
-        return (self.fused if work >= self.FUSED_FROM else self.plain).run(feeds)
-

@@ -11,8 +11,7 @@ from fastsam2.runtime import backends, openvino_backend
 from fastsam2.runtime.bundle import load_bundle
 from fastsam2.runtime.errors import BackendError, InputError
 from fastsam2.runtime.precision import graph_precisions
-from fastsam2.runtime.track import PromptSpec, model_prompt
-from fastsam2.runtime.tracker import Tracker
+from fastsam2.runtime.session import Session
 from fastsam2.runtime.video import open_frames
 
 pytest.importorskip("openvino")
@@ -22,20 +21,16 @@ pytest.importorskip("openvino")
 LOGITS_ATOL = 5e-6
 
 
-def track_logits(sessions, bundle, video, keep, frames=8) -> np.ndarray:
-    tr = Tracker(sessions, bundle.constants, bundle.settings, keep=keep, num_frames=video.num_frames)
+def track_logits(graphs, bundle, video, keep, frames=8) -> np.ndarray:
+    """Low-res logits of object 1 over `frames` frames, through the session on open graphs."""
+    s = Session.open(bundle, keep=keep, graphs=graphs, num_frames=video.num_frames)
+    s.add_prompt(1, points=[tuple(video.first_frame_points[1])])
     out = []
     with open_frames(video.frames_dir_or_file) as src:
         for i, rgb in src:
             if i >= frames:
                 break
-            image = tr.preprocess(rgb)
-            if i == 0:
-                p = model_prompt(PromptSpec(points=[video.first_frame_points[1]]), src.width, src.height, tr.S)
-                r = tr.add_prompt_frame(0, image, p)
-            else:
-                r = tr.track(i, image)
-            out.append(r.low_res_logits.copy())
+            out.append(s.push(rgb).objects[1].logits.copy())
     return np.stack(out)
 
 
@@ -46,8 +41,9 @@ def test_openvino_fp32_matches_onnxruntime(bundle_dir, synth, keep):
     name, ov = backends.open_backend("openvino", bundle, threads=THREADS, precision="fp32")
     assert name == "openvino"
     assert all(s.providers == ["OpenVINO:CPU:f32"] for s in ov.values())  # f32 asked, not the plugin default
-    ref = track_logits(backends.create_sessions(bundle, "ort-cpu", THREADS, precision="fp32"), bundle, synth, keep)
-    got = track_logits(ov, bundle, synth, keep)
+    ref = track_logits(("ort-cpu", backends.create_sessions(bundle, "ort-cpu", THREADS, precision="fp32")),
+                       bundle, synth, keep)
+    got = track_logits((name, ov), bundle, synth, keep)
     assert np.abs(got - ref).max() <= LOGITS_ATOL
     assert ((got > 0) == (ref > 0)).all()
 
@@ -84,6 +80,45 @@ def test_missing_device_is_one_line(monkeypatch, bundle_dir):
     monkeypatch.setenv("FASTSAM2_OPENVINO_DEVICE", "TPU")
     with pytest.raises(InputError, match="OpenVINO device 'TPU'"):
         backends.create_sessions(bundle, "openvino", 1)
+
+
+def bf16_encoder_bundle(bundle_dir):
+    """The bundle as export writes it on an AVX512-BF16 CPU whose gate picked a bf16 encoder:
+    a hint on the fp32 file that only OpenVINO runs."""
+    bundle = load_bundle(bundle_dir)
+    g = bundle.manifest["graphs"]["image_encoder"]
+    g["variants"] = {"bf16": {"file": g["file"], "sha256": g["sha256"], "format": "hint", "backends": ["openvino"]}}
+    bundle.manifest["precision"] = {"image_encoder": "bf16"}
+    return bundle
+
+
+def test_auto_runs_a_bf16_encoder_on_openvino_and_the_rest_on_onnxruntime(monkeypatch, bundle_dir, synth):
+    """Issue 23: what the target picked runs where it was picked. `auto` on a CPU must not drop
+    the bf16 encoder to fp32 ONNX Runtime: it runs that graph on OpenVINO, the others on ORT."""
+    monkeypatch.setattr(openvino_backend, "device_has_bf16", lambda device="CPU": True)
+    monkeypatch.setattr(backends, "available_backends", lambda: ["ort-cpu", "openvino"])
+    bundle = bf16_encoder_bundle(bundle_dir)
+    said = []
+    name, sessions = backends.open_backend("auto", bundle, THREADS, warn=said.append)
+    assert name == "ort-cpu+openvino"
+    assert isinstance(sessions["image_encoder"], openvino_backend.OpenVINOSession)
+    assert sessions["image_encoder"].precision == "bf16"
+    assert all(type(sessions[g]).__name__ in ("OrtSession", "AttentionBySize") for g in sessions if g != "image_encoder")
+    assert said == ["backend auto: image_encoder bf16 on openvino (ONNX Runtime runs no bf16 graph here), "
+                    "the other graphs on ort-cpu"]
+    # the mixed chain tracks like the all-fp32 one (OpenVINO's bf16 encoder vs fp32: same masks)
+    got = track_logits((name, sessions), bundle, synth, 1.0, frames=4)
+    ref = track_logits(("ort-cpu", backends.create_sessions(bundle, "ort-cpu", THREADS, precision="fp32")),
+                       bundle, synth, 1.0, frames=4)
+    assert got.shape == ref.shape and ((got > 0) == (ref > 0)).mean() > 0.97
+    # fp32 asked for: nothing moves; a named backend: nothing moves either
+    assert backends.open_backend("auto", bundle, THREADS, warn=said.append, precision="fp32")[0] == "ort-cpu"
+    assert backends.open_backend("ort-cpu", bundle, THREADS, warn=said.append)[0] == "ort-cpu"
+    # no OpenVINO here: ONNX Runtime runs it in fp32 and says why
+    monkeypatch.setattr(backends, "available_backends", lambda: ["ort-cpu"])
+    said.clear()
+    assert backends.open_backend("auto", bundle, THREADS, warn=said.append)[0] == "ort-cpu"
+    assert said and "image_encoder runs in fp32, not bf16" in said[0]
 
 
 def test_bf16_falls_back_to_fp32_and_says_why(monkeypatch, bundle_dir):
