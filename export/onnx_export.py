@@ -1,15 +1,14 @@
 """Export the five graphs and write a bundle (DESIGN.md §5).
 
 The bundle is built in a temporary folder beside the target and renamed into place at the end,
-with manifest.json written last: a failed export leaves nothing half-written.
+with manifest.json written last: a failed export leaves nothing half-written (export/out_dir.py,
+which also decides what --force may replace).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -20,8 +19,8 @@ from fastsam2 import __version__
 from fastsam2.runtime.bundle import sha256_file
 from fastsam2.runtime.bundle_files import SEAL_KEY, make_seal
 from fastsam2.runtime.contract import GRAPHS, memory_token_range, keep_to_k
-from fastsam2.runtime.errors import OutputError
-from fastsam2.runtime.outputs import ensure_writable_dir
+
+from .out_dir import prepare_out_dir, staged_bundle
 
 # Operators the ONNX parser of TensorRT 8.6 (JetPack 6.0 on Jetson Orin) accepts, from
 # onnx-tensorrt's operators.md for release 8.6. Graphs must stay inside this set.
@@ -102,13 +101,6 @@ def _io(specs, dims) -> list:
     return [{"name": t.name, "dtype": t.dtype, "shape": list(t.resolve(dims))} for t in specs]
 
 
-def prepare_out_dir(out: Path, force: bool) -> None:
-    """Refuse an existing bundle folder without --force, and an unwritable parent."""
-    if out.exists() and not force:
-        raise OutputError(f"output folder {out} exists; pass --force to replace it")
-    ensure_writable_dir(out.resolve().parent)
-
-
 def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
                  text_embeddings: dict, text_info: dict, force: bool = False,
                  profile=None, engines_hook=None, precision_plan=None, calibration_frames=None,
@@ -128,12 +120,7 @@ def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
     out = Path(out)
     prepare_out_dir(out, force)
     geom = pruned.geometry
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a bundle is shared like any folder
-    except OSError as e:
-        raise OutputError(f"cannot write to {out.resolve().parent}: {e.strerror}") from None
-    try:
+    with staged_bundle(out, force) as tmp:
         graphs = {}
         t_all = time.perf_counter()
         for name, module in pruned.graphs.items():
@@ -192,12 +179,6 @@ def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
 
             add_precision_variants(tmp, manifest, precision_plan, calibration_frames, log)
         write_manifest(tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -220,12 +201,6 @@ def write_manifest(bundle_dir: Path, manifest: dict) -> None:
     manifest[SEAL_KEY] = make_seal(bundle_dir, manifest)
     # strict JSON: NaN or Infinity would break other readers of the manifest
     (Path(bundle_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _version(dist: str) -> str | None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
 from fastsam2.runtime.bundle import sha256_file
+from fastsam2.runtime.cli_edge import ANSI, NOT_UNPICKLED
 from fastsam2.runtime.errors import CheckpointError, InputError
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,17 @@ class LoadedSAM2:
     seed: int | None
 
 
+def torch_load_reason(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, without torch's advice to turn
+    weights_only off (which would run the file's code): for the checkpoint and router loaders."""
+    text = ANSI.sub("", str(exc))
+    if "Weights only load failed" in text:
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text, re.S)
+        return f"{NOT_UNPICKLED}: {' '.join(m.group(1).split())}" if m else NOT_UNPICKLED
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:200]
+
+
 def config_path(name: str) -> str:
     """The hydra config path for a user-facing config name (or a path already in that form)."""
     if name in CONFIGS:
@@ -76,8 +89,6 @@ def _read_state_dict(path: str):
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors differ by torch version
-        from fastsam2.export.cli import torch_load_reason
-
         raise CheckpointError(f"cannot read checkpoint {path}: {torch_load_reason(e)}") from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # the official files hold {"model": state_dict}
@@ -102,6 +113,20 @@ def check_state_dict(model, sd: dict, path: str) -> None:
             raise CheckpointError(f"checkpoint {path} does not match the config: unexpected key '{k}'")
 
 
+def check_sam2_args(config: str, image_size: int) -> str:
+    """The user-facing config name, once the config and the input size are known to be valid:
+    export checks them before minutes of work (and before the random-weights warning)."""
+    cfg_path = config_path(config)
+    if image_size % 16 or image_size < 128:
+        raise InputError(f"--image-size must be a multiple of 16 and >= 128, got {image_size}")
+    return next((k for k, v in CONFIGS.items() if v == cfg_path), config)
+
+
+def random_weights_warning(config: str) -> str:
+    """The warning for a SAM2 built without a checkpoint (config: a user-facing name)."""
+    return RANDOM_WEIGHTS_WARNING.format(config=config, ckpt=CHECKPOINT_FILES.get(config, "FILE.pt"))
+
+
 def load_sam2(config: str = "sam2.1_hiera_t", checkpoint: str | None = None,
               image_size: int = 1024, seed: int = 0, warn: bool = True) -> LoadedSAM2:
     """Build `SAM2VideoPredictor` exactly as `sam2.build_sam.build_sam2_video_predictor` does
@@ -112,10 +137,8 @@ def load_sam2(config: str = "sam2.1_hiera_t", checkpoint: str | None = None,
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg_path = config_path(config)
-    name = next((k for k, v in CONFIGS.items() if v == cfg_path), config)
-    if image_size % 16 or image_size < 128:
-        raise InputError(f"--image-size must be a multiple of 16 and >= 128, got {image_size}")
+    name = check_sam2_args(config, image_size)
+    cfg_path = config_path(name)
     sd = _read_state_dict(checkpoint) if checkpoint else None
 
     overrides = [
@@ -141,8 +164,7 @@ def load_sam2(config: str = "sam2.1_hiera_t", checkpoint: str | None = None,
     else:
         digest = None
         if warn:
-            warnings.warn(RANDOM_WEIGHTS_WARNING.format(config=name, ckpt=CHECKPOINT_FILES.get(name, "FILE.pt")),
-                          stacklevel=2)
+            warnings.warn(random_weights_warning(name), stacklevel=2)
     model = model.to("cpu").eval()
     return LoadedSAM2(model=model, config=name, image_size=image_size, checkpoint=checkpoint,
                       checkpoint_sha256=digest, seed=None if sd is not None else seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,13 @@ from fastsam2.runtime.bundle import sha256_file
 DEFAULT_TEXT_MODEL = "ViT-B-32"
 DEFAULT_TEXT_PRETRAINED = "laion2b_s34b_b79k"
 RANDOM = "random"
+# a prompts file is a short list of words; a bigger one is a mistake (/dev/zero, a video)
+MAX_PROMPTS_FILE_BYTES = 1 << 20
 
 
 def parse_prompts(prompts: str | None, prompts_file: str | os.PathLike | None = None) -> list[str]:
-    """`--prompts "a, b"` plus one prompt per line of `--prompts-file`, de-duplicated in order."""
+    """`--prompts "a, b"` plus one prompt per line of `--prompts-file`, de-duplicated in order;
+    at least one prompt from either."""
     found: list[str] = []
     if prompts is not None:
         parts = [p.strip() for p in prompts.split(",")]
@@ -36,15 +40,34 @@ def parse_prompts(prompts: str | None, prompts_file: str | os.PathLike | None = 
             raise InputError(f"--prompts has an empty prompt: {prompts!r}")
         found += parts
     if prompts_file is not None:
-        try:
-            lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"cannot read prompts file '{prompts_file}': {e}") from None
-        found += [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+        found += [s for s in (line.strip() for line in _read_prompts_file(prompts_file).splitlines())
+                  if s and not s.startswith("#")]
     unique = list(dict.fromkeys(found))
     if not unique:
-        raise InputError("no text prompts given: pass --prompts \"a, b\" or --prompts-file FILE")
+        where = f"prompts file '{prompts_file}' holds none" if prompts_file is not None else "none given"
+        raise InputError(f"no text prompts: {where}; pass --prompts \"a, b\" or --prompts-file FILE "
+                         "(one prompt a line, # comments)")
     return unique
+
+
+def _read_prompts_file(path) -> str:
+    """The prompts file's text: a regular file of at most MAX_PROMPTS_FILE_BYTES (/dev/zero or a
+    FIFO would otherwise be read until memory runs out)."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer before it is refused
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InputError(f"prompts file '{path}' is not a regular file")
+            raw = f.read(MAX_PROMPTS_FILE_BYTES + 1)
+    except OSError as e:
+        raise InputError(f"cannot read prompts file '{path}': {e.strerror or e}") from None
+    if len(raw) > MAX_PROMPTS_FILE_BYTES:
+        raise InputError(f"prompts file '{path}' is larger than {MAX_PROMPTS_FILE_BYTES} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"cannot read prompts file '{path}': not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 @dataclass(frozen=True)

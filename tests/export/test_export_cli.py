@@ -55,17 +55,31 @@ def test_checkpoint_mismatch_names_first_key(tmp_path, tiny_sam2):
 
 
 def test_export_with_official_checkpoint_records_sha(tmp_path, official_ckpt):
-    """An official-format checkpoint, exported with --force over a folder in the way."""
+    """An official-format checkpoint and prompts from a file alone (no --prompts), exported with
+    --force over an earlier bundle: replaced whole (tests/export/test_export_hostile.py: what
+    --force refuses to replace)."""
     from fastsam2.export.sam2_loader import sha256_file
 
     out = tmp_path / "b"
     out.mkdir()
-    (out / "old.txt").write_text("old")
-    code, text = run(BASE + ["--checkpoint", str(official_ckpt), "--out", str(out), "--force"])
+    (out / "image_encoder.onnx").write_bytes(b"an earlier export's graph")
+    (out / "stale_ort.onnx").write_bytes(b"a graph this export does not write")
+    (out / "manifest.json").write_text(json.dumps({
+        "format": 1, "fastsam2_version": "0.0.1", "graphs": {},
+        "seal": {"format": 1, "files": {"image_encoder.onnx": "0" * 64, "stale_ort.onnx": "0" * 64},
+                 "sha256": "0" * 64}}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# what to track\ncyclist\n\nred ball\n")
+    args = [a for a in BASE if a not in ("--prompts", "cyclist")]
+    code, text = run(args + ["--prompts-file", str(prompts), "--checkpoint", str(official_ckpt),
+                             "--out", str(out), "--force"])
     assert code == 0, text
-    assert not (out / "old.txt").exists()  # --force replaced the folder
+    assert not (out / "stale_ort.onnx").exists()  # --force replaced the earlier bundle whole
+    assert (out / "image_encoder.onnx").read_bytes() != b"an earlier export's graph"
+    assert not list(tmp_path.glob(".b.*"))
     m = json.loads((out / "manifest.json").read_text())
     assert m["checkpoint"]["sha256"] == sha256_file(str(official_ckpt)) and m["weights_random"] is False
+    assert m["prompts"] == ["cyclist", "red ball"]
     assert "NOT meaningful" not in text  # no random-weights warning with a checkpoint
 
 

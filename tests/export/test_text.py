@@ -7,7 +7,6 @@ error messages) is the same as with real weights.
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -176,6 +175,10 @@ def test_unknown_tag_is_an_input_error():
 
 
 def test_unfetchable_tag_fails_fast_and_points_to_text_checkpoint(monkeypatch, tmp_path):
+    """Offline and not cached: refused before any network probe or model build (what keeps it
+    fast: the hub's retries take ~46 s), with a way out in the message."""
+    import socket
+
     import huggingface_hub.constants as hf
 
     # huggingface_hub reads HF_HUB_OFFLINE at import time, so patch the constant as well as
@@ -183,12 +186,12 @@ def test_unfetchable_tag_fails_fast_and_points_to_text_checkpoint(monkeypatch, t
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    start = time.monotonic()
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed the network offline"))
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: pytest.fail("built a model offline"))
     with pytest.raises(InputError, match="--text-checkpoint") as e:
         compute_text_embeddings(["dog"], TextEncoderSpec("ViT-B-32", "laion2b_s34b_b79k"))
-    assert time.monotonic() - start < 5
     msg = str(e.value)
-    assert "ViT-B-32/laion2b_s34b_b79k" in msg and "\n" not in msg
+    assert "ViT-B-32/laion2b_s34b_b79k" in msg and "HF_HUB_OFFLINE is set" in msg and "\n" not in msg
 
 
 def test_unreachable_hub_fails_before_any_download(monkeypatch, tmp_path):
