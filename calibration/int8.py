@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS
+from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, keep_to_k
 from fastsam2.runtime.errors import InputError, OutputError
 
 
@@ -45,10 +45,10 @@ class RecordingSession:
 def record_feeds(bundle, frames, max_frames: int = 32, prompt: str | None = None,
                  point=None, keep: float | None = None, threads: int | None = None,
                  num_frames: int | None = None, log=print) -> dict:
-    """{graph: [feed dict per call]} over the first `max_frames` frames, ONNX Runtime CPU."""
+    """{graph: [feed dict per call]} over the first `max_frames` frames, ONNX Runtime CPU: the
+    streaming session's own loop on recording graph sessions."""
     from fastsam2.runtime.backends import create_sessions
-    from fastsam2.runtime.track import PromptSpec, model_prompt, text_start_point
-    from fastsam2.runtime.tracker import Tracker
+    from fastsam2.runtime.session import Session
 
     if max_frames < 1:
         raise InputError(f"--max-frames must be >= 1, got {max_frames}")
@@ -65,39 +65,32 @@ def record_feeds(bundle, frames, max_frames: int = 32, prompt: str | None = None
         raise InputError("the bundle has no text prompts: give --point x,y")
     store = {g: [] for g in GRAPH_ORDER}
     sessions = {g: RecordingSession(s, store[g]) for g, s in create_sessions(bundle, "ort-cpu", threads, precision="fp32").items()}
-    text_emb = bundle.text_embeddings.get(prompt) if prompt else None
-    tracker = Tracker(sessions, bundle.constants, bundle.settings, keep=keep,
-                      keep_floor=m.get("keep_floor", 64), text_emb=text_emb,
-                      num_frames=None if num_frames is None else min(num_frames, max_frames))
-    G = tracker.G
-    n = 0
+    session = Session.open(bundle, keep=keep, graphs=("ort-cpu", sessions),
+                           num_frames=None if num_frames is None else min(num_frames, max_frames))
+    # search-and-track with the text alone, as fastsam2-run does with --prompt only
+    session.add_prompt(1, points=[] if point is None else [tuple(point)], text=prompt)
+    text_emb = (np.asarray(bundle.text_embeddings[prompt], np.float32).reshape(1, -1) if prompt
+                else np.zeros((1, int(bundle.settings.get("text_dim", 512))), np.float32))
+    n, prev = 0, None
     for i, rgb in frames:
         if i >= max_frames:
             break
-        prev = (np.zeros((1, 1, 4 * G, 4 * G), np.float32) if tracker.prev_logits is None
-                else tracker.prev_logits.copy())
+        if prev is None:
+            G4 = session.S // 4
+            prev = np.zeros((1, 1, G4, G4), np.float32)
         routed = len(store["router"])
-        image = tracker.preprocess(rgb)
-        if i == 0:
-            h, w = rgb.shape[:2]
-            enc = tracker.encode(image, {})
-            if point is None:  # search-and-track, as fastsam2-run does with --prompt only
-                xy, _ = text_start_point(tracker, enc, w, h)
-                p = model_prompt(PromptSpec(points=[xy]), w, h, tracker.S)
-            else:
-                p = model_prompt(PromptSpec(points=[tuple(point)]), w, h, tracker.S)
-            tracker.add_prompt_frame(0, image, p, enc=enc)
-        else:
-            tracker.track(i, image)
+        r = session.push(rgb)
         if len(store["router"]) == routed:
             # keep 1.0 (k = T) skips the router; an int8 router engine still needs its ranges.
             # The memory encoder's `feat` is this frame's raw image features.
             feat = store["memory_encoder"][-1]["feat"]
-            sessions["router"].run({"feat": feat, "text_emb": tracker.text_emb, "prev_mask_logits": prev})
+            sessions["router"].run({"feat": feat, "text_emb": text_emb, "prev_mask_logits": prev})
+        prev = r.objects[1].logits[None, None].astype(np.float32)
         n += 1
     if n == 0:
         raise InputError("no frames to calibrate on")
-    log(f"recorded {n} frames at keep {keep} (k = {tracker.k} of {tracker.T} tokens), "
+    k = keep_to_k(keep, session.T, m.get("keep_floor", 64))
+    log(f"recorded {n} frames at keep {keep} (k = {k} of {session.T} tokens), "
         f"prompt {prompt!r}")
     return store
 

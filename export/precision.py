@@ -160,26 +160,17 @@ def _time_fp32(session, feeds: list) -> float:
 
 
 def track_masks(bundle, sessions: dict, videos: list) -> list:
-    """Per video, the [frames, S/4, S/4] masks tracked at keep 1.0 from its first-frame click."""
-    from fastsam2.runtime.track import PromptSpec, model_prompt
-    from fastsam2.runtime.tracker import Tracker
+    """Per video, the [frames, S/4, S/4] masks tracked at keep 1.0 from its first-frame click,
+    through the streaming session on the given graph sessions."""
+    from fastsam2.runtime.session import Session
     from fastsam2.runtime.video import open_frames
 
     out = []
     for v in videos:
-        tr = Tracker(sessions, bundle.constants, bundle.settings, keep=1.0,
-                     keep_floor=bundle.manifest.get("keep_floor", 64), num_frames=v.num_frames)
-        masks = []
+        s = Session.open(bundle, keep=1.0, graphs=("gate", sessions), num_frames=v.num_frames)
+        s.add_prompt(1, points=[tuple(v.first_frame_points[1])])
         with open_frames(v.frames_dir_or_file) as src:
-            for i, rgb in src:
-                image = tr.preprocess(rgb)
-                if i == 0:
-                    p = model_prompt(PromptSpec(points=[tuple(v.first_frame_points[1])]), src.width, src.height, tr.S)
-                    r = tr.add_prompt_frame(0, image, p)
-                else:
-                    r = tr.track(i, image)
-                masks.append(r.low_res_logits[0, 0] > 0)
-        out.append(np.stack(masks))
+            out.append(np.stack([s.push(rgb).objects[1].logits > 0 for _, rgb in src]))
     return out
 
 
