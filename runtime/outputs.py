@@ -281,10 +281,102 @@ def blend_masks(rgb: np.ndarray, index_mask: np.ndarray, alpha: float = 0.5) -> 
     return np.ascontiguousarray(out)
 
 
+# What the overlay draws on top of the tinted masks (a user checks the overlay first):
+CLICK_COLOURS = {"points": (0, 220, 0), "neg_points": (230, 0, 0)}  # positive green, negative red
+MARK_OUTLINE = (255, 255, 255)  # around clicks and labels, so they read on any background
+
+
+def _mark_sizes(height: int, width: int) -> tuple[int, int]:
+    """(click radius, label font size) in pixels for a frame of this size."""
+    side = min(height, width)
+    return max(4, side // 50), max(10, side // 24)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()  # the small bitmap font: still legible
+
+
+def draw_prompts(rgb: np.ndarray, prompts) -> np.ndarray:
+    """rgb with the prompts given on this frame drawn in: positive clicks as green discs with a
+    "+", negative ones as red discs with a "-", boxes as rectangles in the object's palette
+    colour. `prompts`: entries as results.json lists them ({"object", "points", "neg_points",
+    "box", "start": {"point"}} in input pixels; a text prompt's start point counts as a click)."""
+    prompts = [p for p in prompts or () if p]
+    if not prompts:
+        return rgb
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(np.ascontiguousarray(rgb))
+    draw = ImageDraw.Draw(im)
+    r, _ = _mark_sizes(rgb.shape[0], rgb.shape[1])
+    for p in prompts:
+        box = p.get("box")
+        if box is not None:
+            colour = tuple(int(c) for c in DAVIS_PALETTE[int(p.get("object", 1)) % 256])
+            x0, y0, x1, y1 = (float(v) for v in box)
+            draw.rectangle([x0 - 1, y0 - 1, x1 + 1, y1 + 1], outline=MARK_OUTLINE, width=1)
+            draw.rectangle([x0, y0, x1, y1], outline=colour, width=max(2, r // 2))
+        start = (p.get("start") or {}).get("point")
+        for key, points in (("points", list(p.get("points") or ()) + ([start] if start else [])),
+                            ("neg_points", p.get("neg_points") or ())):
+            for x, y in points:
+                x, y = float(x), float(y)
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=CLICK_COLOURS[key], outline=MARK_OUTLINE)
+                arm = max(1, r // 2)
+                draw.line([x - arm, y, x + arm, y], fill=MARK_OUTLINE)
+                if key == "points":
+                    draw.line([x, y - arm, x, y + arm], fill=MARK_OUTLINE)
+    return np.asarray(im)
+
+
+def object_label_boxes(index_mask: np.ndarray) -> dict:
+    """{object id: [x0, y0, x1, y1]} of each object's mask (inclusive pixels), ids ascending."""
+    m = _as_index_mask(index_mask)
+    counts = np.bincount(m.ravel(), minlength=256)
+    boxes = {}
+    for obj in np.flatnonzero(counts[1:]) + 1:
+        ys, xs = np.nonzero(m == obj)
+        boxes[int(obj)] = [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
+    return boxes
+
+
+def draw_object_ids(rgb: np.ndarray, index_mask: np.ndarray) -> np.ndarray:
+    """rgb with each object's id written next to its mask: a label in the object's palette
+    colour just above the mask's top-left corner (inside it where the frame ends there)."""
+    boxes = object_label_boxes(index_mask)
+    if not boxes:
+        return rgb
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(np.ascontiguousarray(rgb))
+    draw = ImageDraw.Draw(im)
+    h, w = rgb.shape[:2]
+    font = _font(_mark_sizes(h, w)[1])
+    for obj, (x0, y0, _, _) in boxes.items():
+        text = str(obj)
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left + 4, bottom - top + 4
+        x = min(max(0, x0), max(0, w - tw))
+        y = y0 - th if y0 - th >= 0 else min(y0, max(0, h - th))
+        colour = tuple(int(c) for c in DAVIS_PALETTE[obj])
+        ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
+        draw.rectangle([x, y, x + tw - 1, y + th - 1], fill=colour, outline=MARK_OUTLINE)
+        draw.text((x + 2 - left, y + 2 - top), text, fill=ink, font=font)
+    return np.asarray(im)
+
+
 class OverlayWriter(Mp4Writer):
-    """The video the user watches: each frame with its object masks tinted in, nothing else."""
+    """The video the user watches: each frame with its object masks tinted in, each object's id
+    next to its mask, and the clicks and boxes given on that frame."""
 
     alpha = 0.5
 
-    def write(self, rgb: np.ndarray, index_mask: np.ndarray) -> None:  # type: ignore[override]
-        super().write(blend_masks(rgb, index_mask, self.alpha))
+    def write(self, rgb: np.ndarray, index_mask: np.ndarray, prompts=()) -> None:  # type: ignore[override]
+        """prompts: the prompts given on this frame, as results.json's "prompts" entries."""
+        frame = draw_object_ids(blend_masks(rgb, index_mask, self.alpha), index_mask)
+        super().write(np.ascontiguousarray(draw_prompts(frame, prompts)))
