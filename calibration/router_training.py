@@ -134,14 +134,25 @@ def _as_sequences(frames_iterable) -> list:
     return seqs
 
 
+class LastOutputs:
+    """A graph session that keeps its last outputs (the encoder's features for the teachers)."""
+
+    def __init__(self, session):
+        self.session, self.last = session, None
+        self.input_names, self.output_names = session.input_names, session.output_names
+
+    def run(self, feeds: dict) -> dict:
+        self.last = self.session.run(feeds)
+        return self.last
+
+
 @torch.no_grad()
 def collect_teachers(pruned, text_encoder, frames_iterable, prompts, points=None,
                      max_frames: int = 32, dilation: int = DILATION, log=print) -> TeacherData:
     """Run both frozen teachers over every sequence; `points` are (x, y) input pixels or None
     per sequence (None: the CLIP relevance argmax of the first frame starts the track)."""
     from fastsam2.export.torch_backend import torch_sessions
-    from fastsam2.runtime.track import PromptSpec, model_prompt
-    from fastsam2.runtime.tracker import Prompt, Tracker
+    from fastsam2.runtime.session import Session
 
     seqs = _as_sequences(frames_iterable)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -161,7 +172,7 @@ def collect_teachers(pruned, text_encoder, frames_iterable, prompts, points=None
     unique = list(dict.fromkeys(prompts))
     emb = text_encoder.encode(unique)
     prompt_emb = torch.from_numpy(np.stack([emb[p] for p in unique]))
-    S, G = pruned.geometry["S"], pruned.geometry["G"]
+    G = pruned.geometry["G"]
     rows = {k: [] for k in ("feat", "prev", "text", "important", "clip")}
     starts = []
     for si, seq in enumerate(seqs):
@@ -169,33 +180,29 @@ def collect_teachers(pruned, text_encoder, frames_iterable, prompts, points=None
         pi = unique.index(prompt)
         point = points[si % len(points)]
         total = getattr(seq, "num_frames", None)  # the pointer window depends on video length, as in SAM2
-        tracker = Tracker(torch_sessions(pruned), pruned.constants(), pruned.settings, keep=1.0,
+        graphs = torch_sessions(pruned)
+        graphs["image_encoder"] = encoder = LastOutputs(graphs["image_encoder"])
+        session = Session(graphs, pruned.constants(), pruned.settings, keep=1.0, backend="torch",
                           num_frames=None if total is None else min(total, max_frames))
         prev = np.zeros((1, 1, 4 * G, 4 * G), np.float32)
         n = 0
         for t, rgb in enumerate(_frames(seq, max_frames)):
             dense = clip_dense_embeddings(text_encoder.model, rgb)
             rel = torch.stack([clip_relevance(dense, e, G) for e in prompt_emb])  # [P, T]
-            image = tracker.preprocess(rgb)
-            enc = tracker.encode(image, {})
             if t == 0:
                 h, w = rgb.shape[:2]
                 if point is None:  # search-and-track from the CLIP teacher, not the untrained router
                     i = int(torch.argmax(rel[pi]))
-                    xy = np.array([[(i % G + 0.5) * S / G, (i // G + 0.5) * S / G]], np.float32)
-                    p = Prompt(xy, np.ones(1, np.float32))
-                else:
-                    p = model_prompt(PromptSpec(points=[tuple(point)]), w, h, S)
-                starts.append([round(float(v) * (w if j == 0 else h) / S, 1) for j, v in enumerate(p.points[0])])
-                r = tracker.add_prompt_frame(0, image, p, enc=enc)
-            else:
-                r = tracker.track(t, image, enc=enc)
-            rows["feat"].append(torch.from_numpy(enc["feat"][0].copy()))
+                    point = ((i % G + 0.5) * w / G, (i // G + 0.5) * h / G)
+                starts.append([round(float(point[0]), 1), round(float(point[1]), 1)])
+                session.add_prompt(1, points=[tuple(point)])
+            logits = session.push(rgb).objects[1].logits[None, None]
+            rows["feat"].append(torch.from_numpy(encoder.last["feat"][0].copy()))
             rows["prev"].append(torch.from_numpy(prev[0].copy()))
             rows["text"].append(prompt_emb[pi])
-            rows["important"].append(mask_importance(r.low_res_logits, G, dilation))
+            rows["important"].append(mask_importance(logits, G, dilation))
             rows["clip"].append(_standardise(rel))
-            prev = r.low_res_logits
+            prev = logits
             n += 1
         if n == 0:
             raise InputError(f"sequence {si} has no frames")
