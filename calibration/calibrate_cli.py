@@ -6,15 +6,14 @@ Thin click layer over fastsam2.calibration.router_training and .int8; user error
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
 import click
 
-from fastsam2.runtime.errors import FastSam2Error, InputError, OutputError
+from fastsam2.runtime.errors import InputError, OutputError
 from fastsam2.export.cli import echo_random_warnings, require_export_extra
-from fastsam2.runtime.cli_edge import cli_interrupts, one_line
+from fastsam2.runtime.cli_edge import cli_errors
 
 
 def _point(text: str) -> tuple:
@@ -23,12 +22,6 @@ def _point(text: str) -> tuple:
     except ValueError:
         raise InputError(f"--point must look like x,y (input pixels), got {text!r}") from None
     return x, y
-
-
-def _fail(e: FastSam2Error):
-    # one line, whatever the message held (and without torch's weights_only advice): scripts grep stderr
-    click.echo(f"error: {one_line(e)}", err=True)
-    sys.exit(e.exit_code)
 
 
 def _echo_err(m: str) -> None:
@@ -60,20 +53,18 @@ def main():
 def router_cmd(frames, prompts, points, config, checkpoint, image_size, text_model, text_pretrained,
                text_checkpoint, steps, lr, batch, max_frames, seed, out, force):
     """Train the router's projections and uncertainty head from CLIP and unpruned SAM2 (no labels)."""
-    with cli_interrupts(_echo_err):
-        try:
-            require_export_extra("fastsam2-calibrate router")
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                meta = calibrate_router(frames, prompts, points, config, checkpoint, image_size, text_model,
-                                        text_pretrained, text_checkpoint, steps, lr, batch, max_frames, seed,
-                                        out, force, log=_echo_err)
-            echo_random_warnings(caught)
-            f = meta["final"]
-            click.echo(f"wrote {out}: loss {meta['initial']['loss']:.4f} -> {f['loss']:.4f}, "
-                       f"important-token recall {meta['recall_before']:.3f} -> {meta['recall_after']:.3f}")
-        except FastSam2Error as e:
-            _fail(e)
+    # user errors: one line (without torch's weights_only advice), whatever the message held
+    with cli_errors(_echo_err):
+        require_export_extra("fastsam2-calibrate router")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            meta = calibrate_router(frames, prompts, points, config, checkpoint, image_size, text_model,
+                                    text_pretrained, text_checkpoint, steps, lr, batch, max_frames, seed,
+                                    out, force, log=_echo_err)
+        echo_random_warnings(caught)
+        f = meta["final"]
+        click.echo(f"wrote {out}: loss {meta['initial']['loss']:.4f} -> {f['loss']:.4f}, "
+                   f"important-token recall {meta['recall_before']:.3f} -> {meta['recall_after']:.3f}")
 
 
 def calibrate_router(frames, prompts, points=(), config="sam2.1_hiera_t", checkpoint=None,
@@ -178,19 +169,16 @@ def int8_cmd(bundle_dir, frames, max_frames, target, prompt, point, keep, thread
     recorded on ONNX Runtime's CPU provider: the graphs' own numbers, whatever runs them later)."""
     from fastsam2.calibration.int8 import write_int8_calibration
 
-    with cli_interrupts(_echo_err):
-        try:
-            keep, manifest = int8_keep(keep, bundle_dir, target)
-            target = target or bundle_target(manifest)
-            summary = write_int8_calibration(bundle_dir, frames, max_frames=max_frames, target=target,
-                                             prompt=prompt, point=_point(point) if point else None,
-                                             keep=keep, threads=threads, log=_echo_err)
-            n = sum(g["batches"] for g in summary["graphs"].values())
-            caches = ", ".join(summary["caches"]) or "no TensorRT here: build caches on the device"
-            click.echo(f"wrote {len(summary['graphs'])} calibration files ({n} batches) to "
-                       f"{summary['dir']}; caches: {caches}")
-        except FastSam2Error as e:
-            _fail(e)
+    with cli_errors(_echo_err):
+        keep, manifest = int8_keep(keep, bundle_dir, target)
+        target = target or bundle_target(manifest)
+        summary = write_int8_calibration(bundle_dir, frames, max_frames=max_frames, target=target,
+                                         prompt=prompt, point=_point(point) if point else None,
+                                         keep=keep, threads=threads, log=_echo_err)
+        n = sum(g["batches"] for g in summary["graphs"].values())
+        caches = ", ".join(summary["caches"]) or "no TensorRT here: build caches on the device"
+        click.echo(f"wrote {len(summary['graphs'])} calibration files ({n} batches) to "
+                   f"{summary['dir']}; caches: {caches}")
 
 
 if __name__ == "__main__":

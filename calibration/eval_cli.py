@@ -5,14 +5,14 @@ A thin layer over fastsam2.calibration.davis; user errors become one `error:` li
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from fastsam2.calibration import davis
-from fastsam2.runtime.errors import FastSam2Error, InputError
-from fastsam2.runtime.cli_edge import cli_interrupts
+from fastsam2.runtime.backends import BACKENDS
+from fastsam2.runtime.cli_edge import cli_errors
+from fastsam2.runtime.errors import InputError
 from fastsam2.runtime.outputs import RunFolder
 
 
@@ -23,20 +23,29 @@ def run_outputs(names, split) -> dict:
     return out
 
 
-def track_davis(davis_root, split, bundle_dir, out_dir, keep=None, backend="auto", sequences=None):
+def track_davis(davis_root, split, bundle_dir, out_dir, keep=None, backend="auto", sequences=None,
+                threads=None, log=None):
     """Run the bundle on each sequence from its first annotation, writing <out>/<seq>/<frame>.png.
-    keep None: the bundle's; "auto": the per-frame budget, as fastsam2-run."""
+    keep None: the bundle's; "auto": the per-frame budget, as fastsam2-run. `log` gets one line
+    per sequence tracked."""
     try:
         # imported here so scoring never needs the runtime's backends installed
+        from fastsam2.runtime.backends import check_threads
+        from fastsam2.runtime.bundle import load_bundle
         from fastsam2.runtime.track import parse_keep, track_davis_sequence
     except ImportError as e:
         raise InputError(f"run mode needs the fastsam2 runtime (fastsam2.runtime.track): {e}") from None
+    check_threads(threads)
     keep = None if keep is None else parse_keep(keep)
+    bundle = load_bundle(bundle_dir)  # checked once, not once per sequence
     names = davis.list_sequences(davis_root, split) if sequences is None else list(sequences)
-    for seq in names:
+    for n, seq in enumerate(names, 1):
         images, annotations = davis.sequence_files(davis_root, seq)
-        track_davis_sequence(bundle_dir, images[0].parent, annotations[0], Path(out_dir) / seq,
-                             keep=keep, backend=backend)
+        r = track_davis_sequence(bundle_dir, images[0].parent, annotations[0], Path(out_dir) / seq,
+                                 keep=keep, backend=backend, threads=threads, bundle=bundle)
+        if log:
+            log(f"[{n}/{len(names)}] {seq}: {r['frames']} frames, {len(r['objects'])} objects, "
+                f"{r['seconds']:.1f} s")
 
 
 def _score(davis_root, split, results_dir, sequences):
@@ -58,33 +67,31 @@ def _score(davis_root, split, results_dir, sequences):
                                            "(run mode; default: the bundle's).")
 @click.option("--out", "out_dir", default=None, help="Where run mode writes its masks, then scores them.")
 @click.option("--force", is_flag=True, help="Replace an earlier run's masks in --out (run mode).")
-@click.option("--backend", default="auto", show_default=True,
-              help="Runtime backend, as fastsam2-run: auto, ort-cpu, ort-cuda, ort-trt or tensorrt (run mode).")
-def main(davis_root, split, results_dir, sequences, bundle_dir, keep, out_dir, force, backend):
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="Runtime backend, as fastsam2-run (run mode).")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores; run mode).")
+@click.option("--quiet", is_flag=True, help="No line per tracked sequence; only the results.")
+def main(davis_root, split, results_dir, sequences, bundle_dir, keep, out_dir, force, backend, threads, quiet):
     """Score DAVIS 2017 semi-supervised results with the official J&F definitions."""
     seqs = [s.strip() for s in sequences.split(",") if s.strip()] if sequences else None
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
-    with cli_interrupts(echo):
-        try:
-            if bundle_dir is not None:
-                if results_dir is not None:
-                    raise InputError("give either --results (score) or --bundle (run then score), not both")
-                if not out_dir:
-                    raise InputError("run mode needs --bundle and --out")
-                names = davis.list_sequences(davis_root, split)  # a bad DAVIS folder fails before tracking
-                # one folder = one run: locked while it runs and is scored; an earlier run's
-                # masks (any sequence of the split) refused without --force, replaced with it
-                with RunFolder(out_dir, force=force, outputs=run_outputs(names, split)):
-                    track_davis(davis_root, split, bundle_dir, out_dir, keep, backend, seqs or names)
-                    _score(davis_root, split, out_dir, seqs)
-            elif results_dir is None:
-                raise InputError("give --results to score, or --bundle and --out to run then score")
-            else:
-                _score(davis_root, split, results_dir, seqs)
-        except FastSam2Error as e:
-            # one line, whatever the message held: scripts grep stderr
-            echo(f"error: {' '.join(str(e).split())}")
-            sys.exit(e.exit_code)
+    with cli_errors(echo):
+        if bundle_dir is not None:
+            if results_dir is not None:
+                raise InputError("give either --results (score) or --bundle (run then score), not both")
+            if not out_dir:
+                raise InputError("run mode needs --bundle and --out")
+            names = davis.list_sequences(davis_root, split)  # a bad DAVIS folder fails before tracking
+            # one folder = one run: locked while it runs and is scored; an earlier run's
+            # masks (any sequence of the split) refused without --force, replaced with it
+            with RunFolder(out_dir, force=force, outputs=run_outputs(names, split)):
+                track_davis(davis_root, split, bundle_dir, out_dir, keep, backend, seqs or names, threads,
+                            log=None if quiet else echo)
+                _score(davis_root, split, out_dir, seqs)
+        elif results_dir is None:
+            raise InputError("give --results to score, or --bundle and --out to run then score")
+        else:
+            _score(davis_root, split, results_dir, seqs)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import numpy as np
 
 from fastsam2 import __version__
 from fastsam2.runtime import host
-from fastsam2.runtime.backends import open_backend, pick_backend
+from fastsam2.runtime.backends import check_threads, open_backend, pick_backend
 from fastsam2.runtime.bundle import Bundle, load_bundle
 from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, PTR_TOKENS, geometry, keep_to_k
 from fastsam2.runtime.errors import InputError
@@ -174,8 +174,7 @@ def _check_args(keeps, warmup, iters, threads) -> tuple:
         raise InputError(f"--iters must be >= 1, got {iters}")
     if warmup is not None and warmup < 0:
         raise InputError(f"--warmup must be >= 0, got {warmup}")
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads must be >= 1, got {threads}")
+    check_threads(threads)  # 1..the usable CPUs: onnxruntime hangs at 1000 threads
     return keeps
 
 

@@ -6,27 +6,20 @@ version, sha256 of each) in engines/<target>/engines.json, so that fastsam2-run 
 
 from __future__ import annotations
 
-import argparse
-import sys
+import click
 
 from fastsam2.runtime import trt_backend
-from fastsam2.runtime.errors import FastSam2Error
-from fastsam2.runtime.cli_edge import cli_interrupts
+from fastsam2.runtime.cli_edge import cli_errors
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python3 -m fastsam2.runtime.record_engines",
-                                description="Record the engines build_plan.sh built into the bundle.")
-    p.add_argument("bundle", help="the bundle folder")
-    args = p.parse_args(argv)
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("bundle")
+def main(bundle) -> None:
+    """Record the engines build_plan.sh built into BUNDLE (engines/<target>/engines.json)."""
     # engines.json is written atomically; a signal on the way leaves the old one or none
-    with cli_interrupts():
-        try:
-            trt_backend.record_engines(args.bundle)
-        except FastSam2Error as e:
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-            sys.exit(e.exit_code)
+    with cli_errors(lambda m: click.echo(m, err=True)):
+        trt_backend.record_engines(bundle, log=click.echo)
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="python3 -m fastsam2.runtime.record_engines")

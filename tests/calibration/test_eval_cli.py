@@ -197,3 +197,34 @@ def mask_iou_ids(a, b):
     inter = sum(int(((a == i) & (b == i)).sum()) for i in (1, 2))
     union = sum(int(((a == i) | (b == i)).sum()) for i in (1, 2))
     return inter / union
+
+
+def test_shared_flags_match_fastsam2_run():
+    """One vocabulary: every backend fastsam2-run offers (openvino too), --threads, --quiet, --force."""
+    from fastsam2.runtime.backends import BACKENDS
+
+    res = run("--help")
+    assert res.exit_code == 0
+    text = " ".join(res.output.split())
+    assert f"--backend [{'|'.join(BACKENDS)}]" in text and "openvino" in BACKENDS
+    for flag in ("--threads INTEGER", "--quiet", "--force"):
+        assert flag in text, flag
+
+
+def test_run_mode_threads_and_quiet(bundle_dir, tmp_path):
+    """A line per tracked sequence on stderr (none with --quiet); --threads checked as
+    fastsam2-run checks it, before --out is made."""
+    from fastsam2.calibration.synthetic import make_davis_layout
+
+    root = tmp_path / "DAVIS"
+    make_davis_layout(root, {"one": dict(num_frames=3, seed=6, size=(96, 128))})
+    args = ["--davis", root, "--bundle", bundle_dir, "--backend", "ort-cpu", "--threads", "1"]
+    res = run(*args, "--out", tmp_path / "a")
+    assert res.exit_code == 0, res.output
+    assert res.stderr.startswith("[1/1] one: 3 frames, 1 objects, "), res.stderr
+    res = run(*args, "--out", tmp_path / "b", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert res.stderr == "" and "J&F-Mean" in res.stdout
+    assert_one_line_error(run("--davis", root, "--bundle", bundle_dir, "--threads", "100000", "--out",
+                              tmp_path / "c"), "--threads must be in 1..")
+    assert not (tmp_path / "c").exists()

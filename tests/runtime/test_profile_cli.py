@@ -88,7 +88,8 @@ def test_library_call_matches_the_cli_shape(bundle_dir, tmp_path):
     (["--keep", "half"], "--keep must be comma-separated numbers"),
     (["--iters", "0"], "--iters must be >= 1"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
-    (["--threads", "0"], "--threads must be >= 1"),
+    (["--threads", "0"], "--threads must be in 1.."),
+    (["--threads", "100000"], "--threads must be in 1.."),
     (["--backend", "cuda-magic"], "unknown backend 'cuda-magic'"),
 ])
 def test_bad_input_is_one_line(bundle_dir, tmp_path, args, needle):
