@@ -28,13 +28,14 @@ import numpy as np
 
 from fastsam2 import __version__
 from fastsam2.runtime import host
-from fastsam2.runtime.backends import check_threads, open_backend, pick_backend
+from fastsam2.runtime.backends import BACKENDS, check_threads, open_backend, pick_backend
 from fastsam2.runtime.bundle import Bundle, load_bundle
 from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, PTR_TOKENS, geometry, keep_to_k
 from fastsam2.runtime.errors import InputError
+from fastsam2.runtime.precision import CPU_BACKENDS
 
 DEFAULT_KEEPS = (1.0, 0.7, 0.5, 0.3)
-GPU_BACKENDS = ("ort-cuda", "ort-trt", "tensorrt")
+GPU_BACKENDS = tuple(b for b in BACKENDS if b != "auto" and b not in CPU_BACKENDS)
 # (warm-up, timed) frames per keep when not given. Measured at 1024 px on 2 cores (ort-cpu):
 # ~3 s a frame, so 1 + 5 frames x 4 keeps is ~1.5 min; 5 + 50 took 15+ min per keep
 CPU_COUNTS = (1, 5)
