@@ -36,8 +36,9 @@ from fastsam2.runtime.precision import CPU_BACKENDS
 
 DEFAULT_KEEPS = (1.0, 0.7, 0.5, 0.3)
 GPU_BACKENDS = tuple(b for b in BACKENDS if b != "auto" and b not in CPU_BACKENDS)
-# (warm-up, timed) frames per keep when not given. Measured at 1024 px on 2 cores (ort-cpu):
-# ~3 s a frame, so 1 + 5 frames x 4 keeps is ~1.5 min; 5 + 50 took 15+ min per keep
+# (warm-up, timed) frames per keep when not given. At 1024 px on 2 cores (ort-cpu) a frame takes
+# 2.0-4.0 s (docs/benchmarks.md, profiled with these counts): 1 + 5 frames x 4 keeps ~ 70 s;
+# 5 + 50 took 15+ min per keep for a new user on a busy 2-core machine
 CPU_COUNTS = (1, 5)
 GPU_COUNTS = (5, 50)
 
