@@ -14,12 +14,13 @@ Every prompt flag takes an optional object id prefix and frame suffix, `[ID:]VAL
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 from fastsam2.runtime.errors import InputError, quoted
 from fastsam2.runtime.session import MAX_OBJECT_ID, PromptSpec, check_object_id
-from fastsam2.runtime.track import Scheduled
+from fastsam2.runtime.track import MAX_FRAMES, Scheduled
 
 PROMPTS_FILE_SCHEMA = """\
 {
@@ -34,12 +35,22 @@ PROMPTS_FILE_SCHEMA = """\
 the bundle's prompts; each prompt needs points, neg_points, a box or a text."""
 
 MAX_SHOWN = 60  # characters of a user's value repeated in an error message
-MAX_PROMPTS_FILE = 4 << 20  # bytes
+MAX_PROMPTS_FILE = 4 << 20  # bytes read at most: a FIFO or /dev/zero has no size to check first
 _INT = re.compile(r"\s*[+-]?\d+\s*$")
 
 
 def shorten(text, limit: int = MAX_SHOWN) -> str:
     return quoted(text, limit)
+
+
+def _small_int(text: str, top: int):
+    """int(text) for an _INT match, or None past `top`: decided on the digits first, since
+    int() of more than 4300 digits raises."""
+    digits = text.strip().lstrip("+-").lstrip("0")
+    if len(digits) > len(str(top)):
+        return None
+    n = int(text)
+    return n if n <= top else None
 
 
 def _split_frame(value: str, flag: str, strict: bool) -> tuple:
@@ -52,9 +63,12 @@ def _split_frame(value: str, flag: str, strict: bool) -> tuple:
         if strict:
             raise InputError(f"{flag} {shorten(value)}: the frame after '@' must be a number, got {shorten(tail)}")
         return value, 0
-    frame = int(tail)
-    if frame < 0:
-        raise InputError(f"{flag} {shorten(value)}: frame {frame} is negative")
+    if tail.strip().startswith("-") and tail.strip().lstrip("-0"):
+        raise InputError(f"{flag} {shorten(value)}: frame {shorten(tail.strip(), 20)} is negative")
+    frame = _small_int(tail, MAX_FRAMES - 1)
+    if frame is None:
+        raise InputError(f"{flag} {shorten(value)}: frame {shorten(tail.strip(), 20)} is past the last frame a run "
+                         f"can reach ({MAX_FRAMES - 1})")
     return head, frame
 
 
@@ -65,11 +79,19 @@ def _split_id(value: str, flag: str, strict: bool) -> tuple:
     if not sep:
         return 1, value
     if _INT.match(head):
-        return check_object_id(int(head)), rest
+        return _object_id(head, flag, value), rest
     if strict:
         raise InputError(f"{flag} {shorten(value)}: object id {shorten(head.strip())} is not valid: "
                          f"ids are integers 1..{MAX_OBJECT_ID}")
     return 1, value
+
+
+def _object_id(text: str, flag: str, value: str) -> int:
+    obj = _small_int(text, MAX_OBJECT_ID)
+    if obj is None:
+        raise InputError(f"{flag} {shorten(value)}: object id {shorten(text.strip(), 20)} is not valid: "
+                         f"ids are integers 1..{MAX_OBJECT_ID}")
+    return check_object_id(obj)
 
 
 def _numbers(text: str, n: int, flag: str, value: str) -> tuple:
@@ -136,7 +158,7 @@ def schedule_from_flags(prompts=(), points=(), neg_points=(), boxes=(), removes=
         if not _INT.match(rest):
             raise InputError(f"--remove {shorten(value)}: object id {shorten(rest)} is not valid: "
                              f"ids are integers 1..{MAX_OBJECT_ID}")
-        b.removals.append((frame, check_object_id(int(rest))))
+        b.removals.append((frame, _object_id(rest, "--remove", value)))
     return b
 
 
@@ -149,11 +171,21 @@ def _xy_list(v, where, n):
     _expect(isinstance(v, list) and len(v) <= 1000, where, "must be a list of [x, y] pairs")
     out = []
     for p in v:
-        _expect(isinstance(p, list) and len(p) == n and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                           and x == x and abs(x) != float("inf") for x in p),
-                where, f"each entry must be {n} numbers, got {shorten(json.dumps(p))}")
-        out.append(tuple(float(x) for x in p))
+        xy = tuple(_finite(x) for x in p) if isinstance(p, list) and len(p) == n else ()
+        _expect(len(xy) == n and None not in xy, where, f"each entry must be {n} numbers, got {shorten(json.dumps(p))}")
+        out.append(xy)
     return out
+
+
+def _finite(x):
+    """x as a finite float, or None (an int of 400 digits does not fit a float: OverflowError)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    try:
+        x = float(x)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
 
 
 def schedule_from_file(path, builder: ScheduleBuilder | None = None) -> ScheduleBuilder:
@@ -161,9 +193,11 @@ def schedule_from_file(path, builder: ScheduleBuilder | None = None) -> Schedule
     b = builder or ScheduleBuilder()
     p = Path(path)
     try:
-        if p.stat().st_size > MAX_PROMPTS_FILE:
+        with open(p, "rb") as f:  # a pipe, a FIFO or a device: only what the cap allows is read
+            raw = f.read(MAX_PROMPTS_FILE + 1)
+        if len(raw) > MAX_PROMPTS_FILE:
             raise InputError(f"prompts file {p} is larger than {MAX_PROMPTS_FILE >> 20} MB")
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except OSError as e:
         raise InputError(f"cannot read prompts file {p}: {e.strerror or e}") from None
     except (ValueError, RecursionError) as e:
@@ -202,8 +236,10 @@ def schedule_from_file(path, builder: ScheduleBuilder | None = None) -> Schedule
 
 def _obj_frame(e: dict, where: str) -> tuple:
     obj, frame = e.get("object", 1), e.get("frame", 0)
-    _expect(isinstance(frame, int) and not isinstance(frame, bool) and frame >= 0, where,
-            f'"frame" must be an integer >= 0, got {shorten(json.dumps(frame))}')
-    if not (isinstance(obj, int) and not isinstance(obj, bool)):
-        raise InputError(f"{where}: object id {json.dumps(obj)[:MAX_SHOWN]} is not valid: ids are integers 1..{MAX_OBJECT_ID}")
+    _expect(isinstance(frame, int) and not isinstance(frame, bool) and 0 <= frame < MAX_FRAMES, where,
+            f'"frame" must be an integer in 0..{MAX_FRAMES - 1}, got {shorten(json.dumps(frame))}')
+    if not (isinstance(obj, int) and not isinstance(obj, bool) and 1 <= obj <= MAX_OBJECT_ID):
+        text = json.dumps(obj)
+        shown = text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(text)} characters)"
+        raise InputError(f"{where}: object id {shown} is not valid: ids are integers 1..{MAX_OBJECT_ID}")
     return check_object_id(obj), frame

@@ -8,14 +8,35 @@ import sys
 import click
 
 from fastsam2.runtime.backends import BACKENDS
-from fastsam2.runtime.errors import FastSam2Error, InputError
+from fastsam2.runtime.errors import InputError
 
 EPILOG = ("Prompt flags take an optional object id and frame: [ID:]VALUE[@FRAME], e.g. --point 2:230,210@6 "
           "(object 2, frame 6), --prompt '2:red ball@12', --remove 2@40. INPUT may be a video, a folder "
           "of frames, a camera (/dev/video0) or a URL (rtsp://, http(s)://, udp://, ...).")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+class OneLineUsage(click.ClickException):
+    """A flag click cannot parse, as every other user error: one `error:` line, exit 2 (not
+    click's usage block, nor a 5000-digit value repeated whole)."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        from fastsam2.runtime.cli_edge import one_line
+
+        words = [w if len(w) <= 80 else f"{w[:40]}... ({len(w)} characters)" for w in one_line(self).split()]
+        click.echo(f"error: {' '.join(words)}", err=True)
+
+
+class Command(click.Command):
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as e:
+            raise OneLineUsage(e.format_message()) from None
+
+
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.argument("input_path", metavar="INPUT")
 @click.option("--bundle", default=None, help="Bundle folder written by fastsam2-export (or --server).")
 @click.option("--server", default=None, metavar="HOST:PORT",
@@ -36,23 +57,23 @@ EPILOG = ("Prompt flags take an optional object id and frame: [ID:]VALUE[@FRAME]
 @click.option("--out", default="results", show_default=True, help="Output folder (masks/, overlay.mp4, results.json).")
 @click.option("--force", is_flag=True, help="Replace an earlier run's outputs in --out.")
 @click.option("--overlay/--no-overlay", default=True, show_default=True, help="Write overlay.mp4.")
-@click.option("--max-frames", type=int, default=None, help="Stop after N frames processed.")
-@click.option("--duration", type=float, default=None, help="Stop after SECONDS (live sources).")
+@click.option("--max-frames", type=int, default=None, help="Stop after N frames processed (at most 2^31-1).")
+@click.option("--duration", type=float, default=None, help="Stop after SECONDS (live sources; at most 31 days).")
 @click.option("--realtime", is_flag=True,
               help="Live sources: process the newest frame, drop those that arrived meanwhile (counted in results.json).")
 @click.option("--timeout", type=float, default=10.0, show_default=True,
-              help="Seconds a camera or stream may take to open or to deliver the next frame.")
+              help="Seconds a camera or stream may take to open or to deliver the next frame (at most 3600).")
 @click.option("--fill", type=click.Choice(["no_mem", "last"]), default="no_mem", show_default=True,
               help="Value of pruned tokens before the decoder: feat + no_mem_embed, or last frame's.")
-@click.option("--max-cond-frames", type=int, default=None,
+@click.option("--max-cond-frames", type=click.IntRange(min=1), default=None,
               help="Prompted frames each object attends to (the most recent; default 4).")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar or warnings; only the summary line.")
 def main(input_path, bundle, server, prompts, points, neg_points, boxes, removes, prompts_file, keep, backend,
          out, force, overlay, max_frames, duration, realtime, timeout, fill, max_cond_frames, threads, quiet):
     """Track the prompted object(s) through INPUT."""
+    from fastsam2.runtime.cli_edge import cli_errors
     from fastsam2.runtime.prompt_flags import schedule_from_file, schedule_from_flags
-    from fastsam2.runtime.cli_edge import cli_interrupts
     from fastsam2.runtime.track import track
 
     bar = None
@@ -82,25 +103,20 @@ def main(input_path, bundle, server, prompts, points, neg_points, boxes, removes
         if bar is not None:
             bar.close()
 
-    try:
-        with cli_interrupts(echo=lambda m: (stop_bar(), click.echo(m, err=True))):
-            if (bundle is None) == (server is None):
-                raise InputError("give exactly one of --bundle (run here) or --server HOST:PORT (run on a Triton server)")
-            b = schedule_from_flags(prompts, points, neg_points, boxes, removes)
-            if prompts_file is not None:
-                schedule_from_file(prompts_file, b)
-            if server is not None:  # the bundle's side of track() is the server's tracker model
-                from fastsam2.serve.client import RemoteModel
+    with cli_errors(echo=lambda m: (stop_bar(), click.echo(m, err=True))):
+        if (bundle is None) == (server is None):
+            raise InputError("give exactly one of --bundle (run here) or --server HOST:PORT (run on a Triton server)")
+        b = schedule_from_flags(prompts, points, neg_points, boxes, removes)
+        if prompts_file is not None:
+            schedule_from_file(prompts_file, b)
+        if server is not None:  # the bundle's side of track() is the server's tracker model
+            from fastsam2.serve.client import RemoteModel
 
-                bundle = RemoteModel(server)
-            res = track(input_path, bundle, b.schedule(), out, keep=keep, backend=backend,
-                        overlay=overlay, max_frames=max_frames, fill=fill, threads=threads,
-                        progress=progress, warn=say, realtime=realtime, duration=duration,
-                        max_cond_frames=max_cond_frames, force=force, timeout=timeout)
-    except FastSam2Error as e:
-        stop_bar()
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+            bundle = RemoteModel(server)
+        res = track(input_path, bundle, b.schedule(), out, keep=keep, backend=backend,
+                    overlay=overlay, max_frames=max_frames, fill=fill, threads=threads,
+                    progress=progress, warn=say, realtime=realtime, duration=duration,
+                    max_cond_frames=max_cond_frames, force=force, timeout=timeout)
     stop_bar()
     t = res["totals"]
     dropped = res["dropped_frames"]["count"]

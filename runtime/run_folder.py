@@ -5,14 +5,22 @@ refuses an earlier run's outputs without force and removes them as a unit with i
 names fastsam2 writes, never other files), removes the hidden temp files a killed run left,
 and creates sub-folders (masks/) on their first file, so an early error leaves no empty one.
 
+With `record=True` (fastsam2-run) a name is not enough: the folder keeps a hidden record
+(RECORD_NAME) of the files the last run wrote, with their size and modification time, and only
+those count as an earlier run's outputs. A file of an output's name the record does not hold
+(the user's own results.json, or ours changed since) is refused, even with force, naming it.
+
 A run stopped by a signal cleans up like one that failed: see fastsam2.runtime.cli_edge.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import stat
+import tempfile
 from pathlib import Path
 
 from fastsam2.runtime.errors import OutputError
@@ -23,6 +31,9 @@ except ImportError:  # not POSIX: no lock, the rest still holds
     fcntl = None
 
 LOCK_NAME = ".fastsam2.lock"
+RECORD_NAME = ".fastsam2-run.json"  # the files the last run wrote: {"files": {relpath: [size, mtime_ns]}}
+RECORD_SCHEMA = 1
+MAX_RECORD = 256 << 20  # bytes read of a record (~45 per file: millions of masks); larger is not ours
 # what fastsam2-run writes: {name: None for a file, or the pattern of the files in a folder}
 RUN_OUTPUTS = {"masks": r"\d+\.png", "overlay.mp4": None, "results.json": None}
 
@@ -30,12 +41,13 @@ RUN_OUTPUTS = {"masks": r"\d+\.png", "overlay.mp4": None, "results.json": None}
 class RunFolder:
     """`with RunFolder(out, force=...) as run:` ... `run.mask_path(i)`, `run.file("results.json")`."""
 
-    def __init__(self, path, force: bool = False, outputs: dict = RUN_OUTPUTS):
+    def __init__(self, path, force: bool = False, outputs: dict = RUN_OUTPUTS, record: bool = False):
         if isinstance(path, str) and not path.strip():
             raise OutputError("the output folder name is empty")
         self.path = Path(path)
         self.force = force
         self.outputs = dict(outputs)
+        self.record = record  # ownership by the folder's record of the last run, not by name
         self.replaced: list = []  # the earlier run's outputs that force removed
         self._fd = None
         self._created = False
@@ -73,6 +85,8 @@ class RunFolder:
         self._lock()
         try:
             self._remove_temps()
+            if self.record:
+                self._check_recorded()
             earlier = self.earlier_outputs()
             if earlier and not self.force:
                 listed = ", ".join(n + ("/" if self.outputs[n] else "") for n in earlier)
@@ -80,6 +94,9 @@ class RunFolder:
                                   "replace them, or choose another output folder")
             for name in earlier:
                 self._remove_output(name)
+            if self.record:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.path / RECORD_NAME).unlink()  # its files are gone
             self.replaced = earlier
         except BaseException:
             self._unlock()
@@ -88,9 +105,17 @@ class RunFolder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._unlock()
-        if exc_type is not None:
-            self._remove_if_unused()
+        try:
+            if self.record:  # however the run ended, what it wrote is its own
+                try:
+                    self._write_record()
+                except OutputError:
+                    if exc_type is None:
+                        raise  # else the run's own error says more; unrecorded files are only refused later
+        finally:
+            self._unlock()
+            if exc_type is not None:
+                self._remove_if_unused()
 
     # -- what is ours -----------------------------------------------------------------------
     def _ours(self, name: str, pattern) -> bool:
@@ -112,6 +137,78 @@ class RunFolder:
                     found.append(name)
         return found
 
+    # -- the record of what the last run wrote ---------------------------------------------------
+    def present(self) -> list:
+        """The files here with an output's name, as paths relative to the folder."""
+        found = []
+        for name, pattern in self.outputs.items():
+            p = self.path / name
+            if pattern is None:
+                if p.is_file() or p.is_symlink():
+                    found.append(name)
+            elif p.is_dir() and not p.is_symlink():
+                found += [f"{name}/{e}" for e in sorted(os.listdir(p))
+                          if self._ours(e, pattern) and not (p / e).is_dir()]
+        return found
+
+    def _check_recorded(self) -> None:
+        """Refuse (force or not) a file of an output's name that the last run did not write."""
+        recorded = self._read_record()
+        foreign, changed = [], []
+        for rel in self.present():
+            if rel not in recorded:
+                foreign.append(rel)
+            elif recorded[rel] != _stamp(self.path / rel):
+                changed.append(rel)
+        bad = foreign or changed
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            why = (f"was not written by fastsam2 (the folder's record of its last run, {RECORD_NAME}, does not "
+                   "list it)" if foreign else "has changed since fastsam2 wrote it")
+            raise OutputError(f"{self.path / bad[0]}{more} {why}; fastsam2 replaces only its own outputs: move "
+                              "it, or choose another output folder")
+
+    def _read_record(self) -> dict:
+        """{relpath: [size, mtime_ns]} of the last run; {} where there is no readable record."""
+        p = self.path / RECORD_NAME
+        try:
+            if not stat.S_ISREG(os.lstat(p).st_mode):
+                return {}  # a FIFO would block the read, a link points elsewhere: not ours
+            with open(p, "rb") as f:
+                data = f.read(MAX_RECORD + 1)
+            rec = json.loads(data) if len(data) <= MAX_RECORD else None
+        except (OSError, ValueError, RecursionError):
+            return {}
+        files = rec.get("files") if isinstance(rec, dict) and rec.get("schema") == RECORD_SCHEMA else None
+        if not isinstance(files, dict):
+            return {}
+        return {k: v for k, v in files.items()
+                if isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v)}
+
+    def _write_record(self) -> None:
+        """Every file of an output's name is this run's (the others were refused or removed at
+        the start, under the lock): record them, atomically; no file, no record."""
+        files = {rel: st for rel in self.present() if (st := _stamp(self.path / rel)) is not None}
+        p = self.path / RECORD_NAME
+        if not files:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+            return
+        text = json.dumps({"schema": RECORD_SCHEMA, "written_by": "fastsam2", "files": files},
+                          separators=(",", ":"))
+        # written here, not with outputs.atomic_write_bytes: outputs imports this module
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{RECORD_NAME}.", suffix=".tmp", dir=self.path)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, p)
+        except OSError as e:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise OutputError(f"cannot write {p}: {e.strerror or e}") from None
+
     def _remove_output(self, name: str) -> None:
         p, pattern = self.path / name, self.outputs[name]
         try:
@@ -131,7 +228,8 @@ class RunFolder:
     def _remove_temps(self) -> None:
         """Hidden temp files of a run that was killed (SIGKILL, power loss): never outputs,
         and nobody else writes them while we hold the lock."""
-        folders = [(self.path, [n for n, pat in self.outputs.items() if pat is None])]
+        folders = [(self.path, [n for n, pat in self.outputs.items() if pat is None]
+                    + ([RECORD_NAME] if self.record else []))]
         for name, pattern in self.outputs.items():
             d = self.path / name
             if pattern is not None and d.is_dir() and not d.is_symlink():
@@ -200,3 +298,12 @@ class RunFolder:
             os.unlink(self.path / LOCK_NAME)
         os.close(self._fd)
         self._fd = None
+
+
+def _stamp(path: Path):
+    """[size, mtime_ns] of a regular file (not followed through a link); None otherwise."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else None

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fastsam2.runtime.backends import pick_backend
 from fastsam2.runtime.bundle import load_bundle
+from fastsam2.runtime.contract import keep_to_k
 from fastsam2.runtime.errors import FastSam2Error, InputError, quoted
 from fastsam2.runtime.session import (  # noqa: F401  (the library's names, re-exported)
     PromptSpec,
@@ -36,6 +38,11 @@ UNTRAINED_ROUTER = ("the bundle's router is untrained: its text term is noise, s
                     "text-only starts rely on visual and uncertainty cues only")
 RANDOM_TEXT = "the bundle's text embeddings come from a randomly initialised CLIP: they carry no meaning"
 RANDOM_WEIGHTS = "the bundle was exported from randomly initialised SAM2 weights: masks are not meaningful"
+# bounds of the run's own flags (README, fastsam2-run): a frame count or a wait past these is a
+# typo, and inf or 1e12 seconds overflow the waits they become (OverflowError, not an error line)
+MAX_FRAMES = 2**31 - 1  # frames a run may process; prompt frames are 0..MAX_FRAMES - 1
+MAX_DURATION = 31 * 24 * 3600.0  # seconds (--duration): a month; leave it out to run until stopped
+MAX_TIMEOUT = 3600.0  # seconds (--timeout) a source may take to open or to deliver a frame
 
 
 @dataclass
@@ -68,9 +75,30 @@ def as_schedule(prompt, removals=()) -> list:
         raise InputError("give --prompt, --point or --box")
     for s in items:
         check_object_id(s.obj)
-        if isinstance(s.frame, bool) or not isinstance(s.frame, (int, np.integer)) or s.frame < 0:
-            raise InputError(f"{s.describe()}: the frame must be an integer >= 0")
+        if isinstance(s.frame, bool) or not isinstance(s.frame, (int, np.integer)) or not 0 <= s.frame < MAX_FRAMES:
+            raise InputError(f"{'--remove' if s.spec is None else 'prompt'} for object {s.obj}: the frame must be "
+                             f"an integer in 0..{MAX_FRAMES - 1}, got {shown(s.frame)}")
     return sorted(items, key=lambda s: (s.frame, s.spec is not None, s.obj))
+
+
+def shown(value) -> str:
+    """A user's number as a message repeats it: str() of an int over 4300 digits raises."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(int(value)) >= 10**18:
+        return f"an integer of {int(value).bit_length()} bits"
+    return quoted(value, 24)
+
+
+def check_run_limits(max_frames=None, duration=None, timeout=10.0) -> None:
+    """--max-frames, --duration and --timeout within their bounds, before anything is opened."""
+    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, numbers.Integral)
+                                   or not 1 <= max_frames <= MAX_FRAMES):
+        raise InputError(f"--max-frames must be an integer in 1..{MAX_FRAMES}, got {shown(max_frames)}")
+    for flag, value, top in (("--duration", duration, MAX_DURATION), ("--timeout", timeout, MAX_TIMEOUT)):
+        if value is None and flag == "--duration":
+            continue
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                or not 0 < value <= top):
+            raise InputError(f"{flag} must be a number of seconds in (0, {int(top)}], got {shown(value)}")
 
 
 def _check_schedule(schedule: list, bundle, source) -> None:
@@ -136,35 +164,37 @@ def track(input_path, bundle_dir, prompt, out, keep: float | None = None,
     from fastsam2.runtime.run_folder import RunFolder
     from fastsam2.runtime.video import open_frames
 
+    check_run_limits(max_frames, duration, timeout)
     # a bundle folder (local), or a remote model (fastsam2.serve.client: same interface, its
     # sessions run on a Triton server)
     remote = hasattr(bundle_dir, "open_session")
     bundle = bundle_dir if remote else load_bundle(bundle_dir)
     keep = validate_keep(keep, bundle)
     schedule = as_schedule(prompt, removals)
-    if max_frames is not None and max_frames < 1:
-        raise InputError(f"--max-frames must be >= 1, got {max_frames}")
-    if duration is not None and not duration > 0:
-        raise InputError(f"--duration must be > 0 seconds, got {duration}")
-    if not timeout > 0:
-        raise InputError(f"--timeout must be > 0 seconds, got {timeout}")
     if not remote:
-        from fastsam2.runtime.backends import check_threads
+        from fastsam2.runtime.backends import BACKENDS, check_threads
 
         check_threads(threads)
-        pick_backend(backend, bundle)  # refuse an unavailable backend before opening the input
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend {quoted(backend, 24)}; choose from {', '.join(BACKENDS)}")
     _warn_about_bundle(bundle, warn)
     source = open_frames(input_path, realtime=realtime, open_timeout=timeout)
     with source:
         _check_schedule(schedule, bundle, source)
         kwargs = {} if max_cond_frames is None else {"max_cond_frames": max_cond_frames}
-        opener = bundle.open_session if remote else functools.partial(Session.open, bundle)
+        if remote:
+            opener = bundle.open_session
+        else:  # the backend is resolved once, here; the session gets its open graphs
+            from fastsam2.runtime.backends import open_backend
+
+            opener = functools.partial(Session.open, bundle, graphs=open_backend(backend, bundle, threads, warn=warn))
         session = opener(keep=keep, backend=backend, threads=threads, fill=fill,
                          num_frames=None if source.live else source.num_frames,
                          frame_size=(source.width, source.height), warn=warn, **kwargs)
         if backend == "auto":
             warn(f"backend: {session.backend} (auto)")
-        with RunFolder(out, force=force) as run, contextlib.closing(session):
+        # record=True: --force replaces only the files the last run recorded as its own
+        with RunFolder(out, force=force, record=True) as run, contextlib.closing(session):
             results, error = _loop(session, source, schedule, run, bundle, keep, fill, overlay,
                                    max_frames, duration, progress, input_path)
     if error is not None:
@@ -249,7 +279,7 @@ def _results(input_path, source, session, bundle, keep, fill, frames, schedule, 
         "status": status,
         **({"error": str(error) if str(error) else type(error).__name__} if error is not None else {}),
         "backend": session.backend, "keep": keep,
-        "k": None if keep == "auto" else int(min(session.T, max(64, np.ceil(keep * session.T - 1e-9)))),
+        "k": None if keep == "auto" else keep_to_k(keep, session.T, int(bundle.manifest.get("keep_floor", 64))),
         "tokens": session.T, "fill": fill, "max_cond_frames": session.max_cond_frames,
         "objects": sorted({s.obj for s in schedule if s.spec is not None}),
         "prompts": list(session.prompt_log),
@@ -316,14 +346,10 @@ def track_davis_sequence(bundle_dir, frames_dir, first_frame_annotation_png, out
         if ann.shape != (source.height, source.width):
             raise InputError(f"annotation {first_frame_annotation_png} is {ann.shape[1]}x{ann.shape[0]}, "
                              f"frames are {source.width}x{source.height}")
-        if sessions is None:
-            session = Session.open(bundle, keep=keep, backend=backend, threads=threads, fill=fill,
-                                   num_frames=source.num_frames, warn=lambda m: None)
-        else:
-            m = bundle.manifest
-            session = Session(sessions, bundle.constants, bundle.settings, keep=keep,
-                              keep_floor=m.get("keep_floor", 64), keep_range=keep_range(bundle), fill=fill,
-                              num_frames=source.num_frames)
+        # `sessions`: the bundle's graphs already open on `backend`, shared between sequences
+        session = Session.open(bundle, keep=keep, backend=backend, threads=threads, fill=fill,
+                               num_frames=source.num_frames, warn=lambda m: None,
+                               graphs=None if sessions is None else (backend, sessions))
         for o in ids:
             session.add_prompt(o, frame=0, mask=ann == o)
         names = getattr(source, "frame_names", None)

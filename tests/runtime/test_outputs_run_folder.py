@@ -154,3 +154,43 @@ def test_profile_refuses_a_folder_another_run_holds(bundle_dir, tmp_path):
                                         "--warmup", "0", "--iters", "1", "--out", str(out)])
     assert res.exit_code == 2 and "in use by another fastsam2 run" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_record_mode_owns_only_what_the_last_run_wrote(tmp_path):
+    """record=True (fastsam2-run): the folder's record lists what a run wrote, with size and
+    mtime; force replaces those, and refuses, naming it, any file of an output's name it does
+    not list (the user's own) or that changed since."""
+    from fastsam2.runtime.run_folder import RECORD_NAME
+
+    out = tmp_path / "r"
+    with RunFolder(out, record=True) as run:
+        write_palette_png(run.mask_path(0), np.ones((2, 2), np.uint8))
+        atomic_write_json(run.file("results.json"), {"status": "finished"})
+    files = json.loads((out / RECORD_NAME).read_text())["files"]
+    assert sorted(files) == ["masks/00000.png", "results.json"]
+    assert files["results.json"] == [(out / "results.json").stat().st_size, (out / "results.json").stat().st_mtime_ns]
+
+    (out / "overlay.mp4").write_bytes(b"the user's video")  # an output's name, not in the record
+    for force in (False, True):
+        with pytest.raises(OutputError, match=r"r/overlay.mp4 was not written by fastsam2"):
+            RunFolder(out, force=force, record=True).__enter__()
+    assert (out / "overlay.mp4").read_bytes() == b"the user's video" and (out / "results.json").exists()
+    assert not (out / LOCK_NAME).exists()
+    (out / "overlay.mp4").unlink()
+
+    with RunFolder(out, force=True, record=True) as run:  # ours: replaced, and a new record
+        assert run.replaced == ["masks", "results.json"] and not (out / RECORD_NAME).exists()
+        write_palette_png(run.mask_path(3), np.ones((2, 2), np.uint8))
+    assert sorted(json.loads((out / RECORD_NAME).read_text())["files"]) == ["masks/00003.png"]
+
+    (out / "masks" / "00003.png").write_bytes(b"edited")  # ours once, the user's since
+    with pytest.raises(OutputError, match=r"00003.png has changed since fastsam2 wrote it"):
+        RunFolder(out, force=True, record=True).__enter__()
+    assert (out / "masks" / "00003.png").read_bytes() == b"edited"
+
+    # a run that writes nothing leaves no record, and no folder it made
+    fresh = tmp_path / "fresh"
+    with pytest.raises(InputError):
+        with RunFolder(fresh, record=True):
+            raise InputError("bad prompt")
+    assert not fresh.exists()
