@@ -46,8 +46,8 @@ class _Bars:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", required=True, help="Bundle folder written by fastsam2-export.")
-@click.option("--backend", default="auto", show_default=True,
-              help=f"One of {', '.join(BACKENDS)}; comma-separate several to compare.")
+@click.option("--backend", default="auto", show_default=True, metavar=f"[{'|'.join(BACKENDS)}]",
+              help="Runtime backend, as fastsam2-run; comma-separate several to compare (e.g. tensorrt,ort-cuda).")
 @click.option("--keep", "keep", default="1.0,0.7,0.5,0.3", show_default=True, help="Keep ratios to time.")
 @click.option("--memory-frames", type=int, default=None,
               help="Frames in the memory bank, the conditioning frame (all tokens) included: 1 up to the "

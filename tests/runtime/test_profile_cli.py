@@ -234,4 +234,4 @@ def test_help_lists_every_backend():
     res = CliRunner().invoke(main, ["--help"])
     assert res.exit_code == 0
     text = " ".join(res.output.split())
-    assert f"One of {', '.join(BACKENDS)}" in text and "openvino" in BACKENDS
+    assert f"--backend [{'|'.join(BACKENDS)}]" in text and "openvino" in BACKENDS
