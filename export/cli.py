@@ -14,9 +14,9 @@ from fastsam2.runtime.cli_edge import cli_errors, one_line
 from fastsam2.runtime.errors import FastSam2Error, InputError
 
 from .engines_step import engines_step
-from .sam2_loader import torch_load_reason  # noqa: F401  (its old home: callers may still import it here)
 
-# tests/conftest.py's retarget_bundle imports the engines step by its old name from here
+# the engines step's old name here, for tests/conftest.py's retarget_bundle until it imports
+# fastsam2.export.engines_step.engines_step
 _engines_hook = engines_step
 
 # what the [export] extra brings (pyproject.toml): the torch side of fastsam2
