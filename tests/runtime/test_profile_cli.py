@@ -177,25 +177,29 @@ def test_an_earlier_report_is_replaced_only_with_force(bundle_dir, report_dir, t
     assert (out / "mine.txt").read_text() == "the user's"
 
 
-def test_ctrl_c_keeps_the_keeps_already_measured(bundle_dir, tmp_path, monkeypatch):
-    """Ctrl-C during the second keep: exit 130, one line, report.json/md hold the first keep with
-    status interrupted (it used to delete the whole --out)."""
+@pytest.mark.parametrize("signal_name, code, how", [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
+def test_ctrl_c_keeps_the_keeps_already_measured(bundle_dir, tmp_path, monkeypatch, signal_name, code, how):
+    """Ctrl-C (SIGTERM) during the second keep: exit 130 (143), one line, report.json/md hold the
+    first keep with status interrupted (it used to delete the whole --out)."""
+    import signal
+
     from fastsam2.runtime import profiling
+    from fastsam2.runtime.cli_edge import Terminated
 
     real, calls = profiling._profile_keep, []
 
     def interrupted_second(*a, **kw):
         calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
+        if len(calls) == 2:  # what the signal raises where the program is (cli_edge)
+            raise KeyboardInterrupt if signal_name == "SIGINT" else Terminated(signal.SIGTERM)
         return real(*a, **kw)
 
     monkeypatch.setattr(profiling, "_profile_keep", interrupted_second)
     out = tmp_path / "r"
     res = CliRunner().invoke(main, ["--bundle", str(bundle_dir), "--backend", "ort-cpu", "--keep", "1.0,0.5",
                                     "--warmup", "0", "--iters", "1", "--out", str(out), "--quiet"])
-    assert res.exit_code == 130, res.output
-    _one_error_line(res, "interrupted by Ctrl-C", "report.json and report.md (status interrupted)")
+    assert res.exit_code == code, res.output
+    _one_error_line(res, f"interrupted by {how}", "report.json and report.md (status interrupted)")
     rep = json.loads((out / "report.json").read_text())
     assert rep["status"] == "interrupted" and [r["keep"] for r in rep["results"]] == [1.0]
     assert "status: interrupted after 1 of 2 keeps" in (out / "report.md").read_text()
