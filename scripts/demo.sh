@@ -9,15 +9,17 @@
 #   PRECISION=auto bash scripts/demo.sh   lets the cpu target's int8/bf16 agreement gate pick per
 #                                         graph (tens of minutes at 1024 px on 2 cores; the demo
 #                                         defaults to fp32 so that it ends in a few minutes)
-# Re-runnable: a second run reuses OUT/bundle when it was exported by this demo with the same
-# settings and code and is intact (the export is most of the time), and replaces its own
+#   IMAGE_SIZE=256 FRAMES=3 bash scripts/demo.sh   a small, quick one (tests/test_readme.py)
+#   FASTSAM2_SKIP_INSTALL=1 ...            skips scripts/install.sh (an installed environment)
+# Re-runnable: a second run reuses OUT/bundle when this demo exported it with the same settings
+# and fastsam2 version and it is intact (the export is most of the time), and replaces its own
 # earlier outputs in OUT/results (fastsam2-run --force: files it did not write are kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-demo_out}
 IMAGE_SIZE=${IMAGE_SIZE:-1024}
 FRAMES=${FRAMES:-16}
-bash scripts/install.sh
+[ "${FASTSAM2_SKIP_INSTALL:-0}" = 1 ] || bash scripts/install.sh
 PY=${PYTHON:-python3}
 # The generated video (seed 0) shows a textured blue disc (object 1, the one clicked) and a
 # blue disc distractor: the text prompt names what is drawn (calibration/synthetic.py).
@@ -38,11 +40,12 @@ CKPT_ARGS=()
 if [ -n "${CHECKPOINT:-}" ]; then CKPT_ARGS=(--checkpoint "$CHECKPOINT"); fi
 EXPORT_ARGS=(--config sam2.1_hiera_t "${CKPT_ARGS[@]}" --target cpu --keep 0.5 --prompts "$PROMPT"
              --text-pretrained random --image-size "$IMAGE_SIZE" --precision "${PRECISION:-fp32}")
-# What the bundle was made from: these arguments, the checkpoint file (name, size, time), and
-# the export code. OUT/.demo-bundle holds that key and the sha256 of the manifest it produced.
+# What the bundle was made from: these arguments, the checkpoint file (name, size, time) and
+# fastsam2's version; OUT/.demo-bundle holds that key and the sha256 of the manifest it produced.
+# (Not the export code itself: after changing it, delete OUT/bundle to export again.)
 key=$({ printf '%s\n' "${EXPORT_ARGS[@]}"
         [ -n "${CHECKPOINT:-}" ] && stat -L -c '%n %s %Y' "$CHECKPOINT" 2>/dev/null
-        cat pyproject.toml profiles/*.toml $(find export -name '*.py' | LC_ALL=C sort); } | sha256sum | cut -c1-32)
+        $PY -c "from importlib.metadata import version; print(version('fastsam2'))" || true; } | sha256sum | cut -c1-32)
 stamp="$OUT/.demo-bundle"
 manifest_sha() { sha256sum "$OUT/bundle/manifest.json" 2>/dev/null | cut -c1-64; }
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key $(manifest_sha)" ] && \

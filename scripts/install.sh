@@ -27,13 +27,15 @@ EOF
 }
 # pip, less its resolver's "ERROR: ... nvidia-pytriton X requires Y, which is not installed":
 # nvidia-pytriton is installed without its dependencies on purpose (see the serve step), so that
-# line is expected and says nothing wrong. Every other line and the exit status pass through.
+# line is expected and says nothing wrong; nor does pip's advice against root in a CI container.
+# Every other line and the exit status pass through.
 pip_() {
   local log rc=0
   log=$(mktemp)
   "$@" 2> "$log" || rc=$?
   grep -v -E -e "^ERROR: pip's dependency resolver does not currently take into account" \
-             -e "^nvidia-pytriton [^ ]+ (requires|has requirement) " "$log" >&2 || true
+             -e "^nvidia-pytriton [^ ]+ (requires|has requirement) " \
+             -e "^WARNING: Running pip as the 'root' user" "$log" >&2 || true
   rm -f "$log"
   return "$rc"
 }
