@@ -6,9 +6,11 @@ and end to end through fastsam2-run."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
+from PIL import Image
 from click.testing import CliRunner
 
 from fastsam2.runtime.outputs import (
@@ -99,6 +101,43 @@ def test_overlay_mp4_shows_clicks_and_ids(tmp_path):
     assert greenish(near(f1, 20, 100, r - 1)) == 0 and share_of(near(f1, 20, 100, r - 1), (90, 90, 90), tol=10) == 1.0
     for f in (f0, f1):
         assert share_of(f[50 - size:50, 60:60 + size].reshape(-1, 3), DAVIS_PALETTE[1], tol=60) > 0.3
+
+
+def test_overlay_writer_exception_leaves_nothing(tmp_path):
+    rgb, mask = np.zeros((48, 64, 3), np.uint8), np.zeros((48, 64), np.uint8)
+    with pytest.raises(RuntimeError, match="boom"):
+        with OverlayWriter(tmp_path / "overlay.mp4", 64, 48, 24.0) as w:
+            w.write(rgb, mask)
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+
+
+def test_overlay_mp4_decodes_with_tinted_objects(tmp_path):
+    from fastsam2.calibration.synthetic import make_video
+
+    png = make_video(tmp_path / "png", num_frames=12, fmt="png", objects=2, occlusion=True)
+    tmp_path = tmp_path / "out"
+    tmp_path.mkdir()
+    out = tmp_path / "overlay.mp4"
+    with open_frames(png.frames_dir_or_file) as src:
+        # Odd size on purpose: the writer crops to even for yuv420p.
+        with OverlayWriter(out, src.width - 1, src.height - 1, src.fps) as w:
+            for i, rgb in src:
+                w.write(rgb[:-1, :-1], png.read_mask(i)[:-1, :-1])
+    assert os.listdir(tmp_path) == ["overlay.mp4"]
+    assert w.codec in ("h264", "libx264", "mpeg4")
+    with open_frames(out) as back:
+        assert (back.num_frames, back.height, back.width) == (12, 238, 318)
+        frames = [rgb for _, rgb in back]
+    assert len(frames) == 12
+    m0 = png.read_mask(0)[:238, :318]
+    src0 = np.asarray(Image.open(png.frames_dir_or_file / "00000.png"))[:238, :318]
+    expected = (src0.astype(np.float32) + DAVIS_PALETTE[m0]) / 2
+    inside = m0 == 1
+    got = frames[0][inside].astype(np.float32).mean(0)
+    assert np.abs(got - expected[inside].mean(0)).max() < 8
+    outside = m0 == 0
+    assert np.abs(frames[0][outside].astype(np.float32).mean(0) - src0[outside].mean(0)).max() < 4
 
 
 def _run_with_point(bundle_dir, tmp_path):

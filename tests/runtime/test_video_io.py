@@ -17,7 +17,6 @@ from fastsam2.calibration.synthetic import make_video
 from fastsam2.runtime.errors import IncompleteInputError, InputError
 from fastsam2.runtime.outputs import (
     DAVIS_PALETTE,
-    OverlayWriter,
     atomic_write_bytes,
     atomic_write_json,
     read_palette_png,
@@ -260,39 +259,6 @@ def test_atomic_writes_leave_only_the_file(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_bytes(tmp_path / "bad.bin", "not bytes")
     assert sorted(os.listdir(tmp_path)) == ["blob.bin", "meta.json"]
-
-
-def test_overlay_writer_exception_leaves_nothing(tmp_path):
-    rgb, mask = np.zeros((48, 64, 3), np.uint8), np.zeros((48, 64), np.uint8)
-    with pytest.raises(RuntimeError, match="boom"):
-        with OverlayWriter(tmp_path / "overlay.mp4", 64, 48, 24.0) as w:
-            w.write(rgb, mask)
-            raise RuntimeError("boom")
-    assert os.listdir(tmp_path) == []
-
-
-def test_overlay_mp4_decodes_with_tinted_objects(tmp_path, clip):
-    png, _ = clip
-    out = tmp_path / "overlay.mp4"
-    with open_frames(png.frames_dir_or_file) as src:
-        # Odd size on purpose: the writer crops to even for yuv420p.
-        with OverlayWriter(out, src.width - 1, src.height - 1, src.fps) as w:
-            for i, rgb in src:
-                w.write(rgb[:-1, :-1], png.read_mask(i)[:-1, :-1])
-    assert os.listdir(tmp_path) == ["overlay.mp4"]
-    assert w.codec in ("h264", "libx264", "mpeg4")
-    with open_frames(out) as back:
-        assert (back.num_frames, back.height, back.width) == (12, 238, 318)
-        frames = [rgb for _, rgb in back]
-    assert len(frames) == 12
-    m0 = png.read_mask(0)[:238, :318]
-    src0 = np.asarray(Image.open(png.frames_dir_or_file / "00000.png"))[:238, :318]
-    expected = (src0.astype(np.float32) + DAVIS_PALETTE[m0]) / 2
-    inside = m0 == 1
-    got = frames[0][inside].astype(np.float32).mean(0)
-    assert np.abs(got - expected[inside].mean(0)).max() < 8
-    outside = m0 == 0
-    assert np.abs(frames[0][outside].astype(np.float32).mean(0) - src0[outside].mean(0)).max() < 4
 
 
 # --------------------------------------------------------------------- Frame API, stop, check_complete
