@@ -4,11 +4,12 @@ NVIDIA's Triton container or a Jetson. A thin layer over serve/repository.py and
 
 from __future__ import annotations
 
-import sys
+import os
+import shutil
 
 import click
 
-from fastsam2.runtime.errors import FastSam2Error
+from fastsam2.runtime.errors import FastSam2Error, InputError
 
 from .repository import DEFAULT_MAX_SESSIONS, LAYOUTS, SERVE_BACKENDS
 
@@ -46,48 +47,70 @@ def _forward(line: str) -> None:
 @click.option("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, show_default=True,
               help="Streams the server holds at once; more are refused.")
 @click.option("--idle-timeout", type=float, default=60.0, show_default=True,
-              help="Seconds a stream may go without a request (Triton counts from the last one's arrival, "
-                   "queueing included) before its session is freed; keep it above the longest gap "
-                   "between two frames of a live stream.")
+              help="Seconds a stream may go without a request before its session is freed (time "
+                   "its frames wait behind other streams' frames does not count); keep it above the "
+                   "longest gap between two frames of a live stream.")
 @click.option("--write-only", is_flag=True, help="Only write the repository (for another Triton server).")
 def main(bundle, repo, http_port, grpc_port, metrics_port, address, instances, backend, layout,
          max_sessions, idle_timeout, write_only):
     """Serve a bundle's tracker on Triton Inference Server: one stream per Triton sequence."""
-    from fastsam2.runtime.cli_edge import Terminated, signals_as_exceptions
+    from fastsam2.runtime.cli_edge import cli_errors
 
-    from .repository import write_repository
-    from .server import TritonServer
+    with cli_errors(echo=lambda m: click.echo(m, err=True), interrupted="tritonserver stopped"):
+        _serve(bundle, repo, http_port, grpc_port, metrics_port, address, instances, backend, layout,
+               max_sessions, idle_timeout, write_only)
 
-    server = None
+
+def _serve(bundle, repo, http_port, grpc_port, metrics_port, address, instances, backend, layout,
+           max_sessions, idle_timeout, write_only):
+    from .repository import check_idle_timeout, write_repository
+    from .server import Installation, TritonServer
+
+    check_idle_timeout(idle_timeout)
+    for name, port in (("--http-port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
+        if not 1 <= port <= 65535:
+            raise InputError(f"{name} must be a TCP port 1..65535, got {port}")
+    if len({http_port, grpc_port, metrics_port}) < 3:
+        raise InputError(f"--http-port, --grpc-port and --metrics-port must differ, got {http_port}, "
+                         f"{grpc_port}, {metrics_port}")
+    install = None
+    if not write_only:  # what the server needs is checked before a 150 MB repository is written
+        install = Installation()
+        install.check()
+        TritonServer(repo, address=address, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                     install=install).check_ports()
+    created = not os.path.lexists(repo)
+    server, ready = None, False
     try:
-        with signals_as_exceptions():
-            info = write_repository(bundle, repo, instances=instances, backend=backend, layout=layout,
-                                    max_sessions=max_sessions, idle_timeout=idle_timeout)
-            click.echo(f"repository: {repo} ({layout}, backend {backend}, {instances} instance(s), "
-                       f"max {max_sessions} sessions, idle timeout {idle_timeout:g} s)", err=True)
-            if write_only:
-                click.echo(f"serve it with: tritonserver --model-repository {repo}  (the server's Python "
-                           f"needs fastsam2[runtime]; see docs/serving.md)", err=True)
-                return
-            server = TritonServer(repo, address=address, http_port=http_port, grpc_port=grpc_port,
-                                  metrics_port=metrics_port, log=_forward)
-            server.start()
-            click.echo(f"serving {info['summary'].get('config')} ({info['settings']['image_size']} px) on "
-                       f"grpc {address}:{grpc_port}, http {address}:{http_port}, metrics "
-                       f"{address}:{metrics_port}; clients: fastsam2-run INPUT --server "
-                       f"{server.local_host}:{grpc_port}; Ctrl-C stops", err=True)
-            code = server.proc.wait()
-            raise FastSam2Error(f"tritonserver stopped by itself (exit code {code}): {server.last_error()}")
-    except (KeyboardInterrupt, Terminated) as e:
-        how = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else str(e)
-        code = _stop(server)
-        click.echo(f"stopped ({how}; tritonserver exit code {code})", err=True)
+        info = write_repository(bundle, repo, instances=instances, backend=backend, layout=layout,
+                                max_sessions=max_sessions, idle_timeout=idle_timeout)
+        click.echo(f"repository: {repo} ({layout}, backend {backend}, {instances} instance(s), "
+                   f"max {max_sessions} sessions, idle timeout {idle_timeout:g} s)", err=True)
+        if write_only:
+            click.echo(f"serve it with: tritonserver --model-repository {repo}  (the server's Python "
+                       f"needs fastsam2[runtime]; see docs/serving.md)", err=True)
+            return
+        server = TritonServer(repo, address=address, http_port=http_port, grpc_port=grpc_port,
+                              metrics_port=metrics_port, log=_forward, install=install)
+        server.start()
+        ready = True
+        click.echo(f"serving {info['summary'].get('config')} ({info['settings']['image_size']} px) on "
+                   f"grpc {address}:{grpc_port}, http {address}:{http_port}, metrics "
+                   f"{address}:{metrics_port}; clients: fastsam2-run INPUT --server "
+                   f"{server.local_host}:{grpc_port}; Ctrl-C stops", err=True)
+        server.serve_forever()
     except FastSam2Error as e:
         _stop(server)
         left = server.killed_stubs if server is not None else []
         more = f"; killed {len(left)} model process(es) it left running (pid {', '.join(map(str, left))})" if left else ""
-        click.echo(f"error: {e}{more}", err=True)
-        sys.exit(e.exit_code)
+        if created and not ready:
+            shutil.rmtree(repo, ignore_errors=True)  # a start that failed leaves nothing of ours
+        raise type(e)(f"{e}{more}") from None
+    except BaseException:  # Ctrl-C / SIGTERM: stop the server, then cli_errors' one line
+        _stop(server)
+        if created and not ready:
+            shutil.rmtree(repo, ignore_errors=True)
+        raise
 
 
 def _stop(server):

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from fastsam2.runtime.errors import InputError
+from fastsam2.runtime.errors import FastSam2Error, InputError
 from fastsam2.runtime.sam2_math import Resizer
 from fastsam2.runtime.session import check_object_id, frame_result
 
@@ -116,6 +116,7 @@ class RemoteSession:
             self.close()  # hand Triton's sequence slot back now rather than at the idle timeout
             raise
         self.backend = info["backend"]
+        self._token = info["token"]
         self.T = int(info["tokens"])
         self.max_cond_frames = int(info["max_cond_frames"])
 
@@ -165,8 +166,9 @@ class RemoteSession:
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise InputError(f"frames must be uint8 H x W x 3 RGB, got {rgb.dtype} {rgb.shape}")
         ops, self._ops = self._ops, []
-        cmd = {"op": "push", "ops": ops, "timestamp": None if timestamp is None else float(timestamp)}
-        info, logits = self._call(cmd, frame=np.ascontiguousarray(rgb), what=f"frame {self._frame + 1}")
+        cmd = {"op": "push", "ops": ops, "timestamp": None if timestamp is None else float(timestamp),
+               "shape": list(rgb.shape[:2])}
+        info, logits = self._call(cmd, frame=np.ascontiguousarray(rgb).reshape(-1), what=f"frame {self._frame + 1}")
         self._shape, self._timestamp = rgb.shape[:2], timestamp
         return self._result(info, logits, t0)
 
@@ -177,12 +179,14 @@ class RemoteSession:
         self._closed = True
         try:
             self._call({"op": "close"}, end=True, timeout=10)
-        except P.ServerError:  # the server is gone: so is the session
+        except FastSam2Error:  # the server is gone, or never held the stream: nothing to free
             pass
 
     # -- transport ----------------------------------------------------------------------------
     def _call(self, cmd: dict, *, frame=None, start=False, end=False, timeout=None, what="the stream"):
         grpcclient, exc = _grpc()
+        if not start:
+            cmd = {**cmd, "token": getattr(self, "_token", "")}
         frame = P.PLACEHOLDER if frame is None else frame
         fin = grpcclient.InferInput(P.FRAME, list(frame.shape), "UINT8")
         fin.set_data_from_numpy(frame)

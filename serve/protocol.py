@@ -2,9 +2,12 @@
 
 One Triton sequence = one stream = one session on the server (Triton's correlation id names it).
 Every request carries:
-  FRAME     UINT8 [H, W, 3]  the frame, as the local session would get it (a 1x1x3 placeholder
-                             for requests that carry no frame: open, correct, close)
-  COMMANDS  BYTES [1]        JSON: {"op": "open"|"push"|"correct"|"close", ...} (below)
+  FRAME     UINT8 [H*W*3]    the frame's RGB bytes, flat: Triton checks the byte count against
+                             one dimension before the model sees it (a declared [2**32, 2**32, 3]
+                             overflows that check and killed the model process); a 3-byte
+                             placeholder for requests that carry no frame (open, correct, close)
+  COMMANDS  BYTES [1]        JSON: {"op": "open"|"push"|"correct"|"close", "token", ...} (below;
+                             checked by serve/commands.py before anything acts on it)
 and the sequence batcher adds START / END / CORRID (Triton's control inputs). Every response:
   LOGITS    FP32 [N, S/4, S/4]  each object's low-res mask logits (SAM2's pred_masks), ids ascending
   RESULT    BYTES [1]           JSON: frame number, per-object numbers, latencies, prompt log
@@ -14,8 +17,10 @@ same code as a local run.
 
 Ops:
   open    (START)  {"options": {keep, fill, num_frames, frame_size, max_cond_frames}}
-                   -> {"backend", "tokens", "max_cond_frames"}
-  push             {"ops": [prompt|remove, ...], "timestamp"} then the frame is tracked
+                   -> {"backend", "tokens", "max_cond_frames", "token"}: every later request of
+                   the stream carries that "token" (a stream is bound to its opener; a START on
+                   a live id is refused)
+  push             {"ops": [prompt|remove, ...], "timestamp", "shape": [H, W]} then the frame is tracked
                    prompt: {"op": "prompt", "obj", "frame", "text", "points", "neg_points", "box", "mask"}
                    remove: {"op": "remove", "obj", "frame"}
   correct          {"ops": [prompt, ...]} on the frame just pushed (SAM2's correction)
@@ -86,7 +91,7 @@ def loads(tensor) -> dict:
     return json.loads(item.decode() if isinstance(item, (bytes, bytearray)) else item)
 
 
-PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
+PLACEHOLDER = np.zeros(3, np.uint8)
 
 
 # -- prompts --------------------------------------------------------------------------------------

@@ -65,18 +65,26 @@ def client_info(bundle, backend: str, layout: str, max_sessions, idle_timeout: f
             "max_sessions": max_sessions, "idle_timeout": idle_timeout}
 
 
+def triton_idle_us(idle_timeout: float) -> int:
+    """Triton's own sequence idle timeout: 10x the tracker's, at least 5 minutes more."""
+    return int(round(max(10 * idle_timeout, idle_timeout + 300) * 1e6))
+
+
 def tracker_config(*, instances: int, max_sessions, idle_timeout: float, params: dict) -> str:
     # refused sequences keep a candidate slot until their END (or idle timeout): room for them,
     # so a sequence over the limit is refused by the model instead of waiting in Triton's backlog
     limit = max_sessions or DEFAULT_MAX_SESSIONS
     candidates = limit + max(4, limit)
-    idle_us = max(1, int(round(idle_timeout * 1e6)))
+    # Triton counts a sequence idle from its last request's arrival, time queued behind other
+    # streams' frames included, so its timeout is only a backstop: the tracker frees an idle
+    # session on its own clock (busy time not counted) and then ENDs the sequence itself
+    idle_us = triton_idle_us(idle_timeout)
     return f"""# fastsam2 tracker: one streaming session per Triton sequence (docs/serving.md)
 name: "{P.MODEL}"
 backend: "python"
 max_batch_size: 0
 input [
-  {{ name: "{P.FRAME}" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }},
+  {{ name: "{P.FRAME}" data_type: TYPE_UINT8 dims: [ -1 ] }},
   {{ name: "{P.COMMANDS}" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
 output [
@@ -165,6 +173,19 @@ def default_threads(instances: int) -> int:
     return max(1, host.usable_cpus() // max(1, instances))
 
 
+MAX_IDLE_TIMEOUT = 7 * 24 * 3600.0
+
+
+def check_idle_timeout(idle_timeout) -> float:
+    import math
+
+    if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)) \
+            or not math.isfinite(idle_timeout) or not 0 < idle_timeout <= MAX_IDLE_TIMEOUT:
+        raise InputError(f"--idle-timeout must be a number of seconds > 0 and <= {MAX_IDLE_TIMEOUT:g} "
+                         f"(a week), got {idle_timeout}")
+    return float(idle_timeout)
+
+
 def write_repository(bundle_dir, repo, *, instances: int = 1, backend: str = "auto", layout: str = "in-process",
                      max_sessions: int | None = DEFAULT_MAX_SESSIONS, idle_timeout: float = 60.0,
                      threads: int | None = None, state_dir: str = "") -> dict:
@@ -181,8 +202,7 @@ def write_repository(bundle_dir, repo, *, instances: int = 1, backend: str = "au
         raise InputError(f"--instances must be >= 1, got {instances}")
     if max_sessions is not None and max_sessions < 1:
         raise InputError(f"--max-sessions must be >= 1, got {max_sessions}")
-    if not idle_timeout > 0:
-        raise InputError(f"--idle-timeout must be > 0 seconds, got {idle_timeout}")
+    check_idle_timeout(idle_timeout)
     bundle = load_bundle(bundle_dir)
     repo = Path(repo)
     ours = {P.MODEL, *GRAPH_ORDER}

@@ -17,11 +17,14 @@ What the wheel's server needs to run outside PyTriton (measured here):
 from __future__ import annotations
 
 import collections
+import errno
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,8 +33,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .protocol import ServerError
+from .protocol import MODEL, ServerError
 
+ADMIN_HEADER = "fastsam2-admin"
+RESTRICTED_HTTP = "inference,shared-memory,model-repository,trace,logging"
+RESTRICTED_GRPC = "shared-memory,model-repository,trace,logging"
 INSTALL_HINT = "install the server side: pip install 'fastsam2[serve]'"
 EXIT_TIMEOUT_S = 10  # Triton waits this long for requests in flight when told to stop
 STUB_GRACE_S = 2  # a stub left after its server exited gets this long to exit by itself (its health
@@ -51,11 +57,28 @@ def _probe(python: str) -> dict:
         raise ServerError(f"cannot run the model's Python {python!r}: {e}") from None
 
 
+def _numpy_major(probe: dict) -> int | None:
+    v = probe.get("numpy")
+    return None if v is None else int(str(v).split(".")[0])
+
+
+def serve_venvs() -> list:
+    """Where a `.venv-serve` (scripts/install.sh's venv with numpy<2) may be: beside this
+    checkout, then in the current folder."""
+    found = []
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        py = root / ".venv-serve" / "bin" / "python"
+        if py.is_file() and os.access(py, os.X_OK) and py not in found:
+            found.append(py)
+    return found
+
+
 class Installation:
     """Where the server binary, its backends and libraries are, and the model's Python."""
 
     def __init__(self, python: str | None = None):
         self.python = python or os.environ.get("FASTSAM2_SERVE_PYTHON") or sys.executable
+        self.chosen = bool(python or os.environ.get("FASTSAM2_SERVE_PYTHON"))
         own = os.environ.get("FASTSAM2_TRITONSERVER")
         if own:
             self.binary = Path(own)
@@ -72,6 +95,12 @@ class Installation:
         if not self.binary.is_file():
             raise ServerError(f"{self.binary} is missing: {INSTALL_HINT}")
         self.probe = _probe(self.python)
+        if not self.chosen and self.libs is not None and (_numpy_major(self.probe) or 0) >= 2:
+            for venv in serve_venvs():  # the development install keeps numpy 2 here
+                probe = _probe(str(venv))
+                if _numpy_major(probe) == 1 and probe["version"] == self.probe["version"]:
+                    self.python, self.probe = str(venv), probe
+                    break
 
     def check(self) -> None:
         """Refuse an environment the python backend cannot run the tracker in."""
@@ -81,8 +110,10 @@ class Installation:
         if self.libs is not None and int(v.split(".")[0]) >= 2:
             raise ServerError(f"the model's Python {self.python} has numpy {v}, but the python backend "
                               f"in nvidia-pytriton's wheel is built against numpy 1.x (tensors arrive "
-                              f"corrupted): install numpy<2 there ({INSTALL_HINT} resolves it), or set "
-                              f"FASTSAM2_SERVE_PYTHON to an interpreter with numpy<2")
+                              f"corrupted) and no .venv-serve with numpy<2 was found: set "
+                              f"FASTSAM2_SERVE_PYTHON to a Python with numpy<2 and fastsam2[runtime] "
+                              f"(bash scripts/install.sh makes .venv-serve), or install numpy<2 there "
+                              f"({INSTALL_HINT} resolves it)")
         if self.libs is not None and not self.stub().is_file():
             raise ServerError(f"nvidia-pytriton ships no python backend stub for Python "
                               f"{self.probe['version']} ({self.stub().parent.parent} has "
@@ -137,6 +168,14 @@ def _group_members(pgid: int) -> list:
     return pids
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _kill_leftovers(pgid: int, grace: float = STUB_GRACE_S) -> list:
     """After tritonserver exited: SIGKILL what is left of its process group, i.e. python-backend
     stubs that did not exit with it; returns their pids. A stub notices a dead server and exits
@@ -166,7 +205,9 @@ class TritonServer:
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.log = log
         self.install = install or Installation(python)
+        self._key = secrets.token_hex(16)
         self.proc = None
+        self._stubs: list = []  # the model processes running when the server became ready
         self.killed_stubs: list = []  # stubs left behind by a dead server, SIGKILLed by stop()
         self.tail = collections.deque(maxlen=400)
         self._tmp = None
@@ -185,10 +226,68 @@ class TritonServer:
                 f"--http-address={a}", f"--grpc-address={a}", f"--metrics-address={a}",
                 f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                 f"--metrics-port={self.metrics_port}", "--allow-metrics=true", "--allow-gpu-metrics=false",
-                f"--exit-timeout-secs={EXIT_TIMEOUT_S}", "--strict-readiness=true"]
+                f"--exit-timeout-secs={EXIT_TIMEOUT_S}", "--strict-readiness=true",
+                # clients infer over gRPC; Triton 2.51's HTTP front end allocates a declared input
+                # size before checking it (a JSON request declaring [2**62] aborts the server), so
+                # HTTP keeps health, metadata and statistics for balancers and the rest needs a
+                # key only this launcher knows; neither protocol lets a client load models,
+                # register shared memory, trace or log
+                f"--http-restricted-api={RESTRICTED_HTTP}:{ADMIN_HEADER}={self._key}",
+                f"--grpc-restricted-protocol={RESTRICTED_GRPC}:{ADMIN_HEADER}={self._key}"]
+
+    def check_ports(self) -> None:
+        """Each port must be free on the address now: otherwise another process would answer
+        the readiness probe and the launcher would say "serving" for a server that is not ours."""
+        for name, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
+                           ("--metrics-port", self.metrics_port)):
+            family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                # as a server binds: a listener is refused, connections in TIME_WAIT are not
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((self.address, port))
+                except OSError as e:
+                    why = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+                    raise ServerError(f"{name} {port} on {self.address} {why}: stop what holds it or "
+                                      f"choose another port") from None
+
+    def stubs(self) -> list:
+        """The live model processes (python-backend stubs) of this server."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return [p for p in _group_members(self.proc.pid) if p != self.proc.pid]
+
+    def check_health(self) -> None:
+        """Raise ServerError when the node cannot serve: tritonserver exited, a model process
+        that was running at start died (Triton does not restart it, and keeps answering
+        /v2/health/ready with 200), or the tracker model is not ready."""
+        if self.proc.poll() is not None:
+            self._reader.join(timeout=5)
+            raise ServerError(f"tritonserver stopped by itself (exit code {self.proc.returncode}): {self.last_error()}")
+        dead = [p for p in self._stubs if not _alive(p)]
+        if dead:
+            raise ServerError(f"the tracker's model process (pid {dead[0]}) died ({self.last_error()}); "
+                              f"every stream on it is lost, so the node stops rather than answer ready")
+        url = f"http://{self.local_host}:{self.http_port}/v2/models/{MODEL}/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                ok = r.status == 200
+        except urllib.error.HTTPError:
+            ok = False
+        except OSError:  # busy, or a slow answer: the process checks above decide
+            ok = True
+        if not ok:
+            raise ServerError(f"Triton no longer calls the {MODEL!r} model ready: {self.last_error()}")
+
+    def serve_forever(self, period: float = 0.5) -> None:
+        """Block while the node is healthy; raise ServerError when it is not."""
+        while True:
+            self.check_health()
+            time.sleep(period)
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
         self.install.check()
+        self.check_ports()
         self._tmp = Path(tempfile.mkdtemp(prefix="fastsam2-triton-"))
         cmd = self.command(self.install.backend_dir(self._tmp))
         self.proc = subprocess.Popen(cmd, env=self.install.env(), stdout=subprocess.PIPE,
@@ -198,6 +297,9 @@ class TritonServer:
         self._reader.start()
         try:
             self.wait_ready(timeout)
+            self._stubs = self.stubs()
+            if self.proc.poll() is not None:  # ready was answered by another process
+                raise ServerError(f"tritonserver exited with code {self.proc.returncode}: {self.last_error()}")
         except BaseException:
             self.stop()
             raise

@@ -19,10 +19,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import hmac
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
+
+from fastsam2.runtime.errors import InputError
 
 from .protocol import ServerError, SessionLimitError
 
@@ -73,8 +77,10 @@ class Slots:
 class SessionTable:
     """Sessions of one model instance, by correlation id. Every method holds `lock`."""
 
-    def __init__(self, opener, slots: Slots, idle_timeout: float, clock=time.monotonic):
+    def __init__(self, opener, slots: Slots, idle_timeout: float, clock=time.monotonic, on_free=None):
         self.opener = opener  # options dict -> Session
+        self.on_free = on_free  # corrid -> None: a session freed for idleness (end Triton's sequence too)
+        self.tokens: dict = {}  # corrid -> the token its opener got
         self.slots = slots
         self.idle_timeout = float(idle_timeout)
         self.clock = clock
@@ -102,10 +108,15 @@ class SessionTable:
                 self._busy_total += self.clock() - self._busy_since
                 self._busy_since = None
 
-    def open(self, corrid, options: dict):
+    def open(self, corrid, options: dict) -> tuple:
+        """A new session for `corrid` -> (session, token); every later request of the stream
+        must carry the token, so a second client on the same id cannot read or end it."""
         with self.lock:
-            if corrid in self.sessions:  # a START on a live id: the client began again
-                self.close(corrid)
+            if corrid in self.sessions:
+                e = InputError(f"stream {corrid} is live on this server: a START on it is refused (its "
+                               f"opener holds it until END or the idle timeout); open another id")
+                e.live = True
+                raise e
             self.slots.acquire(corrid)
             try:
                 session = self.opener(options)
@@ -113,23 +124,35 @@ class SessionTable:
                 self.slots.release(corrid)
                 raise
             self.sessions[corrid] = session
+            self.tokens[corrid] = token = secrets.token_hex(16)
             self.last_seen[corrid] = self.idle_clock()
-            return session
+            return session, token
 
-    def get(self, corrid):
+    def get(self, corrid, token):
         with self.lock:
             session = self.sessions.get(corrid)
             if session is None:
                 raise ServerError(f"stream {corrid} has no session on this server: it was idle longer "
                                   f"than the server's idle timeout ({self.idle_timeout:g} s) or the "
                                   f"server restarted; start the stream again")
+            if not self._owner(corrid, token):
+                raise InputError(f"stream {corrid}: the request's token is not its opener's (each "
+                                 f"stream is bound to the client that opened it)")
             self.last_seen[corrid] = self.idle_clock()
             return session
 
-    def close(self, corrid) -> bool:
+    def _owner(self, corrid, token) -> bool:
+        held = self.tokens.get(corrid)
+        return isinstance(token, str) and held is not None and hmac.compare_digest(held, token)
+
+    def close(self, corrid, token=None) -> bool:
+        """Free `corrid`'s session; with a token, only if it is the opener's."""
         with self.lock:
+            if token is not None and not self._owner(corrid, token):
+                return False
             session = self.sessions.pop(corrid, None)
             self.last_seen.pop(corrid, None)
+            self.tokens.pop(corrid, None)
             self.slots.release(corrid)
             if session is None:
                 return False
@@ -144,6 +167,8 @@ class SessionTable:
             idle = [c for c, t in self.last_seen.items() if now - t > self.idle_timeout]
             for c in idle:
                 self.close(c)
+                if self.on_free is not None:
+                    self.on_free(c)
             self.freed_idle += len(idle)
         return len(idle)
 

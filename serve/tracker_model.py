@@ -28,6 +28,7 @@ import tempfile
 import threading
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -36,8 +37,10 @@ try:  # only inside Triton's python backend stub
 except ImportError:  # pragma: no cover - imported for documentation / tests outside Triton
     pb_utils = None
 
+from fastsam2.runtime import host
 from fastsam2.runtime.errors import FastSam2Error, InputError
 
+from . import commands as C
 from . import protocol as P
 from .sessions import SessionTable, Slots
 
@@ -48,12 +51,26 @@ def _params(config: dict) -> dict:
     return {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+def served_session_class():
+    """The runtime's Session, minus what a server never sends: a push returns each object's
+    low-res logits and numbers (what the client makes masks from), not full-resolution masks,
+    and the objects a stream tracks or has scheduled are counted for the server's limit."""
+    from fastsam2.runtime.session import Session
+
+    class ServedSession(Session):
+        def scheduled_objects(self) -> set:
+            return set(self._trackers) | {o for p in self._pending.values() for o in p}
+
+        def _result(self, seconds: float):
+            cur = self._cur
+            objects = {o: SimpleNamespace(logits=np.asarray(st.low_res_logits, np.float32).reshape(
+                           st.low_res_logits.shape[-2:]), object_score=float(st.object_score),
+                           iou=float(st.iou), kept_tokens=int(st.kept_tokens), prompted=bool(st.prompted))
+                       for o, st in cur["results"].items()}
+            return SimpleNamespace(frame=self._frame, objects=objects, latency_ms=dict(cur["lat"]),
+                                   frame_ms=seconds * 1e3)
+
+    return ServedSession
 
 
 class BlsGraph:
@@ -99,7 +116,9 @@ class TritonPythonModel:
         limit = int(params.get("max_sessions") or 0) or None
         state = params.get("state_dir") or os.path.join(tempfile.gettempdir(), f"fastsam2-serve-{os.getppid()}")
         self.table = SessionTable(self._open_session, Slots(state, self.instance, limit),
-                                  float(params.get("idle_timeout") or 60))
+                                  float(params.get("idle_timeout") or 60), on_free=self._release_later)
+        # the key of the END requests this instance sends itself to free a Triton sequence slot
+        self._release_key = os.urandom(16).hex()
         self._metrics()
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="fastsam2-reaper", daemon=True)
@@ -110,13 +129,12 @@ class TritonPythonModel:
     # -- sessions -----------------------------------------------------------------------------
     def _open_session(self, options: dict):
         from fastsam2.runtime.bank import DEFAULT_MAX_COND
-        from fastsam2.runtime.session import Session
 
         fill = options.get("fill") or "no_mem"
         if fill not in FILLS:
             raise InputError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
         size = options.get("frame_size")
-        return Session.open(self.bundle, keep=options.get("keep"), fill=fill, num_frames=options.get("num_frames"),
+        return served_session_class().open(self.bundle, keep=options.get("keep"), fill=fill, num_frames=options.get("num_frames"),
                             max_cond_frames=int(options.get("max_cond_frames") or DEFAULT_MAX_COND),
                             frame_size=tuple(size) if size else None, graphs=(self.backend, self.graphs))
 
@@ -125,6 +143,25 @@ class TritonPythonModel:
         while not self._stop.wait(period):
             if self.table.reap():
                 self._update_metrics()
+
+    def _release_later(self, corrid) -> None:
+        """End Triton's sequence `corrid` (a refused START, a stream freed for idleness), so its
+        candidate slot is free now rather than at Triton's own (much longer) idle timeout. An END
+        request to this model, sent from a thread: it runs after the current execute() returns."""
+        if pb_utils is None or getattr(self, "_stop", None) is None or self._stop.is_set():
+            return
+        threading.Thread(target=self._release, args=(corrid,), name="fastsam2-release", daemon=True).start()
+
+    def _release(self, corrid) -> None:
+        try:
+            req = pb_utils.InferenceRequest(
+                model_name=P.MODEL, correlation_id=int(corrid), requested_output_names=[P.RESULT],
+                inputs=[pb_utils.Tensor(P.FRAME, P.PLACEHOLDER),
+                        pb_utils.Tensor(P.COMMANDS, P.dumps({"op": "close", "token": self._release_key}))])
+            req.set_flags(pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END)
+            req.exec()
+        except Exception as e:  # the slot then waits for Triton's idle timeout, as before
+            self._log(f"fastsam2: could not end sequence {corrid}: {e}", error=True)
 
     # -- requests -----------------------------------------------------------------------------
     def execute(self, requests):
@@ -150,30 +187,50 @@ class TritonPythonModel:
     def _handle(self, request):
         corrid = self._control(request, P.CORRID) or request.correlation_id()
         start, end = self._control(request, P.START), self._control(request, P.END)
-        cmd = P.loads(pb_utils.get_input_tensor_by_name(request, P.COMMANDS).as_numpy())
-        op = cmd.get("op", "push")
+        try:
+            cmd = C.parse(pb_utils.get_input_tensor_by_name(request, P.COMMANDS).as_numpy().reshape(-1)[0])
+            op, token = cmd.get("op", "push"), cmd.get("token")
+            if op == "close" and token == self._release_key:
+                return self._reply(None, {"closed": False})  # our own END: Triton frees the slot
+            if start != (op == "open"):
+                raise InputError("a sequence starts with an open request (START flag), and only there")
+        except FastSam2Error:
+            if start and corrid not in self.table.sessions:  # a refused START: free its slot now
+                self._release_later(corrid)
+            raise
         with self.table.lock:
             try:
-                if start:
-                    session = self.table.open(corrid, cmd.get("options") or {})
                 if op == "open":
-                    if not start:
-                        raise InputError("an open request must start its sequence")
-                    return self._reply(None, {"backend": self.backend, "tokens": session.T,
-                                              "max_cond_frames": session.max_cond_frames})
+                    reply, token = self._open(corrid, cmd)
+                    return reply
+                session = self.table.get(corrid, token)  # the opener's token, or refused
                 if op == "close":
-                    self.table.close(corrid)
-                    return self._reply(None, {"closed": True})
-                session = self.table.get(corrid)
+                    return self._reply(None, {"closed": self.table.close(corrid, token)})
                 if op == "push":
-                    frame = pb_utils.get_input_tensor_by_name(request, P.FRAME).as_numpy()
-                    return self._push(session, cmd, frame)
-                if op == "correct":
-                    return self._correct(session, cmd)
-                raise InputError(f"unknown op {op!r}")
+                    return self._push(session, cmd, self._frame(request, cmd["shape"]))
+                return self._correct(session, cmd)
             finally:
-                if end:
-                    self.table.close(corrid)
+                if end and token is not None:  # a wrong token closes nothing
+                    self.table.close(corrid, token)
+
+    def _open(self, corrid, cmd: dict):
+        try:
+            session, token = self.table.open(corrid, cmd["options"])
+        except FastSam2Error as e:
+            if not getattr(e, "live", False):  # a live id's sequence belongs to its opener
+                self._release_later(corrid)
+            raise
+        return self._reply(None, {"backend": self.backend, "tokens": session.T, "token": token,
+                                  "max_cond_frames": session.max_cond_frames}), token
+
+    def _frame(self, request, shape: tuple) -> np.ndarray:
+        """FRAME is flat (the config's dims [-1], so Triton checks its byte size against its
+        one dimension before the model process sees it); its shape travels in the command."""
+        flat = pb_utils.get_input_tensor_by_name(request, P.FRAME).as_numpy()
+        h, w = shape
+        if flat.size != h * w * 3:
+            raise InputError(f"FRAME holds {flat.size} bytes; a {w}x{h} RGB frame is {h * w * 3}")
+        return flat.reshape(h, w, 3)
 
     def _apply(self, session, ops: list) -> None:
         for o in ops:
@@ -185,6 +242,10 @@ class TritonPythonModel:
                 raise InputError(f"unknown prompt op {o.get('op')!r}")
 
     def _push(self, session, cmd: dict, frame: np.ndarray):
+        new = {o["obj"] for o in cmd["ops"] if o["op"] == "prompt"}
+        if len(session.scheduled_objects() | new) > C.MAX_OBJECTS:
+            raise InputError(f"a stream tracks at most {C.MAX_OBJECTS} objects on this server (the "
+                             f"request would make {len(session.scheduled_objects() | new)})")
         self._apply(session, cmd.get("ops", ()))
         logged = len(session.prompt_log)
         res = session.push(frame, timestamp=cmd.get("timestamp"))
@@ -192,12 +253,10 @@ class TritonPythonModel:
 
     def _correct(self, session, cmd: dict):
         logged, res = len(session.prompt_log), None
-        for o in cmd.get("ops", ()):
-            if o.get("op") != "prompt":
-                raise InputError("a correction carries prompts only")
+        if len(session.scheduled_objects() | {o["obj"] for o in cmd["ops"]}) > C.MAX_OBJECTS:
+            raise InputError(f"a stream tracks at most {C.MAX_OBJECTS} objects on this server")
+        for o in cmd["ops"]:
             res = session.add_prompt(o["obj"], **{**P.prompt_kwargs(o), "frame": session.frame})
-        if res is None:
-            raise InputError("a correction needs a prompt")
         return self._result(session, res, logged)
 
     def _result(self, session, res, logged: int):
@@ -227,7 +286,7 @@ class TritonPythonModel:
             # the live count last: a scrape that sees it change sees the rest of the update too
             values = {"fastsam2_memory_bank_bytes": self.table.memory_bytes(),
                       "fastsam2_sessions_freed_idle": self.table.freed_idle,
-                      "fastsam2_process_rss_bytes": _rss_bytes(),
+                      "fastsam2_process_rss_bytes": host.rss_mb() * 2 ** 20,
                       "fastsam2_live_sessions": len(self.table)}
             for name, v in values.items():
                 self._gauges[name][1].set(float(v))

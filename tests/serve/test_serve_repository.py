@@ -28,9 +28,10 @@ def test_in_process_repository(bundle_dir, tmp_path):
     assert sorted(p.name for p in repo.iterdir()) == [P.MODEL]
     c = parse_config(repo / P.MODEL / "config.pbtxt")
     assert c.backend == "python" and c.max_batch_size == 0
-    assert [(i.name, list(i.dims)) for i in c.input] == [("FRAME", [-1, -1, 3]), ("COMMANDS", [1])]
+    assert [(i.name, list(i.dims)) for i in c.input] == [("FRAME", [-1]), ("COMMANDS", [1])]  # FRAME flat: Triton checks its bytes
     sb = c.sequence_batching
-    assert sb.max_sequence_idle_microseconds == 7_500_000
+    # Triton's own timeout is a backstop (it counts queueing as idle): 5 min past the tracker's
+    assert sb.max_sequence_idle_microseconds == 307_500_000
     assert sb.WhichOneof("strategy_choice") == "oldest"
     assert sb.oldest.max_candidate_sequences == 10  # 5 sessions + room for refused sequences
     assert [ci.name for ci in sb.control_input] == ["START", "END", "CORRID"]
