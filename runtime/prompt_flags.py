@@ -87,7 +87,7 @@ def _split_id(value: str, flag: str, strict: bool) -> tuple:
 
 
 def _object_id(text: str, flag: str, value: str) -> int:
-    obj = _small_int(text, MAX_OBJECT_ID)
+    obj = _small_int(text, 10**9)  # a small number out of range: check_object_id's own message
     if obj is None:
         raise InputError(f"{flag} {shorten(value)}: object id {shorten(text.strip(), 20)} is not valid: "
                          f"ids are integers 1..{MAX_OBJECT_ID}")
