@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -95,6 +94,8 @@ def serve_rtsp(fps: float = 24.0, frames: int = 48, size: tuple[int, int] = (240
     import numpy as np
 
     from fastsam2.calibration.synthetic import make_video
+    # the parent side only: the server side runs where the venv's packages are not
+    from stream_server import stop_process, wait_ready
 
     with tempfile.TemporaryDirectory(prefix="rtsp_server_") as tmp:
         video = make_video(Path(tmp) / "clip", num_frames=frames, size=size, seed=seed,
@@ -115,37 +116,10 @@ def serve_rtsp(fps: float = 24.0, frames: int = 48, size: tuple[int, int] = (240
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
         try:
-            port = _wait_ready(proc, log_path)
+            port, _ = wait_ready(proc, log_path, "RTSP server")
             yield ServedRtsp(f"rtsp://127.0.0.1:{port}/stream", float(fps), frames, loop, video, proc)
         finally:
-            _stop(proc)
-
-
-def _wait_ready(proc: subprocess.Popen, log_path: Path) -> int:
-    deadline, line = time.monotonic() + START_TIMEOUT_S, b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
-        if ready:
-            line = proc.stdout.readline()
-            break
-        if proc.poll() is not None:
-            break
-    if not line.startswith(b"READY "):
-        _stop(proc)
-        raise RuntimeError(f"RTSP server did not start: {log_path.read_text(errors='replace')[-2000:]}")
-    return int(line.split()[1])
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(STOP_TIMEOUT_S)
-    if proc.stdout is not None:
-        proc.stdout.close()
+            stop_process(proc)
 
 
 # ----------------------------------------------------------------------------- the server side

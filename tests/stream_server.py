@@ -181,8 +181,8 @@ def serve_stream(
             video = make_video(Path(tmp) / "clip", num_frames=frames, size=size, seed=seed,
                                objects=objects, fmt="png")
             source = video.frames_dir_or_file
-        cmd = [sys.executable, str(Path(__file__).resolve().with_name("stream_sender.py")), "--kind", kind, "--fps", str(fps),
-               "--source", str(source)]
+        cmd = [sys.executable, str(Path(__file__).resolve().with_name("stream_sender.py")), "--kind", kind,
+               "--fps", str(fps), "--source", str(source)]
         if loop:
             cmd.append("--loop")
         if stamp:
@@ -198,15 +198,17 @@ def serve_stream(
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
                                     stdin=subprocess.PIPE if gate else subprocess.DEVNULL)
         try:
-            port, count = _wait_ready(proc, log_path)
+            port, count = wait_ready(proc, log_path, "stream server")
             path = {"http": "/live.ts", "mjpeg": "/live.mjpg"}.get(kind, "")
             yield ServedStream(f"{kind if kind in ('tcp', 'udp') else 'http'}://127.0.0.1:{port}{path}",
                                kind, float(fps), count, loop, video, _Gate(proc) if gate else None)
         finally:
-            _stop(proc)
+            stop_process(proc)
 
 
-def _wait_ready(proc: subprocess.Popen, log_path: Path) -> tuple[int, int]:
+def wait_ready(proc: subprocess.Popen, log_path: Path, what: str) -> tuple[int, int]:
+    """(port, frames) from the server's "READY PORT FRAMES" line; RuntimeError with its log
+    when it exits or says nothing within START_TIMEOUT_S."""
     deadline = time.monotonic() + START_TIMEOUT_S
     line = b""
     while time.monotonic() < deadline:
@@ -217,13 +219,14 @@ def _wait_ready(proc: subprocess.Popen, log_path: Path) -> tuple[int, int]:
         if proc.poll() is not None:
             break
     if not line.startswith(b"READY "):
-        _stop(proc)
-        raise RuntimeError(f"stream server did not start: {log_path.read_text(errors='replace')[-2000:]}")
+        stop_process(proc)
+        raise RuntimeError(f"{what} did not start: {log_path.read_text(errors='replace')[-2000:]}")
     _, port, count = line.split()
     return int(port), int(count)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL: bounded in time; closes its pipes."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -235,3 +238,40 @@ def _stop(proc: subprocess.Popen) -> None:
         if pipe is not None:
             with contextlib.suppress(OSError):
                 pipe.close()
+
+
+# ----------------------------------------------------------------------------- hang guards
+
+
+def bounded(fn, seconds: float):
+    """fn() on a thread; its result, its exception, or a test failure if it outlives `seconds`
+    (live sources can hang where a test cannot interrupt them)."""
+    import pytest
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # handed back to the test
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        pytest.fail(f"did not finish within {seconds} s")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def wait_until(condition, seconds: float) -> None:
+    """A bounded wait for something another thread does (a hang guard, not a timing bet)."""
+    import pytest
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not reached within {seconds} s")
+        time.sleep(0.01)

@@ -26,6 +26,7 @@ import pytest
 from fastsam2.runtime import frame_source
 from fastsam2.runtime.errors import SourceError
 from fastsam2.runtime.video import Frame, open_frames
+import stream_server
 from stream_server import read_stamp, serve_stream
 
 FPS = 24.0
@@ -53,23 +54,7 @@ def stream():
 
 
 def bounded(fn, seconds: float = HANG_S):
-    """fn() on a thread; its result, its exception, or a failure if it outlives `seconds`."""
-    out = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # handed back to the test
-            out["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    if t.is_alive():
-        pytest.fail(f"did not finish within {seconds} s")
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+    return stream_server.bounded(fn, seconds)
 
 
 def read_all(src, per_frame_s: float = 0.0, limit: int | None = None) -> list[tuple[int, int, float]]:
@@ -86,12 +71,7 @@ def read_all(src, per_frame_s: float = 0.0, limit: int | None = None) -> list[tu
 
 
 def wait_until(condition, seconds: float = HANG_S) -> None:
-    """A bounded wait for something another thread does (a hang guard, not a timing bet)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not reached within {seconds} s")
-        time.sleep(0.01)
+    stream_server.wait_until(condition, seconds)
 
 
 def refused_port():

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -28,6 +26,7 @@ from fastsam2.runtime.errors import SourceError
 from fastsam2.runtime.outputs import read_palette_png
 from fastsam2.runtime.run_cli import main
 from fastsam2.runtime.video import open_frames
+import stream_server
 from rtsp_server import gstreamer_missing, serve_rtsp
 from stream_server import read_stamp
 
@@ -47,31 +46,11 @@ def _gstreamer():
 
 
 def bounded(fn, seconds: float = HANG_S):
-    """fn() on a thread; its result, its exception, or a failure if it outlives `seconds`."""
-    out = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # handed back to the test
-            out["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    if t.is_alive():
-        pytest.fail(f"did not finish within {seconds} s")
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+    return stream_server.bounded(fn, seconds)
 
 
 def wait_until(condition, seconds: float = HANG_S) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not reached within {seconds} s")
-        time.sleep(0.01)
+    stream_server.wait_until(condition, seconds)
 
 
 # ----------------------------------------------------------------------------- the live source
