@@ -160,9 +160,17 @@ def test_demo_runs_twice_and_prompts_what_it_shows(tmp_path):
 
     with open_frames(out / "video" / "video.mp4") as src:
         rgb = next(iter(src))[1].astype(float)
-    r, g, b = rgb[y - 2 : y + 3, x - 2 : x + 3].reshape(-1, 3).mean(0)
-    colour = "blue" if b > max(r, g) + 40 else "red" if r > max(g, b) + 40 else "green" if g > max(r, b) + 40 else "?"
-    assert texts == {"blue disc"} and colour == "blue", (texts, (r, g, b))
+    rgb_mean = rgb[y - 2 : y + 3, x - 2 : x + 3].reshape(-1, 3).mean(0)
+    colour = ("red", "green", "blue")[int(np.argmax(rgb_mean))]
+    assert np.sort(rgb_mean)[-1] > np.sort(rgb_mean)[-2] + 40, rgb_mean  # a saturated colour
+    assert texts == {f"{colour} disc"}, (texts, rgb_mean)
+    # the demo regenerates its own video folder, and nothing else there
+    (out / "video" / "mine.txt").write_text("a user's file")
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), str(out)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "mine.txt" in r.stderr
+    assert (out / "video" / "mine.txt").read_text() == "a user's file"
+    assert (out / "video" / "video.mp4").is_file()
 
 
 # scripts/install.sh with stand-ins for python, pip, dpkg-query and apt-get (what it prints and
