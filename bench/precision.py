@@ -62,7 +62,7 @@ def prepare_bundle(args, work: Path, log) -> Path:
 class Official:
     """SAM2VideoPredictor stepped one frame at a time (propagate_in_video is a generator)."""
 
-    def __init__(self, args, frames_dir, point):
+    def __init__(self, args, frames_dir, points: dict):
         import torch
 
         from fastsam2.export.sam2_loader import load_sam2
@@ -73,8 +73,9 @@ class Official:
         for meth, name in OFFICIAL_HOOKS.items():
             setattr(self.pred, meth, self._hook(getattr(self.pred, meth), name))
         self.state = self.pred.init_state(str(frames_dir))
-        self.pred.add_new_points_or_box(self.state, frame_idx=0, obj_id=1, points=np.array([point], np.float32),
-                                        labels=np.array([1], np.int32))
+        for o, xy in points.items():
+            self.pred.add_new_points_or_box(self.state, frame_idx=0, obj_id=o, points=np.array([xy], np.float32),
+                                            labels=np.array([1], np.int32))
         self._ctx = torch.inference_mode()
         self._ctx.__enter__()
         self.gen = self.pred.propagate_in_video(self.state)
@@ -91,36 +92,37 @@ class Official:
     def step(self):
         self.stage = {}
         _, _, m = next(self.gen)
-        return (m[0, 0] > 0).numpy().copy(), dict(self.stage)
+        return (m[:, 0] > 0).numpy().copy(), dict(self.stage)
 
 
 class Ours:
-    """One fastsam2 tracker: a backend's sessions at one precision, at one keep."""
+    """One fastsam2 streaming session: a backend's graph sessions at one precision and keep,
+    every object clicked on frame 0."""
 
-    def __init__(self, bundle, sessions, keep, point, w, h, num_frames):
-        from fastsam2.runtime.sam2_math import Resizer
-        from fastsam2.runtime.track import PromptSpec, model_prompt
-        from fastsam2.runtime.tracker import Tracker
+    def __init__(self, bundle, sessions, keep, points: dict, num_frames):
+        from fastsam2.runtime.session import Session
 
-        self.tr = Tracker(sessions, bundle.constants, bundle.settings, keep=keep,
-                          keep_floor=bundle.manifest.get("keep_floor", 64), num_frames=num_frames)
-        self.prompt = model_prompt(PromptSpec(points=[tuple(point)]), w, h, self.tr.S)
-        self.resize, self.hw = Resizer(), (h, w)
+        self.s = Session.open(bundle, keep=keep, graphs=("bench", sessions), num_frames=num_frames)
+        for o, xy in points.items():
+            self.s.add_prompt(o, points=[tuple(xy)])
 
     def step(self, i, rgb):
-        image = self.tr.preprocess(rgb)
-        r = self.tr.add_prompt_frame(0, image, self.prompt) if i == 0 else self.tr.track(i, image)
-        return self.resize(r.low_res_logits[0, 0], self.hw) > 0, dict(r.latency_ms)
+        r = self.s.push(rgb)
+        return np.stack([r.objects[o].mask for o in sorted(r.objects)]), dict(r.latency_ms)
 
 
 def iou(a, b) -> float:
-    u = np.logical_or(a, b).sum()
-    return 1.0 if u == 0 else float(np.logical_and(a, b).sum() / u)
+    """Mean over objects of the IoU of [objects, H, W] masks."""
+    out = []
+    for x, y in zip(a, b):
+        u = np.logical_or(x, y).sum()
+        out.append(1.0 if u == 0 else float(np.logical_and(x, y).sum() / u))
+    return float(np.mean(out))
 
 
 def configs(bundle, args, log) -> dict:
     """{(backend, precision): sessions} for every row this machine can run, + why others are not."""
-    from fastsam2.runtime.backends import available_backends, create_sessions
+    from fastsam2.runtime.backends import available_backends, create_sessions, open_backend
     from fastsam2.runtime.openvino_backend import device_has_bf16
 
     have, out, skipped = available_backends(), {}, {}
@@ -143,6 +145,12 @@ def configs(bundle, args, log) -> dict:
                 continue
             out[(backend, p)] = (s, got, said)
             log(f"{backend} {p}: {got}" + (f" ({'; '.join(said)})" if said else ""))
+    # what a user of the defaults gets: `auto` with the bundle's picks (graphs on the backend
+    # that runs their precision, e.g. a bf16 encoder on OpenVINO and the rest on ONNX Runtime)
+    said = []
+    name, s = open_backend("auto", bundle, args.threads, warn=said.append)
+    out[(name, "picked")] = (s, {g: x.precision for g, x in s.items()}, said)
+    log(f"auto -> {name} with the bundle's picks: {out[(name, 'picked')][1]}")
     return out, skipped
 
 
@@ -151,6 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=1024)
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--keeps", default="1.0,0.3")
+    ap.add_argument("--objects", type=int, default=1, help="objects clicked on frame 0 (official and ours alike)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backends", default="ort-cpu,openvino")
     ap.add_argument("--precision", default="int8", help="what export.precision adds to the bundle (default int8)")
@@ -169,19 +178,21 @@ def main(argv=None) -> int:
     bdir = prepare_bundle(args, args.work, log)
 
     from fastsam2.calibration.synthetic import make_video
+    from fastsam2.runtime import host
     from fastsam2.runtime.bundle import load_bundle
     from fastsam2.runtime.video import open_frames
 
     size = (240, 320) if args.image_size <= 512 else (480, 640)
-    video = make_video(args.work / f"video_{args.frames}", num_frames=args.frames, size=size, seed=0, fmt="jpg")
-    point = [float(v) for v in video.first_frame_points[1]]
+    video = make_video(args.work / f"video_{args.frames}_{args.objects}", num_frames=args.frames, size=size, seed=0,
+                       objects=args.objects, fmt="jpg")
+    points = {o: [float(v) for v in xy] for o, xy in sorted(video.first_frame_points.items())}
     bundle = load_bundle(bdir)
     rows, skipped = configs(bundle, args, log)
     keeps = [float(k) for k in args.keeps.split(",")]
-    ours = {f"{b}:{p}:keep{k:g}": Ours(bundle, s, k, point, size[1], size[0], args.frames)
+    ours = {f"{b}:{p}:keep{k:g}": Ours(bundle, s, k, points, args.frames)
             for (b, p), (s, _, _) in rows.items() for k in keeps}
     log("official SAM2VideoPredictor: init_state")
-    official = Official(args, video.frames_dir_or_file, point)
+    official = Official(args, video.frames_dir_or_file, points)
     names = ["official", *ours]
     frame_ms = {n: [] for n in names}
     stages = {n: [] for n in names}
@@ -224,11 +235,11 @@ def main(argv=None) -> int:
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-                    "bf16": __import__("fastsam2.runtime.precision", fromlist=["x"]).cpu_has_bf16(),
+        "machine": {"cpu": host.cpu_model(), "cpu_flags": host.cpu_features(), "cores": os.cpu_count(),
+                    "platform": platform.platform(), "bf16": host.cpu_has_bf16(),
                     "threads": args.threads, "versions": _versions()},
         "settings": {"image_size": args.image_size, "frames": args.frames, "video_hw": list(size), "keeps": keeps,
-                     "steady_from_frame": STEADY_FROM, "lockstep": True, "point": point,
+                     "steady_from_frame": STEADY_FROM, "lockstep": True, "objects": args.objects, "points": points,
                      "weights": "seeded random init (no checkpoint): IoU is agreement, not accuracy"},
         "loadavg_1min_per_frame": load,
         "bundle_precision": m.get("precision"), "precision_gate": m.get("precision_gate"),
@@ -305,14 +316,6 @@ def write_fidelity_section(result: dict, source: Path, md: Path) -> None:
     head = text.split(SECTION)[0].rstrip() + "\n\n"
     rel = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
     md.write_text(head + fidelity_section(result, str(rel)))
-
-
-def _cpu_model() -> str:
-    try:
-        return next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def _versions() -> dict:

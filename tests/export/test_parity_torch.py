@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import NUM_FRAMES, load_tiny, mask_iou, run_official
 from fastsam2.runtime.sam2_math import Resizer
-from fastsam2.runtime.tracker import Prompt, Tracker
+from fastsam2.runtime.session import Session
 
 
 def _frames(frames_dir):
@@ -28,29 +28,25 @@ class Recording:
 
 
 def track_frames(pruned, frames_dir, point, keep=1.0, num_frames=None, record=None, fill="no_mem"):
+    """The streaming session on the PyTorch graph modules: ({frame: logits at input size},
+    [object 1's result per frame], object 1's Tracker for the bank's internals)."""
     from fastsam2.export.torch_backend import torch_sessions
 
     sessions = torch_sessions(pruned)
     if record is not None:
         sessions["memory_attention"] = Recording(sessions["memory_attention"], record)
     paths = _frames(frames_dir)
-    tr = Tracker(sessions, pruned.constants(), pruned.settings, keep=keep,
-                 num_frames=num_frames or len(paths), fill=fill)
+    s = Session(sessions, pruned.constants(), pruned.settings, keep=keep, backend="torch",
+                num_frames=num_frames or len(paths), fill=fill)
+    s.add_prompt(1, points=[tuple(point)])
     rs = Resizer()
     out, results = {}, []
     for i, p in enumerate(paths):
         rgb = np.asarray(Image.open(p).convert("RGB"))
-        h, w = rgb.shape[:2]
-        img = tr.preprocess(rgb)
-        if i == 0:
-            S = pruned.settings["image_size"]
-            pts = np.array([[point[0] / w * S, point[1] / h * S]], np.float32)
-            r = tr.add_prompt_frame(0, img, Prompt(pts, np.ones(1, np.float32)))
-        else:
-            r = tr.track(i, img)
+        r = s.push(rgb).objects[1]
         results.append(r)
-        out[i] = rs(r.low_res_logits[0, 0], (h, w))
-    return out, results, tr
+        out[i] = rs(r.logits, rgb.shape[:2])
+    return out, results, s._trackers[1]
 
 
 # measured on the test model (max-abs logits vs SAM2VideoPredictor): 256 px 1.55e-6, 1024 px
@@ -151,17 +147,16 @@ def test_parity_mask_prompt_two_objects_matches_add_new_mask(pruned, tiny_sam2, 
         for oid in (1, 2):
             pred.add_new_mask(state, 0, oid, gt0 == oid)
         official = {fi: m[:, 0].float().numpy().copy() for fi, _, m in pred.propagate_in_video(state)}
-    sessions = torch_sessions(pruned)
-    trackers = {o: Tracker(sessions, pruned.constants(), pruned.settings, keep=1.0, num_frames=10) for o in (1, 2)}
+    s = Session(torch_sessions(pruned), pruned.constants(), pruned.settings, keep=1.0, backend="torch", num_frames=10)
+    for o in (1, 2):
+        s.add_prompt(o, mask=gt0 == o)
     rs = Resizer()
     worst, ious = 0.0, []
     for i, p in enumerate(_frames(vid.frames_dir_or_file)):
         rgb = np.asarray(Image.open(p).convert("RGB"))
-        img = trackers[1].preprocess(rgb)
-        enc = trackers[1].encode(img, {})
-        for o, tr in trackers.items():
-            r = tr.add_mask_frame(0, img, gt0 == o, enc=enc) if i == 0 else tr.track(i, img, enc=enc)
-            ours = rs(r.low_res_logits[0, 0], rgb.shape[:2])
+        res = s.push(rgb)
+        for o in (1, 2):
+            ours = rs(res.objects[o].logits, rgb.shape[:2])
             ref = official[i][o - 1]
             # frame 0 holds the -10/+10 logits of the mask itself: relative tolerance
             worst = max(worst, float(np.abs(ref - ours).max() / max(1.0, np.abs(ref).max())))
