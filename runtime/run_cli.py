@@ -33,7 +33,7 @@ class Command(click.Command):
         try:
             return super().make_context(*args, **kwargs)
         except click.UsageError as e:
-            raise OneLineUsage(e.format_message()) from None
+            raise OneLineUsage(f"{e.format_message().rstrip('.')} (see --help)") from None
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
@@ -55,7 +55,8 @@ class Command(click.Command):
               help="auto: the bundle's TensorRT engines if built for this GPU, else the best ONNX Runtime "
                    "(or OpenVINO) backend that starts here.")
 @click.option("--out", default="results", show_default=True, help="Output folder (masks/, overlay.mp4, results.json).")
-@click.option("--force", is_flag=True, help="Replace an earlier run's outputs in --out.")
+@click.option("--force", is_flag=True,
+              help="Replace an earlier run's outputs in --out (the files it recorded as its own; others are refused).")
 @click.option("--overlay/--no-overlay", default=True, show_default=True, help="Write overlay.mp4.")
 @click.option("--max-frames", type=int, default=None, help="Stop after N frames processed (at most 2^31-1).")
 @click.option("--duration", type=float, default=None, help="Stop after SECONDS (live sources; at most 31 days).")
