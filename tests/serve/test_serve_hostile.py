@@ -243,3 +243,24 @@ def test_refused_starts_never_ended_do_not_fill_the_slots(server, live):
     finally:
         other.close()
     model.open_session().close()
+
+
+def test_the_server_builds_no_full_resolution_masks(bundle_dir, monkeypatch):
+    """What the tracker model runs per push: each object's low-res logits and numbers (all the
+    client needs to make masks with the local code), never masks at the frame's resolution."""
+    from fastsam2.runtime import results, session
+    from fastsam2.serve.tracker_model import served_session_class
+
+    def no_masks(*a, **k):
+        raise AssertionError("full-resolution masks built on the server")
+
+    monkeypatch.setattr(session, "frame_result", no_masks)
+    monkeypatch.setattr(results, "frame_result", no_masks, raising=False)
+    s = served_session_class().open(bundle_dir, backend="ort-cpu", threads=1)
+    try:
+        s.add_prompt(1, points=[(2000, 30)])
+        r = s.push(np.zeros((64, 4096, 3), np.uint8))
+        assert list(r.objects) == [1] and r.objects[1].logits.shape == (64, 64)  # S/4 at 256 px
+        assert not hasattr(r.objects[1], "mask") and s.scheduled_objects() == {1}
+    finally:
+        s.close()

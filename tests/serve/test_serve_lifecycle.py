@@ -1,6 +1,6 @@
 """fastsam2-serve as an operator runs it: a server killed mid-stream gives the client one error
 line, exit 2 and complete outputs so far; a restarted server accepts new streams and frees a
-stream that went away after its idle timeout; SIGTERM stops the server cleanly (exit 0, no
+stream that went away after its idle timeout; SIGTERM stops the server cleanly (exit 143 with one line, no
 tritonserver left)."""
 
 from __future__ import annotations
