@@ -15,10 +15,6 @@ from fastsam2.runtime.errors import FastSam2Error, InputError
 
 from .engines_step import engines_step
 
-# the engines step's old name here, for tests/conftest.py's retarget_bundle until it imports
-# fastsam2.export.engines_step.engines_step
-_engines_hook = engines_step
-
 # what the [export] extra brings (pyproject.toml): the torch side of fastsam2
 EXPORT_MODULES = ("torch", "sam2", "onnx", "open_clip")
 def require_export_extra(command: str) -> None:
@@ -101,7 +97,7 @@ def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0
     emb, text_info = compute_text_embeddings(prompt_list, spec)
     router = None
     if router_weights:
-        from fastsam2.calibration.router_training import load_router
+        from .router_weights import load_router
 
         router = load_router(router_weights, text_info["dim"])
     pruned = PrunedSAM2(loaded, router=router, text_dim=text_info["dim"])

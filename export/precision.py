@@ -200,9 +200,10 @@ def calibration_feeds(bundle, source, work: Path, frames: int, threads, log) -> 
     """({graph: [feeds]}, description): what each graph receives while tracking calibration
     frames at keep 1.0. `source`: None (a generated video), a video or frames folder, or a
     folder of `fastsam2-calibrate int8` files (calib_<graph>.npz)."""
-    from fastsam2.calibration.int8 import load_feeds, record_feeds
     from fastsam2.calibration.synthetic import make_video
     from fastsam2.runtime.video import open_frames
+
+    from .feeds import load_feeds, record_feeds
 
     if source is not None and Path(source).is_dir() and (Path(source) / "calib_image_encoder.npz").is_file():
         store = {g: load_feeds(Path(source) / f"calib_{g}.npz") for g in GRAPH_ORDER

@@ -216,7 +216,7 @@ def retarget_bundle(bundle_dir, dst, target, keep=0.5, log=None) -> dict:
     (tests/export/test_export_cli.py exports for TensorRT targets end to end)."""
     import json
 
-    from fastsam2.export.cli import _engines_hook
+    from fastsam2.export.engines_step import engines_step
     from fastsam2.profiles import load_profile
     from fastsam2.export.onnx_export import keep_fields
     from fastsam2.runtime.bundle import reseal
@@ -224,7 +224,7 @@ def retarget_bundle(bundle_dir, dst, target, keep=0.5, log=None) -> dict:
     dst = own_bundle(bundle_dir, dst)
     m = json.loads((dst / "manifest.json").read_text())
     m.update(target=target, **keep_fields(keep, m["token_grid"][0] * m["token_grid"][1], m["model"]))
-    m["engines"] = _engines_hook(load_profile(target), keep, log or (lambda _: None))(dst, m) or {}
+    m["engines"] = engines_step(load_profile(target), keep, log or (lambda _: None))(dst, m) or {}
     (dst / "manifest.json").unlink()  # a hard link into the session's bundle: replace, never write through
     (dst / "manifest.json").write_text(json.dumps(m, indent=2))
     return reseal(dst)

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from conftest import own_bundle
 from fastsam2.calibration.calibrate_cli import main
-from fastsam2.calibration.int8 import load_feeds
+from fastsam2.export.feeds import load_feeds
 from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, PTR_TOKENS, keep_to_k
 
 FRAMES = 3

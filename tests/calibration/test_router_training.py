@@ -12,12 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from fastsam2.calibration.calibrate_cli import main
-from fastsam2.calibration.router_training import (
-    clip_dense_embeddings,
-    load_router,
-    save_router,
-    train_router,
-)
+from fastsam2.calibration.router_training import clip_dense_embeddings, train_router
+from fastsam2.export.router_weights import load_router, save_router
 from fastsam2.runtime.errors import CheckpointError
 
 STEPS = 40
