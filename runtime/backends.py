@@ -159,7 +159,7 @@ def openvino_graphs(bundle, precision: str | None = None) -> dict:
 def _mixed_sessions(bundle, moved: dict, threads, precision, warn) -> tuple:
     ort = create_sessions(bundle, "ort-cpu", threads, precision=precision, warn=warn,
                           graphs=[g for g in GRAPH_ORDER if g not in moved])
-    ov = _openvino_sessions(bundle, threads, moved, graphs=list(moved))
+    ov = _openvino_sessions(bundle, threads, moved, graphs=list(moved), log=warn)
     warn(f"backend auto: {', '.join(f'{g} {p}' for g, p in moved.items())} on openvino (ONNX Runtime runs "
          f"no {'/'.join(sorted(set(moved.values())))} {'graph' if len(moved) == 1 else 'graphs'} here), "
          "the other graphs on ort-cpu")
@@ -172,7 +172,7 @@ def create_sessions(bundle, backend: str, threads: int | None = None, precision:
     threads = check_threads(threads)
     graphs = list(GRAPH_ORDER if graphs is None else graphs)
     if backend == "openvino":
-        return _openvino_sessions(bundle, threads, graph_precisions(bundle, backend, precision, warn), graphs)
+        return _openvino_sessions(bundle, threads, graph_precisions(bundle, backend, precision, warn), graphs, log=warn)
     if backend == "tensorrt":
         from fastsam2.runtime.trt_backend import TensorRTSession, check_engine_compat
 
@@ -218,7 +218,7 @@ def create_sessions(bundle, backend: str, threads: int | None = None, precision:
     return sessions
 
 
-def _openvino_sessions(bundle, threads, precisions: dict, graphs=GRAPH_ORDER) -> dict:
+def _openvino_sessions(bundle, threads, precisions: dict, graphs=GRAPH_ORDER, log=None) -> dict:
     from fastsam2.runtime.contract import GRAPHS
     from fastsam2.runtime.openvino_backend import (DEVICES, OpenVINOSession, cache_dir, devices,
                                                    graph_device)
@@ -236,6 +236,6 @@ def _openvino_sessions(bundle, threads, precisions: dict, graphs=GRAPH_ORDER) ->
             raise BackendError(f"OpenVINO has no {dev} device here (it has: {', '.join(have) or 'none'})")
         prec = precisions[g] if dev == "CPU" or precisions[g] != "fp32" else base
         path = variant_path(bundle, g, precisions[g])
-        sessions[g] = OpenVINOSession(path, dev, threads, prec,
+        sessions[g] = OpenVINOSession(path, dev, threads, prec, log=log,
                                       cache=cache_dir(bundle.manifest["graphs"][g]["sha256"]))
     return sessions

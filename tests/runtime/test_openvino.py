@@ -92,11 +92,12 @@ def bf16_encoder_bundle(bundle_dir):
     return bundle
 
 
-def test_auto_runs_a_bf16_encoder_on_openvino_and_the_rest_on_onnxruntime(monkeypatch, bundle_dir, synth):
+def test_auto_runs_a_bf16_encoder_on_openvino_and_the_rest_on_onnxruntime(monkeypatch, bundle_dir, synth, tmp_path):
     """Issue 23: what the target picked runs where it was picked. `auto` on a CPU must not drop
     the bf16 encoder to fp32 ONNX Runtime: it runs that graph on OpenVINO, the others on ORT."""
     monkeypatch.setattr(openvino_backend, "device_has_bf16", lambda device="CPU": True)
     monkeypatch.setattr(backends, "available_backends", lambda: ["ort-cpu", "openvino"])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty OpenVINO cache: a first run
     bundle = bf16_encoder_bundle(bundle_dir)
     said = []
     name, sessions = backends.open_backend("auto", bundle, THREADS, warn=said.append)
@@ -104,8 +105,13 @@ def test_auto_runs_a_bf16_encoder_on_openvino_and_the_rest_on_onnxruntime(monkey
     assert isinstance(sessions["image_encoder"], openvino_backend.OpenVINOSession)
     assert sessions["image_encoder"].precision == "bf16"
     assert all(type(sessions[g]).__name__ in ("OrtSession", "AttentionBySize") for g in sessions if g != "image_encoder")
-    assert said == ["backend auto: image_encoder bf16 on openvino (ONNX Runtime runs no bf16 graph here), "
+    cache = openvino_backend.cache_dir(bundle.manifest["graphs"]["image_encoder"]["sha256"])
+    assert said == [f"openvino: compiling image_encoder.onnx for CPU in bf16 (once: cached in {cache})",
+                    "backend auto: image_encoder bf16 on openvino (ONNX Runtime runs no bf16 graph here), "
                     "the other graphs on ort-cpu"]
+    said.clear()  # the second open loads the compiled graph: no compile line
+    assert backends.open_backend("auto", bundle, THREADS, warn=said.append)[0] == "ort-cpu+openvino"
+    assert len(said) == 1 and said[0].startswith("backend auto:")
     # the mixed chain tracks like the all-fp32 one (OpenVINO's bf16 encoder vs fp32: same masks)
     got = track_logits((name, sessions), bundle, synth, 1.0, frames=4)
     ref = track_logits(("ort-cpu", backends.create_sessions(bundle, "ort-cpu", THREADS, precision="fp32")),
