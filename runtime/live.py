@@ -67,6 +67,8 @@ from .live_target import PROBE_SECONDS, LiveTarget, check_host, ffmpeg_options, 
 QUEUE_FRAMES = 2  # decoded frames waiting in order: the decode of the next overlaps the consumer
 OPEN_GRACE_S = 2.0  # on top of open_timeout: FFmpeg's own timeout should fire first
 WATCHDOG_GRACE_S = 5.0  # on top of read_timeout, for a reader stuck where FFmpeg cannot time out
+MAX_TIMEOUT_S = 3600.0  # open/read timeouts: an hour of silence is a dead source
+MAX_FPS = 1000.0  # what a camera may be asked for
 CLOSE_JOIN_S = 1.0  # close() waits this long for the reader; it finishes on its own after
 AVFMT_NOTIMESTAMPS = 0x80
 # Protocols that end by closing the connection: there, an I/O error after the first frame is
@@ -290,13 +292,15 @@ class LiveSource(FrameSource):
         super().__init__()
         import av  # noqa: F401  (fail here, not in the thread, if PyAV is missing)
 
-        if not open_timeout or open_timeout <= 0:
-            raise SourceError(f"open timeout must be > 0 s, got {open_timeout}")
         read_timeout = open_timeout if read_timeout is None else read_timeout
-        if read_timeout <= 0:
-            raise SourceError(f"read timeout must be > 0 s, got {read_timeout}")
-        if fps is not None and not fps > 0:
-            raise SourceError(f"fps must be > 0, got {fps}")
+        for what, seconds in (("open", open_timeout), ("read", read_timeout)):
+            # NaN fails the comparison too; over the bound, FFmpeg's microsecond options and the
+            # thread waits overflow (inf, 1e12)
+            if not 0 < seconds <= MAX_TIMEOUT_S:
+                raise SourceError(f"{what} timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], "
+                                  f"got {seconds}")
+        if fps is not None and not 0 < fps <= MAX_FPS:
+            raise SourceError(f"fps must be in (0, {MAX_FPS:g}], got {fps}")
         self.target = target
         self.kind = target.kind
         self.name = target.name

@@ -256,6 +256,16 @@ def test_refused_connection_is_a_source_error(scheme):
     assert "secret" not in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("timeouts", [{"open_timeout": float("inf")}, {"open_timeout": 1e12},
+                                      {"open_timeout": float("nan")}, {"open_timeout": 0},
+                                      {"open_timeout": 5, "read_timeout": -1}])
+def test_timeouts_out_of_range_are_one_line(timeouts):
+    # inf and 1e12 overflowed FFmpeg's microsecond options / the thread waits (a traceback)
+    with pytest.raises(SourceError, match=r"timeout must be a number of seconds in \(0, 3600\], got") as e:
+        open_frames("http://127.0.0.1:9/live.ts", **timeouts)
+    assert "\n" not in str(e.value)
+
+
 def test_silent_server_times_out():
     with socket.socket() as srv:  # accepts connections, never answers
         srv.bind(("127.0.0.1", 0))
