@@ -20,7 +20,7 @@ if [ -z "$PY310" ]; then
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-POINT=$($PY -m fastsam2.calibration.synthetic "$tmp/video" --frames 6 --size 120x160 \
+POINT=$($PY -m fastsam2.calibration.synthetic "$tmp/video" --frames 6 --size 160x120 \
         | sed -n 's/^object 1: point \([0-9]*,[0-9]*\).*/\1/p')
 $PY -m fastsam2.export.cli --target cpu --keep 0.5 --prompts cyclist --text-pretrained random \
     --image-size 256 --precision fp32 --out "$tmp/bundle" > /dev/null 2>&1
