@@ -211,7 +211,7 @@ def _loop(session, source, schedule, run, bundle, keep, fill, overlay, max_frame
 
     expected = source.num_frames if max_frames is None else min(max_frames, source.num_frames or max_frames)
     frames, todo, t_start = [], list(schedule), time.perf_counter()
-    status, error = "finished", None
+    status, error, unrecorded = "finished", None, None
     writer = (OverlayWriter(run.file("overlay.mp4"), source.width, source.height, source.fps)
               if overlay else None)
     try:
@@ -233,10 +233,13 @@ def _loop(session, source, schedule, run, bundle, keep, fill, overlay, max_frame
                 entry["frame"] = index
                 if asked.get(entry["object"], index) != index:
                     entry["requested_frame"] = asked[entry["object"]]
-            write_palette_png(run.mask_path(index), res.index_mask)
+            record = _frame_record(res, index)
+            unrecorded = run.mask_path(index)  # on disk, not yet in results.json: removed if the run stops here
+            write_palette_png(unrecorded, res.index_mask)
             if writer is not None:
                 writer.write(rgb, res.index_mask)
-            frames.append(_frame_record(res, index))
+            frames.append(record)
+            unrecorded = None
             if progress is not None:
                 progress(len(frames) - 1, expected, frames[-1])
             if max_frames is not None and len(frames) >= max_frames:
@@ -256,6 +259,9 @@ def _loop(session, source, schedule, run, bundle, keep, fill, overlay, max_frame
         raise
     finally:
         source.stop()
+    if unrecorded is not None:  # the masks on disk are those of the frames results.json holds
+        with contextlib.suppress(OSError):
+            unrecorded.unlink()
     if writer is not None:
         if frames:
             writer.close()  # the overlay of the frames done, even when the run stopped early

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -188,3 +190,46 @@ def test_the_backend_is_resolved_once_per_run(bundle_dir, small, tmp_path, monke
                       "--backend", "auto", "--no-overlay", "--max-frames", "1", "--out", tmp_path / "r"])
     assert code == 0, text
     assert calls == ["auto"] and "backend: ort-cpu (auto)" in text
+
+
+# -- signals (cli_edge.cli_errors) ---------------------------------------------------------------
+CHILD = ("import signal, sys\n"
+         # as from a terminal: a suite run in the background hands its children SIGINT ignored
+         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+         "from fastsam2.runtime.run_cli import main\n"
+         "main(prog_name='fastsam2-run')\n")
+
+
+@pytest.mark.parametrize("sig, code, words", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_a_signal_mid_run_is_one_line_and_the_run_records_its_outputs(bundle_dir, tmp_path, sig, code, words):
+    from fastsam2.calibration.synthetic import make_video
+
+    vid = make_video(tmp_path / "v", num_frames=60, size=(96, 128), seed=2, fmt="jpg")
+    out = tmp_path / "r"
+    args = [vid.frames_dir_or_file, "--bundle", bundle_dir, "--point", "40,40", "--backend", "ort-cpu",
+            "--threads", "1", "--out", out]
+    p = subprocess.Popen([sys.executable, "-c", CHILD, *map(str, args), "--quiet"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600  # a bound on a loaded machine, not a speed assertion
+        while not (out / "masks" / "00001.png").exists():
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=300)
+    finally:
+        p.kill()
+    assert p.returncode == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted by") and words in lines[0], err
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "interrupted" and 1 <= len(res["frames"]) < 60
+    masks = [f"masks/{p.name}" for p in sorted((out / "masks").iterdir())]
+    assert masks == [f"masks/{f['frame']:05d}.png" for f in res["frames"]]  # a mask per frame recorded, no more
+    recorded = json.loads((out / RECORD_NAME).read_text())["files"]
+    assert sorted(recorded) == masks + ["overlay.mp4", "results.json"]
+    # what the stopped run wrote is its own: --force replaces it
+    code, text = run(args + ["--max-frames", "1", "--force", "--quiet"])
+    assert code == 0, text
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["00000.png"]
