@@ -163,6 +163,7 @@ def build_engines(bundle_dir, profile, shapes: dict, log=print) -> dict:
     Needs tensorrt, polygraphy (for the GPU query) and a GPU. Writes `<graph>.engine`,
     `timing.cache` and `build.log` under `engines/<target>/`.
     """
+    # not Polygraphy's NetworkFromOnnxPath -> CreateConfig -> EngineBytesFromNetwork: CreateConfig pins DLA_core = 0 (a profile names its core) and logs to G_LOGGER, not build.log; on tests' stand-in TensorRT it reached 7 APIs more before one build (measured: Logger severities, init_libnvinfer_plugins, ITensor.dtype/is_shape_tensor, layer iteration, enum flags, get_flag)
     try:
         import tensorrt as trt
     except ImportError as e:
@@ -294,6 +295,7 @@ def check_engines(bundle_dir, built: dict, shapes: dict, precision: str, seed: i
     fp16, x100 int8). Returns {graph: {"outputs": {output: {max_abs_err, tol, at}}, "passed"}},
     each output's worst case over the shapes checked (`at`: "opt" or "max"); a non-finite error
     is NaN and fails."""
+    # not Polygraphy's Comparator + CompareFunc.simple: it passes an element within atol OR rtol * |ref| (not the contract's max error <= atol + rtol * max|ref| recorded per output), and its TrtRunner needs trt.IOutputAllocator (the stand-in has none) instead of the runtime's own TensorRTSession, which this checks
     import numpy as np
     import onnxruntime as ort
 
