@@ -163,7 +163,7 @@ def build_engines(bundle_dir, profile, shapes: dict, log=print) -> dict:
     Needs tensorrt, polygraphy (for the GPU query) and a GPU. Writes `<graph>.engine`,
     `timing.cache` and `build.log` under `engines/<target>/`.
     """
-    # not Polygraphy's NetworkFromOnnxPath -> CreateConfig -> EngineBytesFromNetwork: CreateConfig pins DLA_core = 0 (a profile names its core) and logs to G_LOGGER, not build.log; on tests' stand-in TensorRT it reached 7 APIs more before one build (measured: Logger severities, init_libnvinfer_plugins, ITensor.dtype/is_shape_tensor, layer iteration, enum flags, get_flag)
+    # not Polygraphy's NetworkFromOnnxPath -> CreateConfig -> EngineBytesFromNetwork: CreateConfig pins DLA_core = 0 (a profile names its core), drops a mismatched timing cache silently and logs to G_LOGGER, not build.log; and one build on tests' stand-in TensorRT needed 9 APIs more (measured: Logger severities, init_libnvinfer_plugins, ITensor.dtype/is_shape_tensor, layer iteration, enum flags, get_flag, num_optimization_profiles)
     try:
         import tensorrt as trt
     except ImportError as e:
