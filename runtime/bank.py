@@ -23,12 +23,27 @@ from fastsam2.runtime.contract import PTR_TOKENS
 from fastsam2.runtime.sam2_math import from_bf16_bits, sine_pe_1d, to_bf16_bits
 
 DEFAULT_MAX_COND = 4
+# the most conditioning frames a session may attend to: each one is T tokens of memory attention
+# and of the preallocated assembly buffers (a client's 10**6 once made numpy reserve 62 GiB)
+MAX_COND_FRAMES = 64
+
+
+class Revision:
+    """A session's change counter, shared by its objects' trackers and banks: every write
+    records the revision it happened at, so a snapshot increment carries exactly what changed
+    after a given revision (runtime/snapshot.py)."""
+
+    __slots__ = ("now",)
+
+    def __init__(self, now: int = 0):
+        self.now = now
 
 
 class MemoryBank:
-    def __init__(self, num_tokens: int, settings: dict, constants: dict, max_cond: int = DEFAULT_MAX_COND):
-        if max_cond < 1:
-            raise ValueError(f"max_cond must be >= 1, got {max_cond}")
+    def __init__(self, num_tokens: int, settings: dict, constants: dict, max_cond: int = DEFAULT_MAX_COND,
+                 clock: Revision | None = None):
+        if not 1 <= max_cond <= MAX_COND_FRAMES:
+            raise ValueError(f"max_cond must be in 1..{MAX_COND_FRAMES}, got {max_cond}")
         self.T = num_tokens
         self.s = settings
         self.c = constants
@@ -45,6 +60,11 @@ class MemoryBank:
         self.ptr_frame = np.full(ptr_slots, -1, np.int64)
         self.cond = []  # (frame, bf16 feat [T, mem_dim], obj_ptr [hidden]), in the order added
         self.max_cond = max_cond
+        # the revision of each ring slot's, pointer slot's and the conditioning list's last write
+        self.clock = clock or Revision()
+        self.slot_rev = np.zeros(slots, np.int64)
+        self.ptr_rev = np.zeros(ptr_slots, np.int64)
+        self.cond_rev = self.clock.now
         # assembly buffers, sized for the fullest bank
         max_m = max_cond * num_tokens + slots * num_tokens + (ptr_slots + max_cond) * PTR_TOKENS
         self._mem = np.zeros((max_m, self.mem_dim), np.float32)
@@ -62,6 +82,7 @@ class MemoryBank:
         """
         tokens = maskmem.reshape(self.mem_dim, -1).T
         entry = (frame_idx, to_bf16_bits(tokens), obj_ptr.reshape(-1).astype(np.float32))
+        self.cond_rev = self.clock.now
         self.drop_tracked(frame_idx)
         for i, (f, _, _) in enumerate(self.cond):
             if f == frame_idx:
@@ -81,10 +102,12 @@ class MemoryBank:
             self.idx[slot] = self._all
             self.count[slot] = self.T
             self.frame[slot] = frame_idx
+            self.slot_rev[slot] = self.clock.now
         p = frame_idx % len(self.ptr_frame)
         if self.ptr_frame[p] < frame_idx:
             self.ptr[p] = obj_ptr
             self.ptr_frame[p] = frame_idx
+            self.ptr_rev[p] = self.clock.now
 
     def add_frame(self, frame_idx: int, maskmem: np.ndarray, kept_idx: np.ndarray,
                   obj_ptr: np.ndarray) -> None:
@@ -96,9 +119,11 @@ class MemoryBank:
         self.idx[slot, :n] = kept_idx
         self.count[slot] = n
         self.frame[slot] = frame_idx
+        self.slot_rev[slot] = self.clock.now
         p = frame_idx % len(self.ptr_frame)
         self.ptr[p] = obj_ptr.reshape(-1)
         self.ptr_frame[p] = frame_idx
+        self.ptr_rev[p] = self.clock.now
 
     def drop_tracked(self, frame_idx: int) -> None:
         """Forget a tracked frame's memory and pointer (it became a conditioning frame)."""
@@ -106,9 +131,11 @@ class MemoryBank:
         if self.frame[slot] == frame_idx:
             self.frame[slot] = -1
             self.count[slot] = 0
+            self.slot_rev[slot] = self.clock.now
         p = frame_idx % len(self.ptr_frame)
         if self.ptr_frame[p] == frame_idx:
             self.ptr_frame[p] = -1
+            self.ptr_rev[p] = self.clock.now
 
     def is_conditioning(self, frame_idx: int) -> bool:
         return any(f == frame_idx for f, _, _ in self.cond)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fastsam2.runtime.bank import DEFAULT_MAX_COND, MemoryBank
+from fastsam2.runtime.bank import DEFAULT_MAX_COND, MemoryBank, Revision
 from fastsam2.runtime.contract import keep_to_k
 from fastsam2.runtime.sam2_math import (
     Resizer,
@@ -98,9 +98,13 @@ class Tracker:
     def __init__(self, sessions: dict, constants: dict, settings: dict, keep: float | str = 1.0,
                  keep_floor: int = 64, fill: str = "no_mem", text_emb: np.ndarray | None = None,
                  num_frames: int | None = None, keep_range: tuple = (0.3, 1.0),
-                 max_cond: int = DEFAULT_MAX_COND, correct_as_cond: bool | None = None):
+                 max_cond: int = DEFAULT_MAX_COND, correct_as_cond: bool | None = None,
+                 clock: Revision | None = None):
         if fill not in FILL_MODES:
             raise ValueError(f"fill must be one of {FILL_MODES}")
+        # the session's change counter: what a snapshot increment must carry (runtime/snapshot.py)
+        self.clock = clock or Revision()
+        self.created_rev = self.state_rev = self.clock.now
         self.sessions = sessions
         self.c = constants
         self.s = settings
@@ -121,7 +125,7 @@ class Tracker:
         self.correct_as_cond = bool(settings.get("add_all_frames_to_correct_as_cond", False)
                                     if correct_as_cond is None else correct_as_cond)
         self.set_text(text_emb)
-        self.bank = MemoryBank(self.T, settings, constants, max_cond=max_cond)
+        self.bank = MemoryBank(self.T, settings, constants, max_cond=max_cond, clock=self.clock)
         self.no_mem = constants["no_mem_embed"].reshape(1, -1).astype(np.float32)
         self.prev_logits = None
         self.prev_grid = None  # last frame's conditioned [T, C] ("last" fill)
@@ -131,6 +135,7 @@ class Tracker:
 
     def set_text(self, text_emb: np.ndarray | None) -> None:
         dim = self.s.get("text_dim", 512)
+        self.text_rev = self.clock.now
         self.text_emb = (np.zeros((1, int(dim)), np.float32) if text_emb is None
                          else np.asarray(text_emb, np.float32).reshape(1, -1))
 
@@ -184,6 +189,7 @@ class Tracker:
         return np.clip(self.prev_logits, -32.0, 32.0)
 
     def _done(self, frame_idx, enc, pix, idx, low) -> None:
+        self.state_rev = self.clock.now  # logits, frame, fill and budget state changed
         self.prev_logits = low
         self.frame_idx = frame_idx
         self._last = {"frame": frame_idx, "enc": enc, "pix": pix, "idx": idx}
