@@ -25,6 +25,7 @@ from fastsam2.runtime.errors import FastSam2Error, InputError
 from fastsam2.runtime.sam2_math import Resizer
 from fastsam2.runtime.session import check_object_id, frame_result
 
+from . import commands as C
 from . import protocol as P
 
 CLIENT_HINT = "install the client: pip install 'fastsam2[client]'"
@@ -165,6 +166,7 @@ class RemoteSession:
         rgb = np.asarray(rgb)
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise InputError(f"frames must be uint8 H x W x 3 RGB, got {rgb.dtype} {rgb.shape}")
+        C.frame_shape(list(rgb.shape[:2]))  # the server's size limit, said before a large frame is sent
         ops, self._ops = self._ops, []
         cmd = {"op": "push", "ops": ops, "timestamp": None if timestamp is None else float(timestamp),
                "shape": list(rgb.shape[:2])}

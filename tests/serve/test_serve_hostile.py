@@ -148,7 +148,11 @@ def test_frames_over_the_size_limit_are_refused_not_processed(server, live):
     s = RemoteModel(server.grpc_url).open_session()
     try:
         with pytest.raises(InputError, match=r"64x4100: this server takes 2\.\.4096 px a side"):
-            s.push(np.zeros((4100, 64, 3), np.uint8))
+            s.push(np.zeros((4100, 64, 3), np.uint8))  # the client says so before sending it
+        res, err = grpc_infer(server, {"op": "push", "token": s._token, "shape": [4100, 64]},
+                              frame_bytes=np.zeros(4100 * 64 * 3, np.uint8), sequence_id=s.sequence_id)
+        assert res is None and err == "InputError: a frame is 64x4100: this server takes 2..4096 px a side " \
+                                      "(downscale larger frames)", err
         # a frame whose bytes do not match its declared shape
         res, err = grpc_infer(server, {"op": "push", "token": s._token, "shape": [240, 320]},
                               frame_bytes=np.zeros(10, np.uint8), sequence_id=s.sequence_id)
