@@ -1,15 +1,18 @@
 """The tracker model's sessions: {correlation id: Session}, the --max-sessions limit shared by
 all instances of the model, and the idle timeout that frees a stream that went away.
 
-Triton's sequence batcher releases an idle sequence's slot but does not tell the model, so the
-table keeps each session's last request time and frees it itself (the tracker model runs
-`reap()` from a thread). Idle time is counted only while the instance is not executing: a
-stream whose next frame waits in Triton's queue behind other streams' frames is not idle for
-Triton (its idle clock runs only with nothing queued), and must not be for us either (measured:
-two streams on one busy instance, frames of ~3 s, a 3 s wall-clock timeout freed a live one).
-While the instance has no request, nothing is queued, so that clock never frees a live stream. The limit is per server, while each model instance is its own process:
-the instances count sessions in one folder (a file per live session, created under an flock), so
-N instances never hold more than --max-sessions together.
+The table decides when a stream is idle, not Triton: Triton's sequence batcher counts a sequence
+idle from its last request's arrival, so a frame queued behind other streams' frames counts
+(measured: two streams on one busy instance, frames of ~3 s, a 3 s timeout freed a live one; a
+slow client's 12 s frame dropped the others). Here idle time is counted only while the instance
+is not executing, so waiting behind someone else's frame never counts; the repository gives
+Triton a timeout far above ours as a backstop, and a session freed here is handed to `on_free`
+(the tracker model then ends the Triton sequence itself, freeing its slot). Each session has a
+token its opener got: later requests must carry it, and a START on a live id is refused.
+
+The limit is per server, while each model instance is its own process: the instances count
+sessions in one folder (a file per live session, created under an flock), so N instances never
+hold more than --max-sessions together.
 
 Plain Python (no Triton import): the unit tests drive it directly.
 """

@@ -3,9 +3,11 @@
 The repository's `fastsam2_tracker/1/model.py` imports `TritonPythonModel` from here, so the model
 is the installed fastsam2 (the server's Python needs `fastsam2[runtime]`). Triton's sequence
 batcher keeps every request of a sequence on the same model instance; this instance keeps
-{correlation id: Session} (serve/sessions.py): START opens one, END frees it, and a sequence idle
-longer than the idle timeout is freed by a reaper thread (Triton frees its slot but does not tell
-the model). Within an instance, requests of different streams run one after another; the graph
+{correlation id: Session} (serve/sessions.py): START opens one (refused on a live id; the reply
+carries the token every later request of the stream must send), END frees it, and a sequence idle
+longer than the idle timeout is freed by a reaper thread, which then ends the Triton sequence
+itself (an END request to this model), as it does for a refused START, so neither holds one of
+Triton's candidate slots. Every COMMANDS is checked and bounded by serve/commands.py first. Within an instance, requests of different streams run one after another; the graph
 sessions (ONNX Runtime / TensorRT) are opened once per instance and shared by its sessions,
 which hold only their memory banks.
 
