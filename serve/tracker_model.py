@@ -7,9 +7,10 @@ batcher keeps every request of a sequence on the same model instance; this insta
 carries the token every later request of the stream must send), END frees it, and a sequence idle
 longer than the idle timeout is freed by a reaper thread, which then ends the Triton sequence
 itself (an END request to this model), as it does for a refused START, so neither holds one of
-Triton's candidate slots. Every COMMANDS is checked and bounded by serve/commands.py first. Within an instance, requests of different streams run one after another; the graph
-sessions (ONNX Runtime / TensorRT) are opened once per instance and shared by its sessions,
-which hold only their memory banks.
+Triton's candidate slots. Every COMMANDS is checked and bounded by serve/commands.py first.
+Within an instance, requests of different streams run one after another; the graph sessions
+(ONNX Runtime / TensorRT) are opened once per instance and shared by its sessions, which hold
+only their memory banks.
 
 Two ways to run the graphs, chosen by the repository writer (parameter "graphs"):
   in_process  the instance opens the bundle's graphs with the runtime's own backends (the only
