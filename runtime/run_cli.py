@@ -8,6 +8,7 @@ import sys
 import click
 
 from fastsam2.runtime.backends import BACKENDS
+from fastsam2.runtime.bank import MAX_COND_FRAMES
 from fastsam2.runtime.errors import InputError
 
 EPILOG = ("Prompt flags take an optional object id and frame: [ID:]VALUE[@FRAME], e.g. --point 2:230,210@6 "
@@ -66,7 +67,7 @@ class Command(click.Command):
               help="Seconds a camera or stream may take to open or to deliver the next frame (at most 3600).")
 @click.option("--fill", type=click.Choice(["no_mem", "last"]), default="no_mem", show_default=True,
               help="Value of pruned tokens before the decoder: feat + no_mem_embed, or last frame's.")
-@click.option("--max-cond-frames", type=click.IntRange(min=1), default=None,
+@click.option("--max-cond-frames", type=click.IntRange(1, MAX_COND_FRAMES), default=None,
               help="Prompted frames each object attends to (the most recent; default 4).")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar or warnings; only the summary line.")
