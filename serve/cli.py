@@ -64,7 +64,7 @@ def main(bundle, repo, http_port, grpc_port, metrics_port, address, instances, b
 def _serve(bundle, repo, http_port, grpc_port, metrics_port, address, instances, backend, layout,
            max_sessions, idle_timeout, write_only):
     from .repository import check_idle_timeout, write_repository
-    from .server import Installation, TritonServer
+    from .server import ADMIN_HEADER, RESTRICTED_GRPC, RESTRICTED_HTTP, Installation, TritonServer
 
     check_idle_timeout(idle_timeout)
     for name, port in (("--http-port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
@@ -87,8 +87,11 @@ def _serve(bundle, repo, http_port, grpc_port, metrics_port, address, instances,
         click.echo(f"repository: {repo} ({layout}, backend {backend}, {instances} instance(s), "
                    f"max {max_sessions} sessions, idle timeout {idle_timeout:g} s)", err=True)
         if write_only:
-            click.echo(f"serve it with: tritonserver --model-repository {repo}  (the server's Python "
-                       f"needs fastsam2[runtime]; see docs/serving.md)", err=True)
+            click.echo(f"serve it with: tritonserver --model-repository {repo} "
+                       f"--http-restricted-api={RESTRICTED_HTTP}:{ADMIN_HEADER}=<a secret> "
+                       f"--grpc-restricted-protocol={RESTRICTED_GRPC}:{ADMIN_HEADER}=<a secret>  (the "
+                       f"restrictions keep clients to gRPC inference; the server's Python needs "
+                       f"fastsam2[runtime]; see docs/serving.md)", err=True)
             return
         server = TritonServer(repo, address=address, http_port=http_port, grpc_port=grpc_port,
                               metrics_port=metrics_port, log=_forward, install=install)
