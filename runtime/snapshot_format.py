@@ -119,13 +119,15 @@ def unpack(data: bytes) -> tuple:
             continue
         if not (isinstance(d, dict) and set(d) == {"dtype", "shape", "data_offsets"} and d["dtype"] in DTYPES
                 and isinstance(d["shape"], list) and len(d["shape"]) <= MAX_DIMS
-                and all(_int(x, 0, size) for x in d["shape"])
+                and all(_int(x, 0, 1 << 62) for x in d["shape"])
                 and isinstance(d["data_offsets"], list) and len(d["data_offsets"]) == 2
-                and all(_int(x, 0, size) for x in d["data_offsets"])):
+                and all(_int(x, 0, 1 << 62) for x in d["data_offsets"])):
             raise SnapshotError(f"snapshot array {name[:40]!r} is described wrongly: {str(d)[:80]}")
         (b, e), dt = d["data_offsets"], DTYPES[d["dtype"]]
+        if e > size:
+            raise SnapshotError(f"snapshot array {name[:40]!r} lies at bytes {b}..{e} of {size}: cut short or edited")
         if e - b != math.prod(d["shape"]) * dt.itemsize:
-            raise SnapshotError(f"snapshot array {name[:40]!r}: shape {d['shape']} does not fill bytes {b}..{e}")
+            raise SnapshotError(f"snapshot array {name[:40]!r}: shape {str(d['shape'])[:40]} does not fill bytes {b}..{e}")
         spans.append((b, e, name))
         arrays[name] = (dt, d["shape"], b)
     end = 0

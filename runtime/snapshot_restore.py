@@ -61,7 +61,7 @@ def plan_blob(s, meta: dict, arrays: dict, state: dict, first: bool, chain: bool
             raise SnapshotError(f"the increment covers revisions {since}..{rev}, the state is at revision "
                                 f"{state['rev']}: an increment is missing from the chain")
     frame, size = meta.get("frame"), meta.get("size")
-    _need(_int(frame, -1, MAX_FRAME), "frame must be an integer >= -1")
+    _need(_int(frame, -1, MAX_FRAME), f"frame must be an integer in -1..{MAX_FRAME}")
     _need(size is None or (isinstance(size, list) and len(size) == 2 and all(_int(v, 2, MAX_SIDE) for v in size)),
           f"size must be [width, height] in 2..{MAX_SIDE}")
     _need(size is not None or frame < 0, "a session that has pushed frames has a frame size")
@@ -78,7 +78,7 @@ def plan_blob(s, meta: dict, arrays: dict, state: dict, first: bool, chain: bool
           f"{MAX_OBJECT_ID} entries")
     plan["objects"] = {}
     for key, e in objs.items():
-        _need(key.isdigit() and str(int(key)) == key and 1 <= int(key) <= MAX_OBJECT_ID, f"object id {key[:20]!r}")
+        _need(key.isdigit() and str(int(key)) == key and 1 <= int(key) <= MAX_OBJECT_ID, f"object id {key[:20]!r} is not one of 1..{MAX_OBJECT_ID}")
         o = int(key)
         plan["objects"][o] = _object(s, o, e, frame, arr, state, full)
     arr.check_all_used()
