@@ -66,8 +66,11 @@ def client_info(bundle, backend: str, layout: str, max_sessions, idle_timeout: f
 
 
 def triton_idle_us(idle_timeout: float) -> int:
-    """Triton's own sequence idle timeout: 10x the tracker's, at least 5 minutes more."""
-    return int(round(max(10 * idle_timeout, idle_timeout + 300) * 1e6))
+    """Triton's own sequence idle timeout: the tracker's backstop (10x its idle timeout, at
+    least 5 minutes more)."""
+    from .sessions import backstop_s
+
+    return int(round(backstop_s(idle_timeout) * 1e6))
 
 
 def tracker_config(*, instances: int, max_sessions, idle_timeout: float, params: dict) -> str:

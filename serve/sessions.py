@@ -77,6 +77,12 @@ class Slots:
         return sum(1 for f in os.listdir(self.folder) if not f.startswith("."))
 
 
+def backstop_s(idle_timeout: float) -> float:
+    """Wall-clock seconds after which a stream is freed even on an instance that never stops
+    executing (the idle clock stands still then); Triton's own sequence timeout is the same."""
+    return max(10 * idle_timeout, idle_timeout + 300)
+
+
 class SessionTable:
     """Sessions of one model instance, by correlation id. Every method holds `lock`."""
 
@@ -90,6 +96,7 @@ class SessionTable:
         self.lock = threading.RLock()
         self.sessions: dict = {}
         self.last_seen: dict = {}  # on the idle clock
+        self.last_wall: dict = {}  # on the clock itself
         self.freed_idle = 0
         self._busy_total = 0.0
         self._busy_since = None
@@ -128,7 +135,7 @@ class SessionTable:
                 raise
             self.sessions[corrid] = session
             self.tokens[corrid] = token = secrets.token_hex(16)
-            self.last_seen[corrid] = self.idle_clock()
+            self.last_seen[corrid], self.last_wall[corrid] = self.idle_clock(), self.clock()
             return session, token
 
     def get(self, corrid, token):
@@ -141,7 +148,7 @@ class SessionTable:
             if not self._owner(corrid, token):
                 raise InputError(f"stream {corrid}: the request's token is not its opener's (each "
                                  f"stream is bound to the client that opened it)")
-            self.last_seen[corrid] = self.idle_clock()
+            self.last_seen[corrid], self.last_wall[corrid] = self.idle_clock(), self.clock()
             return session
 
     def _owner(self, corrid, token) -> bool:
@@ -155,6 +162,7 @@ class SessionTable:
                 return False
             session = self.sessions.pop(corrid, None)
             self.last_seen.pop(corrid, None)
+            self.last_wall.pop(corrid, None)
             self.tokens.pop(corrid, None)
             self.slots.release(corrid)
             if session is None:
@@ -167,7 +175,9 @@ class SessionTable:
         """Free the sessions idle longer than the timeout; returns how many."""
         with self.lock:
             now = self.idle_clock()
-            idle = [c for c, t in self.last_seen.items() if now - t > self.idle_timeout]
+            wall, backstop = self.clock(), backstop_s(self.idle_timeout)
+            idle = [c for c, t in self.last_seen.items()
+                    if now - t > self.idle_timeout or wall - self.last_wall[c] > backstop]
             for c in idle:
                 self.close(c)
                 if self.on_free is not None:

@@ -58,6 +58,25 @@ def test_a_stream_waiting_behind_other_streams_is_not_idle(tmp_path):
     assert triton_idle_us(3.0) >= 10 * 3.0 * 1e6 and triton_idle_us(60.0) >= 10 * 60.0 * 1e6
 
 
+def test_an_abandoned_stream_is_freed_on_an_instance_that_never_stops(tmp_path):
+    """The idle clock stands still while the instance executes: where other streams keep it
+    busy without a pause, a stream that went away is still freed after the backstop (10x the
+    timeout here, 300 s more at least), which is also Triton's own sequence timeout."""
+    clock, freed = Clock(), []
+    t = table(tmp_path, clock=clock, idle=60.0, on_free=freed.append)
+    t.open(1, {})
+    _, k2 = t.open(2, {})
+    for _ in range(59):  # stream 2's 10 s frames, back to back, for 590 s
+        with t.busy():
+            t.get(2, k2)
+            clock.t += 10
+    assert t.reap() == 0
+    with t.busy():
+        t.get(2, k2)
+        clock.t += 11  # 601 s since stream 1's last request
+    assert t.reap() == 1 and freed == [1] and sorted(t.sessions) == [2]
+
+
 def test_a_stream_is_bound_to_its_opener(tmp_path):
     from fastsam2.runtime.errors import InputError
 
