@@ -130,6 +130,8 @@ class ScheduleBuilder:
         s.box = box
 
     def schedule(self) -> list:
+        for (f, o), s in self.specs.items():  # many small prompts merged are one big one
+            s.check_size(f"object {o} on frame {f}")
         items = [Scheduled(f, o, s) for (f, o), s in self.specs.items()]
         return items + [Scheduled(f, o, None) for f, o in self.removals]
 

@@ -130,6 +130,16 @@ def test_prompts_file_with_huge_integers(bundle_dir, small, tmp_path, entry, mes
     bad([small.frames_dir_or_file, "--bundle", bundle_dir, "--prompts-file", f, "--out", tmp_path / "r"], message)
 
 
+def test_many_small_prompts_for_one_object_and_frame_are_refused_as_one(bundle_dir, small, tmp_path):
+    """The per-entry cap is not enough: entries for one object and frame merge into one prompt."""
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"prompts": [{"points": [[5, 5]]}] + [{"frame": 2, "points": [[5, 5]]}] * 100000}))
+    assert f.stat().st_size < MAX_PROMPTS_FILE
+    bad([small.frames_dir_or_file, "--bundle", bundle_dir, "--prompts-file", f, "--out", tmp_path / "r"],
+        "object 1 on frame 2 has 100000 clicks")
+    assert not (tmp_path / "r").exists()
+
+
 def test_prompts_file_from_a_fifo_reads_only_up_to_the_cap(bundle_dir, small, tmp_path):
     """A FIFO has no size to check (stat says 0): the cap bounds what is read."""
     fifo = tmp_path / "prompts.fifo"
