@@ -83,8 +83,9 @@ def main(davis_root, split, results_dir, sequences, bundle_dir, keep, out_dir, f
                 raise InputError("run mode needs --bundle and --out")
             names = davis.list_sequences(davis_root, split)  # a bad DAVIS folder fails before tracking
             # one folder = one run: locked while it runs and is scored; an earlier run's
-            # masks (any sequence of the split) refused without --force, replaced with it
-            with RunFolder(out_dir, force=force, outputs=run_outputs(names, split)):
+            # masks (any sequence of the split) refused without --force, replaced with it; masks
+            # and CSVs the folder's record does not list are the user's: refused, force or not
+            with RunFolder(out_dir, force=force, outputs=run_outputs(names, split), record=True):
                 track_davis(davis_root, split, bundle_dir, out_dir, keep, backend, seqs or names, threads,
                             log=None if quiet else echo)
                 _score(davis_root, split, out_dir, seqs)

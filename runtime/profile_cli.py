@@ -80,8 +80,9 @@ def main(bundle, backend, keep, memory_frames, warmup, iters, threads, out, forc
         # a bad bundle or setting fails before the report folder is touched
         plan = plan_profile(bundle, backend, _keeps(keep), memory_frames, warmup, iters, threads)
         # the folder holds one report: locked while profiling; an earlier report refused without
-        # --force, replaced whole with it (a plot from an older run never sits beside new numbers)
-        with RunFolder(out, force=force, outputs=REPORT_OUTPUTS):
+        # --force, replaced whole with it (a plot from an older run never sits beside new numbers);
+        # a report.* the folder's record does not list is the user's: refused, force or not
+        with RunFolder(out, force=force, outputs=REPORT_OUTPUTS, record=True):
             try:
                 profile_bundle(plan["bundle"], backend=plan["backends"], keeps=plan["keeps"],
                                memory_frames=plan["memory_frames"], warmup=warmup, iters=iters,

@@ -151,22 +151,29 @@ def test_run_mode_needs_out(davis_root, tmp_path):
 
 def test_run_mode_keep_auto_and_one_run_per_folder(bundle_dir, tmp_path):
     """--keep auto and the default --backend (auto), as fastsam2-run; --out holding an earlier
-    run's masks is refused without --force and replaced whole with it (the user's files stay)."""
+    run's masks is refused without --force and replaced whole with it; a mask the folder's record
+    of the last run does not list is the user's: refused, force or not (the user's files stay)."""
     from fastsam2.calibration.synthetic import make_davis_layout
+    from fastsam2.runtime.run_folder import RECORD_NAME
 
     root = tmp_path / "DAVIS"
     make_davis_layout(root, {"one": dict(num_frames=3, seed=6, size=(96, 128))})
     out = tmp_path / "res"
     (out / "one").mkdir(parents=True)
-    (out / "one" / "00007.png").write_bytes(b"an earlier run's mask")
+    (out / "one" / "00007.png").write_bytes(b"the user's own mask")
     (out / "notes.txt").write_text("mine")
-    args = ["--davis", root, "--split", "val", "--bundle", bundle_dir, "--keep", "auto", "--out", out]
-    assert_one_line_error(run(*args), "earlier run's outputs (one/)", "--force")
-    assert (out / "one" / "00007.png").exists()
+    args = ["--davis", root, "--split", "val", "--bundle", bundle_dir, "--keep", "auto", "--out", out, "--quiet"]
+    for force in ((), ("--force",)):
+        assert_one_line_error(run(*args, *force), "one/00007.png was not written by fastsam2")
+    assert (out / "one" / "00007.png").read_bytes() == b"the user's own mask"
+    (out / "one" / "00007.png").unlink()
+    res = run(*args)
+    assert res.exit_code == 0, res.output
+    assert_one_line_error(run(*args), "earlier run's outputs (one/", "--force")
     res = run(*args, "--force")
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (out / "one").iterdir()) == ["00000.png", "00001.png", "00002.png"]
-    assert sorted(p.name for p in out.iterdir()) == ["global_results-val.csv", "notes.txt", "one",
+    assert sorted(p.name for p in out.iterdir()) == [RECORD_NAME, "global_results-val.csv", "notes.txt", "one",
                                                     "per-sequence_results-val.csv"]
     assert_one_line_error(run("--davis", root, "--bundle", bundle_dir, "--keep", "most", "--out", tmp_path / "r2"),
                           "--keep")

@@ -12,6 +12,7 @@ from conftest import THREADS
 
 from fastsam2.runtime.contract import GRAPH_ORDER, keep_to_k
 from fastsam2.runtime.profile_cli import main
+from fastsam2.runtime.run_folder import RECORD_NAME
 
 KEEPS = (1.0, 0.5)
 # The frame median is the median of per-iteration sums, not the sum of per-graph medians; with
@@ -157,23 +158,31 @@ def test_cpu_defaults_are_a_few_frames_with_a_progress_bar(bundle_dir, tmp_path)
     assert res.stderr == ""
 
 
-def test_an_earlier_report_is_replaced_only_with_force(bundle_dir, report_dir, tmp_path):
-    """As fastsam2-run: --out holding a report is refused without --force (nothing changes)."""
-    import shutil
-
+def test_an_earlier_report_is_replaced_only_with_force(bundle_dir, tmp_path):
+    """As fastsam2-run: --out holding a report is refused without --force (nothing changes); a
+    report.md the folder's record does not list is the user's: refused, force or not."""
     out = tmp_path / "report"
-    shutil.copytree(report_dir, out)
-    (out / "mine.txt").write_text("the user's")
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    out.mkdir()
+    (out / "report.md").write_text("the user's own notes")
     args = ["--bundle", str(bundle_dir), "--backend", "ort-cpu", "--keep", "0.5", "--warmup", "0",
             "--iters", "1", "--out", str(out), "--quiet"]
+    for force in ([], ["--force"]):
+        res = CliRunner().invoke(main, args + force)
+        assert res.exit_code == 2, res.output
+        _one_error_line(res, "report.md was not written by fastsam2")
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+    assert (out / "report.md").read_text() == "the user's own notes"
+    (out / "report.md").rename(tmp_path / "mine.md")
+    (out / "mine.txt").write_text("the user's")
+    assert CliRunner().invoke(main, args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2, res.output
     _one_error_line(res, "holds an earlier run's outputs (report.json, report.md, latency.png)", "--force")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    res = CliRunner().invoke(main, args + ["--force"])
+    res = CliRunner().invoke(main, args + ["--keep", "1.0", "--force"])
     assert res.exit_code == 0, res.output
-    assert [r["keep"] for r in json.loads((out / "report.json").read_text())["results"]] == [0.5]
+    assert [r["keep"] for r in json.loads((out / "report.json").read_text())["results"]] == [1.0]
     assert (out / "mine.txt").read_text() == "the user's"
 
 
@@ -203,7 +212,8 @@ def test_ctrl_c_keeps_the_keeps_already_measured(bundle_dir, tmp_path, monkeypat
     rep = json.loads((out / "report.json").read_text())
     assert rep["status"] == "interrupted" and [r["keep"] for r in rep["results"]] == [1.0]
     assert "status: interrupted after 1 of 2 keeps" in (out / "report.md").read_text()
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+    # recorded as this run's (a later --force replaces them)
+    assert sorted(p.name for p in out.iterdir()) == [RECORD_NAME, "report.json", "report.md"]
 
 
 def test_shares_add_up_to_100_and_the_bar_is_its_label(report_dir, tmp_path):
