@@ -113,11 +113,9 @@ class Ours:
 
 def iou(a, b) -> float:
     """Mean over objects of the IoU of [objects, H, W] masks."""
-    out = []
-    for x, y in zip(a, b):
-        u = np.logical_or(x, y).sum()
-        out.append(1.0 if u == 0 else float(np.logical_and(x, y).sum() / u))
-    return float(np.mean(out))
+    from fastsam2.runtime.metrics import mask_iou
+
+    return float(np.mean(mask_iou(a, b)))
 
 
 def configs(bundle, args, log) -> dict:

@@ -28,12 +28,10 @@ def load_masks(path: Path) -> np.ndarray:
 
 
 def iou_per_frame(a: np.ndarray, b: np.ndarray) -> list:
+    from fastsam2.runtime.metrics import mask_iou
+
     n = min(len(a), len(b))
-    out = []
-    for x, y in zip(a[:n], b[:n]):
-        union = np.logical_or(x, y).sum()
-        out.append(1.0 if union == 0 else float(np.logical_and(x, y).sum() / union))
-    return out
+    return [float(j) for j in np.atleast_1d(mask_iou(a[:n], b[:n]))]
 
 
 def median(v):

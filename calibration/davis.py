@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from fastsam2.runtime.errors import InputError, OutputError
+from fastsam2.runtime.metrics import mask_iou
 
 VOID_LABEL = 255
 RESOLUTION = "480p"
@@ -26,18 +27,9 @@ SEQUENCE_COLUMNS = ["Sequence", "J-Mean", "F-Mean"]
 
 
 def db_eval_iou(annotation, segmentation, void_pixels=None):
-    """Jaccard index of two binary masks (..., H, W); pixels marked void count for neither set."""
-    annotation = np.asarray(annotation).astype(bool)
-    segmentation = np.asarray(segmentation).astype(bool)
-    if annotation.shape != segmentation.shape:
-        raise ValueError(f"annotation {annotation.shape} and segmentation {segmentation.shape} differ")
-    keep = True if void_pixels is None else ~np.asarray(void_pixels).astype(bool)
-    inters = np.sum(annotation & segmentation & keep, axis=(-2, -1))
-    union = np.sum((annotation | segmentation) & keep, axis=(-2, -1))
-    # official: an empty union (both masks empty) is a perfect score, not 0/0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        j = np.where(union == 0, 1.0, inters / np.maximum(union, 1))
-    return float(j) if j.ndim == 0 else j
+    """Jaccard index of two binary masks (..., H, W); pixels marked void count for neither set;
+    official: an empty union (both masks empty) is a perfect score, not 0/0."""
+    return mask_iou(annotation, segmentation, void_pixels)
 
 
 # ---------------------------------------------------------------------------- boundary (F)

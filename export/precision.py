@@ -36,10 +36,10 @@ from fastsam2.runtime.errors import InputError
 from fastsam2.runtime import host
 from fastsam2.runtime.precision import CPU_PRECISIONS
 
+from .precision_variants import _ort, _ov, _time_fp32, mask_agreement, output_agreement, quantize_int8, track_masks
+
 MIN_MASK_IOU = 0.97  # the issue's gate: tracked masks at keep 1.0 vs fp32, mean over frames
 QUANTISABLE = ("image_encoder", "memory_attention")  # where a CPU frame's time goes
-# Ops quantised. Hiera's attention and MLP are MatMul/Gemm; its patch embed and the FPN are Conv.
-INT8_OPS = ("MatMul", "Gemm", "Conv")
 
 
 # -- the plan ---------------------------------------------------------------------------------
@@ -69,122 +69,6 @@ def precision_plan(profile, requested: str | None = "auto") -> dict:
             "openvino": ov}
 
 
-# -- making variants --------------------------------------------------------------------------
-
-class _Reader:
-    """onnxruntime.quantization's CalibrationDataReader over recorded feeds."""
-
-    def __init__(self, feeds: list):
-        self.it = iter(feeds)
-
-    def get_next(self):
-        return next(self.it, None)
-
-
-def quantize_int8(src: Path, dst: Path, method: str, feeds: list | None = None) -> dict:
-    """Write an int8 copy of the ONNX graph `src`; returns how (recorded in the manifest).
-
-    dynamic: weights int8 offline, activations quantised per call (MatMul/Gemm with a constant
-             weight only: the attention's q @ kᵀ stays fp32);
-    static:  QDQ with activation ranges calibrated (MinMax) on `feeds`, per-channel weights."""
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    if method == "dynamic":
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                         extra_options={"MatMulConstBOnly": True})
-        return {"format": "dynamic", "ops": ["MatMul", "Gemm"], "weights": "int8 per tensor"}
-    if method != "static":
-        raise ValueError(method)
-    if not feeds:
-        raise ValueError("static int8 needs calibration feeds")
-    reduce = not host.cpu_has_vnni()
-    feeds = feeds[:len(feeds) - 1] if len(feeds) > 2 and len(feeds) % 2 == 0 else feeds  # see _calib_chunks
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        # shape inference + fusions first, so LayerNorm/GELU stay fused and unquantised
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce,
-                        op_types_to_quantize=list(INT8_OPS), extra_options=_calib_chunks(len(feeds)))
-    onnx.checker.check_model(str(dst))
-    return {"format": "qdq", "ops": list(INT8_OPS), "weights": "int8 per channel" + (", 7-bit (no VNNI)" if reduce else ""),
-            "activations": "uint8, MinMax", "calibration_batches": len(feeds)}
-
-
-def _calib_chunks(n: int) -> dict:
-    """Merge activation ranges every 2 batches: a 1024-px Hiera's intermediate outputs take a few
-    GB per frame (peak RSS 11.8 GB when merging every 3 of 8 frames). onnxruntime 1.32 fails when
-    n is a multiple of the chunk (its last chunk is empty): quantize_int8 feeds an odd count."""
-    return {"CalibMaxIntermediateOutputs": 2} if n > 2 else {}
-
-
-# -- measuring --------------------------------------------------------------------------------
-
-def _ort(path: Path, threads: int | None, precision: str = "fp32"):
-    from fastsam2.runtime.backends import OrtSession
-
-    return OrtSession(path, ["CPUExecutionProvider"], threads, precision=precision)
-
-
-def _ov(path: Path, threads: int | None, precision: str):
-    from fastsam2.runtime.openvino_backend import OpenVINOSession
-
-    return OpenVINOSession(path, "CPU", threads, precision)
-
-
-def output_agreement(ref_session, session, feeds: list) -> dict:
-    """Per output: max |variant - fp32| / max |fp32| over the feeds; median ms per call."""
-    errs, times, finite = {}, [], True
-    for f in feeds:
-        ref = ref_session.run(f)
-        t0 = time.perf_counter()
-        out = session.run(f)
-        times.append((time.perf_counter() - t0) * 1e3)
-        for n, r in ref.items():
-            finite &= bool(np.isfinite(out[n]).all())
-            scale = float(np.abs(r).max()) or 1.0
-            errs[n] = max(errs.get(n, 0.0), float(np.abs(out[n] - r).max()) / scale)
-    return {"rel_max_abs_err": {n: round(e, 5) for n, e in errs.items()}, "finite": finite,
-            "ms_per_call": round(float(np.median(times)), 2) if times else None}
-
-
-def _time_fp32(session, feeds: list) -> float:
-    times = []
-    for f in feeds:
-        t0 = time.perf_counter()
-        session.run(f)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return round(float(np.median(times)), 2)
-
-
-def track_masks(bundle, sessions: dict, videos: list) -> list:
-    """Per video, the [frames, S/4, S/4] masks tracked at keep 1.0 from its first-frame click,
-    through the streaming session on the given graph sessions."""
-    from fastsam2.runtime.session import Session
-    from fastsam2.runtime.video import open_frames
-
-    out = []
-    for v in videos:
-        s = Session.open(bundle, keep=1.0, graphs=("gate", sessions), num_frames=v.num_frames)
-        s.add_prompt(1, points=[tuple(v.first_frame_points[1])])
-        with open_frames(v.frames_dir_or_file) as src:
-            out.append(np.stack([s.push(rgb).objects[1].logits > 0 for _, rgb in src]))
-    return out
-
-
-def mask_agreement(ref: list, got: list) -> dict:
-    """Mean and min IoU per frame (tracked frames, the prompted one excluded) over all videos."""
-    ious = []
-    for a, b in zip(ref, got):
-        for x, y in zip(a[1:], b[1:]):
-            union = np.logical_or(x, y).sum()
-            ious.append(1.0 if union == 0 else float(np.logical_and(x, y).sum() / union))
-    return {"mean_iou": round(float(np.mean(ious)), 4), "min_iou": round(float(np.min(ious)), 4),
-            "frames": len(ious)}
-
-
 # -- the gate ---------------------------------------------------------------------------------
 
 def _bundle_view(root: Path, manifest: dict):
@@ -200,7 +84,7 @@ def calibration_feeds(bundle, source, work: Path, frames: int, threads, log) -> 
     """({graph: [feeds]}, description): what each graph receives while tracking calibration
     frames at keep 1.0. `source`: None (a generated video), a video or frames folder, or a
     folder of `fastsam2-calibrate int8` files (calib_<graph>.npz)."""
-    from fastsam2.calibration.synthetic import make_video
+    from fastsam2.runtime.synthetic import make_video
     from fastsam2.runtime.video import open_frames
 
     from .feeds import load_feeds, record_feeds
@@ -246,7 +130,7 @@ def add_precision_variants(tmp_dir, manifest: dict, plan: dict, calibration_fram
     """Write the plan's variants into the bundle folder `tmp_dir`, gate them, and record the
     result in `manifest` (variants, precision, precision_gate, openvino). Returns
     manifest["precision"]. See the module docstring."""
-    from fastsam2.calibration.synthetic import make_video
+    from fastsam2.runtime.synthetic import make_video
     from fastsam2.runtime.backends import create_sessions
 
     root = Path(tmp_dir)

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from pathlib import Path
 
+from fastsam2.runtime.metrics import mask_iou  # noqa: F401 (the tests' IoU is the project's one)
+
 
 def pytest_configure(config):
     """Under pytest-xdist (scripts/test.sh: -n 2), each worker runs on its own share of the CPUs,
@@ -173,9 +175,6 @@ def official_logits(tiny_sam2, synth):
     return run_official(tiny_sam2.model, synth.frames_dir_or_file, synth.first_frame_points[1])
 
 
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def export_tiny_bundle(out, target="cpu", keep=1.0, prompts="cyclist,red ball", checkpoint="test",

@@ -175,14 +175,11 @@ def _room_cycles_left(graph) -> list:
 def test_export_imports_nothing_of_calibration(graph):
     """calibration trains and records on top of export; export (commands included) reads what it
     needs (router weights, recorded feeds) from its own modules."""
-    allowed = {"fastsam2.export.precision -> fastsam2.calibration.synthetic"}  # moved by the lead
     edges = {f"{m} -> {w}" for m, e in graph.items() if room(m) == "fastsam2.export"
              for w in e if room(w) == "fastsam2.calibration"}
-    assert sorted(edges - allowed) == []
+    assert sorted(edges) == []
 
 
-@pytest.mark.xfail(strict=True, reason="export/precision.py imports calibration.synthetic.make_video: "
-                                       "moved by the lead (the last export -> calibration edge)")
 def test_no_cycle_between_rooms(graph):
     found = _room_cycles_left(graph)
     assert not found, f"import cycles between rooms (command-line modules left out):\n{_show(found)}" + \

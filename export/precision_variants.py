@@ -1,0 +1,130 @@
+"""The measuring half of the CPU precision gate (fastsam2.export.precision): making an int8
+variant of a graph (ONNX Runtime's quantiser, static QDQ or dynamic), opening a graph on ONNX
+Runtime or OpenVINO in a precision, and how far a variant's outputs and tracked masks are from
+fp32's."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fastsam2.runtime import host
+
+INT8_OPS = ("MatMul", "Gemm", "Conv")  # Hiera's attention and MLP are MatMul/Gemm; its patch embed and the FPN Conv
+
+
+# -- making variants --------------------------------------------------------------------------
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader over recorded feeds."""
+
+    def __init__(self, feeds: list):
+        self.it = iter(feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def quantize_int8(src: Path, dst: Path, method: str, feeds: list | None = None) -> dict:
+    """Write an int8 copy of the ONNX graph `src`; returns how (recorded in the manifest).
+
+    dynamic: weights int8 offline, activations quantised per call (MatMul/Gemm with a constant
+             weight only: the attention's q @ kᵀ stays fp32);
+    static:  QDQ with activation ranges calibrated (MinMax) on `feeds`, per-channel weights."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method == "dynamic":
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         extra_options={"MatMulConstBOnly": True})
+        return {"format": "dynamic", "ops": ["MatMul", "Gemm"], "weights": "int8 per tensor"}
+    if method != "static":
+        raise ValueError(method)
+    if not feeds:
+        raise ValueError("static int8 needs calibration feeds")
+    reduce = not host.cpu_has_vnni()
+    feeds = feeds[:len(feeds) - 1] if len(feeds) > 2 and len(feeds) % 2 == 0 else feeds  # see _calib_chunks
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        # shape inference + fusions first, so LayerNorm/GELU stay fused and unquantised
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce,
+                        op_types_to_quantize=list(INT8_OPS), extra_options=_calib_chunks(len(feeds)))
+    onnx.checker.check_model(str(dst))
+    return {"format": "qdq", "ops": list(INT8_OPS), "weights": "int8 per channel" + (", 7-bit (no VNNI)" if reduce else ""),
+            "activations": "uint8, MinMax", "calibration_batches": len(feeds)}
+
+
+def _calib_chunks(n: int) -> dict:
+    """Merge activation ranges every 2 batches: a 1024-px Hiera's intermediate outputs take a few
+    GB per frame (peak RSS 11.8 GB when merging every 3 of 8 frames). onnxruntime 1.32 fails when
+    n is a multiple of the chunk (its last chunk is empty): quantize_int8 feeds an odd count."""
+    return {"CalibMaxIntermediateOutputs": 2} if n > 2 else {}
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+def _ort(path: Path, threads: int | None, precision: str = "fp32"):
+    from fastsam2.runtime.backends import OrtSession
+
+    return OrtSession(path, ["CPUExecutionProvider"], threads, precision=precision)
+
+
+def _ov(path: Path, threads: int | None, precision: str):
+    from fastsam2.runtime.openvino_backend import OpenVINOSession
+
+    return OpenVINOSession(path, "CPU", threads, precision)
+
+
+def output_agreement(ref_session, session, feeds: list) -> dict:
+    """Per output: max |variant - fp32| / max |fp32| over the feeds; median ms per call."""
+    errs, times, finite = {}, [], True
+    for f in feeds:
+        ref = ref_session.run(f)
+        t0 = time.perf_counter()
+        out = session.run(f)
+        times.append((time.perf_counter() - t0) * 1e3)
+        for n, r in ref.items():
+            finite &= bool(np.isfinite(out[n]).all())
+            scale = float(np.abs(r).max()) or 1.0
+            errs[n] = max(errs.get(n, 0.0), float(np.abs(out[n] - r).max()) / scale)
+    return {"rel_max_abs_err": {n: round(e, 5) for n, e in errs.items()}, "finite": finite,
+            "ms_per_call": round(float(np.median(times)), 2) if times else None}
+
+
+def _time_fp32(session, feeds: list) -> float:
+    times = []
+    for f in feeds:
+        t0 = time.perf_counter()
+        session.run(f)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(float(np.median(times)), 2)
+
+
+def track_masks(bundle, sessions: dict, videos: list) -> list:
+    """Per video, the [frames, S/4, S/4] masks tracked at keep 1.0 from its first-frame click,
+    through the streaming session on the given graph sessions."""
+    from fastsam2.runtime.session import Session
+    from fastsam2.runtime.video import open_frames
+
+    out = []
+    for v in videos:
+        s = Session.open(bundle, keep=1.0, graphs=("gate", sessions), num_frames=v.num_frames)
+        s.add_prompt(1, points=[tuple(v.first_frame_points[1])])
+        with open_frames(v.frames_dir_or_file) as src:
+            out.append(np.stack([s.push(rgb).objects[1].logits > 0 for _, rgb in src]))
+    return out
+
+
+def mask_agreement(ref: list, got: list) -> dict:
+    """Mean and min IoU per frame (tracked frames, the prompted one excluded) over all videos."""
+    from fastsam2.runtime.metrics import mask_iou
+
+    ious = [float(j) for a, b in zip(ref, got) for j in np.atleast_1d(mask_iou(a[1:], b[1:]))]
+    return {"mean_iou": round(float(np.mean(ious)), 4), "min_iou": round(float(np.min(ious)), 4),
+            "frames": len(ious)}
