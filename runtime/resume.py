@@ -44,7 +44,6 @@ MAGIC = b"FS2CKPT" + bytes([VERSION])
 MAX_CHECKPOINT_BYTES = 4 << 30  # the snapshot (2 GiB at most, runtime/snapshot_format) + records
 HEAD, DIGEST = len(MAGIC) + 8, 32  # bytes before the JSON state, of the trailing sha256
 MASK_NAME = re.compile(r"(\d+)\.png")
-IDENTITY_KEYS = ("input", "bundle_seal", "keep", "fill", "max_cond_frames", "schedule")
 
 
 class ResumeError(InputError):
@@ -97,7 +96,7 @@ def input_identity(source) -> dict:
     decoding (the frames themselves are checked by hash when they are read again)."""
     path = Path(source.path).resolve()
     if source.kind == "folder":
-        listing = [[p.name, _stamp(p)[0] if _stamp(p) else None] for p in source.files]
+        listing = [[p.name, (_stamp(p) or [None])[0]] for p in source.files]
         content = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     else:
         content = os.stat(path).st_size
@@ -142,10 +141,12 @@ def decode(data: bytes, where: str) -> tuple:
     damaged = f"{where} is damaged (cut short or edited: its checksum does not match); start the run again with --force"
     if data[:len(MAGIC) - 1] != MAGIC[:-1]:
         raise ResumeError(f"{where} is not a fastsam2 checkpoint")
+    if len(data) < HEAD + DIGEST:
+        raise ResumeError(damaged)
     if data[len(MAGIC) - 1] != VERSION:
         raise ResumeError(f"{where} is a checkpoint of another fastsam2 version (format {data[len(MAGIC) - 1]}, "
                           f"this one reads {VERSION}); start the run again with --force")
-    if len(data) < HEAD + DIGEST or hashlib.sha256(data[:-DIGEST]).digest() != data[-DIGEST:]:
+    if hashlib.sha256(data[:-DIGEST]).digest() != data[-DIGEST:]:
         raise ResumeError(damaged)
     n = struct.unpack_from("<Q", data, len(MAGIC))[0]
     if n > len(data) - HEAD - DIGEST:
@@ -173,8 +174,9 @@ def _check_state(st, snapshot_bytes: int, where: str) -> None:
     need(isinstance(st, dict) and st.get("format") == FORMAT, "format")
     need(st.get("snapshot_bytes") == snapshot_bytes, "snapshot size")
     need(_at_least(st.get("next"), 1) and _at_least(st.get("every"), 1), "next frame, every")
-    need(isinstance(st.get("identity"), dict) and set(IDENTITY_KEYS) <= set(st["identity"]), "identity")
-    need(isinstance(st["identity"]["input"], dict), "input")
+    ident = st.get("identity")
+    need(isinstance(ident, dict) and {"bundle_seal", "keep", "fill", "max_cond_frames", "schedule"} <= set(ident)
+         and isinstance(ident.get("input"), dict), "identity")
     frames = st.get("frames")
     need(isinstance(frames, list) and len(frames) == st["next"] and all(isinstance(f, dict) for f in frames),
          "frame records")
@@ -293,8 +295,6 @@ def owned_files(folder) -> dict:
     power loss) left, as the folder's checkpoint vouches for them: the checkpoint, the masks it
     covers, and the masks of later frames written after it. {} without a valid checkpoint."""
     folder = Path(folder)
-    if _stamp(folder / CHECKPOINT_NAME) is None:
-        return {}
     try:
         ck = read_checkpoint(folder)
     except ResumeError:
