@@ -2,10 +2,13 @@
 `_prepare_memory_conditioned_features` replaced by a pruned one built from SAM2's own parts.
 
 At keep 1.0 the official predictor is the reference (tests/runtime/test_session_parity.py);
-below 1.0 nothing official exists, and bugs that only show when tokens are pruned (RoPE at the
-wrong grid positions, pruned positions without no_mem_embed, a bank holding the wrong kept
-tokens) would pass every keep-1.0 test. Here, given the grid indices our tracker kept on each
-frame (recorded from what entered its memory attention graph), SAM2 runs as usual except that:
+below 1.0 nothing official exists, and bugs that only show when tokens are pruned (a wrong
+top-k, a lost prior, gathers and scatters at the wrong tokens, a bank holding the wrong kept
+tokens) would pass every keep-1.0 test. Here SAM2 runs as usual except that on each tracked
+frame:
+- the kept tokens are chosen by the test itself (router_oracle.RouterTopK): the k highest
+  scores of the PyTorch router run on SAM2's own features and SAM2's previous logits, never
+  the indices our tracker chose (those are only compared with it, and consulted on a tie);
 - the current frame's queries are only its kept tokens, with their own vision_pos rows and the
   RoPE of their own grid positions;
 - memory holds each conditioning frame whole and each past tracked frame restricted at read
@@ -15,10 +18,12 @@ frame (recorded from what entered its memory attention graph), SAM2 runs as usua
   MLP) and SAM2's complex RoPE (`compute_axial_cis`, `apply_rotary_enc`) indexed by grid
   position; object-pointer tokens get none (`num_k_exclude_rope`);
 - the decoder gets the conditioned tokens scattered back and `feat + no_mem_embed` elsewhere.
-Nothing of fastsam2.export.graphs is used, so the graphs stay what is under test.
+Nothing of fastsam2.export.graphs but the router module is used, so the other graphs stay what
+is under test.
 
-`pruned_reference_check` runs both and compares; the mutation test (tests/test_mutations.py)
-calls it to see that each known pruned-path bug is caught.
+`pruned_reference_check` runs both and compares the logits and the kept sets (plus the prior:
+tokens in/near the previous mask are always kept); the mutation test
+(tests/runtime/test_mutations.py) calls it to see that each known pruned-path bug is caught.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from router_oracle import Recorder, RouterTopK, k_for
 
 # -- the pruned memory conditioning, from SAM2's parts ------------------------------------------
 
@@ -150,10 +157,13 @@ def _memory(self, frame_idx, kept, output_dict, num_frames, B, C, device):
     return torch.cat(mem, 0), torch.cat(pos, 0), torch.cat(grid_idx), num_ptr
 
 
-def make_pruned_prepare(model, kept: dict, original):
-    """A drop-in for model._prepare_memory_conditioned_features: `kept[frame]` = the grid
-    indices frame `frame` kept (every tracked frame must have an entry)."""
+def make_pruned_prepare(model, select, original):
+    """A drop-in for model._prepare_memory_conditioned_features whose tracked frames keep
+    `select(frame, feat [1, C, G, G], SAM2's previous low-res logits [1, 1, 4G, 4G])` (grid
+    indices); each past tracked frame's memory is read at the tokens it kept."""
     import torch
+
+    chosen = {}
 
     def prepare(frame_idx, is_init_cond_frame, current_vision_feats, current_vision_pos_embeds,
                 feat_sizes, output_dict, num_frames, track_in_reverse=False):
@@ -165,8 +175,11 @@ def make_pruned_prepare(model, kept: dict, original):
         B, C = feats.size(1), model.hidden_dim
         H, W = feat_sizes[-1]
         assert H == W, feat_sizes
-        q_grid = torch.as_tensor(np.asarray(kept[frame_idx]), dtype=torch.long)
-        memory, memory_pos, k_grid, num_ptr = _memory(model, frame_idx, kept, output_dict, num_frames,
+        prev = {**output_dict["non_cond_frame_outputs"], **output_dict["cond_frame_outputs"]}[frame_idx - 1]
+        chosen[frame_idx] = np.asarray(select(frame_idx, feats.permute(1, 2, 0).reshape(B, C, H, W),
+                                              prev["pred_masks"]))
+        q_grid = torch.as_tensor(chosen[frame_idx], dtype=torch.long)
+        memory, memory_pos, k_grid, num_ptr = _memory(model, frame_idx, chosen, output_dict, num_frames,
                                                       B, C, feats.device)
         cond = pruned_memory_attention(model.memory_attention, feats[q_grid],
                                        current_vision_pos_embeds[-1][q_grid], q_grid, memory, memory_pos,
@@ -226,10 +239,10 @@ def _predictor(model):
     return getattr(model, "model", model)  # LoadedSAM2 or SAM2VideoPredictor
 
 
-def run_reference(model, frames_dir, point, kept: dict | None, obj_id: int = 1,
-                  cache_encoder: bool = True) -> dict:
+def run_reference(model, frames_dir, point, kept, obj_id: int = 1, cache_encoder: bool = True) -> dict:
     """{frame: SAM2's low-res logits [S/4, S/4]} of SAM2VideoPredictor with one positive click
-    on frame 0 and the pruned memory conditioning fed `kept` ({frame: grid indices}); with
+    on frame 0 and the pruned memory conditioning keeping `kept` ({frame: grid indices}, or a
+    selector called as make_pruned_prepare's `select`, e.g. router_oracle.RouterTopK); with
     kept=None, SAM2 unchanged."""
     import torch
 
@@ -237,7 +250,7 @@ def run_reference(model, frames_dir, point, kept: dict | None, obj_id: int = 1,
     patched = {}
     if kept is not None:
         patched["_prepare_memory_conditioned_features"] = make_pruned_prepare(
-            pred, kept, pred._prepare_memory_conditioned_features)
+            pred, kept if callable(kept) else (lambda f, *_: kept[f]), pred._prepare_memory_conditioned_features)
     if cache_encoder:
         patched["forward_image"] = _cached_forward_image(pred)
     saved = {name: pred.__dict__[name] for name in patched if name in pred.__dict__}
@@ -260,38 +273,31 @@ def run_reference(model, frames_dir, point, kept: dict | None, obj_id: int = 1,
         pred.__dict__.update(saved)
 
 
-class _KeptRecorder:
-    """Wraps the memory_attention session: records the grid indices each frame fed it."""
-
-    def __init__(self, inner):
-        self.inner, self.frame, self.kept = inner, None, {}
-
-    def run(self, feeds):
-        assert self.frame not in self.kept, f"memory attention ran twice on frame {self.frame}"
-        self.kept[self.frame] = np.array(feeds["curr_idx"], np.int64, copy=True)
-        return self.inner.run(feeds)
-
-
 def frame_paths(frames_dir) -> list:
     return sorted(p for p in Path(frames_dir).iterdir() if p.suffix == ".jpg")
 
 
 def run_ours(session, frames_dir, point, obj_id: int = 1):
     """Our tracker through a fastsam2 Session (one positive click on frame 0): ({frame: low-res
-    logits}, {frame: grid indices kept}) — the kept indices are what the reference is fed."""
-    rec = _KeptRecorder(session.sessions["memory_attention"])
-    session.sessions["memory_attention"] = rec
+    logits}, {frame: grid indices that entered memory attention}, {frame: the router's feeds
+    text_emb and its scores})."""
+    recs = {"memory_attention": Recorder(session.sessions["memory_attention"], feeds=("curr_idx",)),
+            "router": Recorder(session.sessions["router"], feeds=("text_emb",), outputs=("scores",))}
+    inner = {name: session.sessions[name] for name in recs}
+    session.sessions.update(recs)
     try:
         logits = {}
         for t, p in enumerate(frame_paths(frames_dir)):
             if t == 0:
                 session.add_prompt(obj_id, frame=0, points=[point])
-            rec.frame = t
+            for r in recs.values():
+                r.frame = t
             res = session.push(np.asarray(Image.open(p).convert("RGB")))
             logits[t] = np.array(res.objects[obj_id].logits, np.float32)
     finally:
-        session.sessions["memory_attention"] = rec.inner
-    return logits, rec.kept
+        session.sessions.update(inner)
+    kept = {f: g["curr_idx"].astype(np.int64) for f, g in recs["memory_attention"].got.items()}
+    return logits, kept, recs["router"].got
 
 
 def compare(ref: dict, ours: dict) -> tuple:
@@ -318,21 +324,70 @@ def torch_session(pruned, keep, num_frames, sessions=None, cache_encoder=True):
     return Session(sessions, pruned.constants(), pruned.settings, keep=keep, num_frames=num_frames)
 
 
+# the reference's router runs on SAM2's features and logits, ours on our graphs': measured up to
+# 3e-4 apart at scores ~1e3 (5 float32 steps; every token a prior token) on the test model.
+# Scores this close to the k-th one (relative: 1e-3 at 1e3) count as tied with it
+TIE_TOL = 1e-6
+
+
+def pruned_reference(pruned, tiny_sam2, frames_dir, point, keep, prefer: dict | None = None,
+                     cache_encoder: bool = True) -> dict:
+    """SAM2 with the pruned step, keeping on each tracked frame the top-k of the PyTorch router's
+    scores (router_oracle.RouterTopK: SAM2's own features and previous logits, no text, the
+    test's own k): {"ref": {frame: low-res logits}, "oracle": the RouterTopK}. `prefer` (our
+    kept sets) settles ties at the k-th score only; without a tie (oracle.ties empty) the result
+    does not depend on our tracker at all, so it may be reused across runs of ours."""
+    T = pruned.geometry["T"]
+    text = np.zeros((1, int(pruned.settings["text_dim"])), np.float32)
+    oracle = RouterTopK(pruned.router, k_for(keep, T), text, tol=TIE_TOL, prefer=prefer)
+    ref = run_reference(tiny_sam2, frames_dir, point, oracle, cache_encoder=cache_encoder)
+    return {"ref": ref, "oracle": oracle}
+
+
 def pruned_reference_check(pruned, tiny_sam2, frames_dir, point, keep, sessions=None, session=None,
-                           cache_encoder: bool = True, details: dict | None = None) -> tuple:
-    """Our tracker at `keep` vs SAM2 run with the tokens it kept: (max-abs logits, min IoU),
-    over every frame of `frames_dir`, one positive click `point` (input pixels) on frame 0.
+                           cache_encoder: bool = True, details: dict | None = None,
+                           reference: dict | None = None, caught_above: float | None = None) -> tuple:
+    """Our tracker at `keep` vs SAM2 run with the pruned step on the router's top-k:
+    (max-abs logits, min IoU, oracle violations) over every frame of `frames_dir`, one positive
+    click `point` (input pixels) on frame 0. The violations (router_oracle.RouterTopK.violations)
+    say where our kept set is not the top-k of the router's scores or drops prior tokens.
 
     sessions: graph sessions for our side (default: the PyTorch graph modules of `pruned`);
     session: a ready fastsam2 Session instead (e.g. ONNX Runtime on a bundle);
     cache_encoder: memoise both sides' image encoders per module and frame (see above);
-    details, if given, receives both runs' logits and the kept indices.
+    details, if given, receives both runs' logits, our kept indices and the reference;
+    reference: a `pruned_reference` computed before, reused where our kept sets settle its ties
+    as they were settled (it would be computed again exactly as it was). Where they settle one
+    otherwise, the frames before it still hold: if they already differ by more than
+    `caught_above` (or break the oracle), that is the answer; else the reference is recomputed.
     """
     n = len(frame_paths(frames_dir))
     s = session if session is not None else torch_session(pruned, keep, n, sessions, cache_encoder)
-    ours, kept = run_ours(s, frames_dir, point)
+    ours, kept, router = run_ours(s, frames_dir, point)
     assert sorted(kept) == list(range(1, n)), sorted(kept)
-    ref = run_reference(tiny_sam2, frames_dir, point, kept, cache_encoder=cache_encoder)
+    assert all(not g["text_emb"].any() for g in router.values()), "the reference's router gets no text"
+    scores = {f: g["scores"] for f, g in router.items()}
     if details is not None:
-        details.update(ours=ours, ref=ref, kept=kept)
-    return compare(ref, ours)
+        details.update(ours=ours, kept=kept, reused=False)
+    if reference is not None:
+        upto = reference["oracle"].divergence(kept)
+        if upto is not None and caught_above is not None:
+            head = [f for f in ours if f < upto]
+            worst, iou = compare({f: reference["ref"][f] for f in head}, {f: ours[f] for f in head})
+            violations = reference["oracle"].violations(kept, scores, before=upto)
+            if worst > caught_above or violations:
+                if details is not None:
+                    details.update(reused=f"frames < {upto}")
+                return worst, iou, violations
+        if upto is not None:
+            reference = None
+        elif details is not None:
+            details.update(reused=True)
+    if reference is None:
+        reference = pruned_reference(pruned, tiny_sam2, frames_dir, point, keep, prefer=kept,
+                                     cache_encoder=cache_encoder)
+    oracle = reference["oracle"]
+    assert sorted(oracle.kept) == list(range(1, n)), sorted(oracle.kept)
+    if details is not None:
+        details.update(ref=reference["ref"], reference=reference)
+    return compare(reference["ref"], ours) + (oracle.violations(kept, scores),)

@@ -1,17 +1,29 @@
-"""Below keep 1.0: our tracker against SAM2VideoPredictor run with the same kept tokens
+"""Below keep 1.0: our tracker against SAM2VideoPredictor run with the pruned step
 (tests/runtime/pruned_reference.py: SAM2's own loop, its memory conditioning rebuilt from its
-own parts to attend from and to kept tokens only). The keep-1.0 parity tests cannot see bugs
-of the pruned path (RoPE at the wrong grid positions, pruned positions without no_mem_embed, a
-bank reading the wrong kept tokens); these can. Low-res logits (SAM2's pred_masks) per frame.
+own parts to attend from and to kept tokens only, the kept tokens chosen by the test: the top-k
+of the PyTorch router's scores on SAM2's own features and logits, never our tracker's choice).
+Per frame: low-res logits (SAM2's pred_masks) within the bound, our kept set equal to the
+reference's top-k and to the top-k of the scores our router returned, every token in/near the
+previous mask kept (tests/runtime/router_oracle.py). The keep-1.0 parity tests cannot see bugs
+of the pruned path; these can.
 
-Each bug below, injected in-process, fails these tests at keep 0.5 (max-abs logits, PyTorch /
-ONNX Runtime; none of them moves the keep-1.0 parity, where nothing is pruned):
-  memory RoPE at positions 0..n-1 instead of the kept ones (bank.assemble)   8.6e-4 / 8.6e-4
-  pruned positions without no_mem_embed (tracker.track)                       2.7e-2 / 2.7e-2
-  the graph's key RoPE gathered at index + 1                                 3.1e-4 / -
-  the graph's query RoPE gathered at index + 1                               9.4e-4 / -
-  the bank storing a tracked frame's first n tokens instead of its kept ones 6.1e-3 / 6.1e-3
-  the current frame's vision_pos not gathered at the kept indices            7.3e-3 / 7.3e-3
+The pruned-path bugs that must fail these checks are injected one at a time by
+tests/runtime/test_mutations.py (PyTorch graph modules, keep 0.5, the streaming scenarios'
+video; measured there: max-abs logits over the frames compared, or the oracle's finding; none
+of them moves the keep-1.0 parity, where nothing is pruned):
+  top-k keeps the lowest scores                        oracle: 128 of 128 kept tokens wrong
+  top-k off by one (highest dropped, (k+1)-th kept)   oracle: 1 token
+  router's prior bonus dropped / prior not dilated     oracle: 12 of 36 prior tokens dropped
+  query RoPE index gathered at 0..k-1                  1.7e-1 (and the oracle)
+  memory RoPE index at 0..n-1 (bank.assemble)          6.5e-4 (frames 0-2)
+  pruned positions without no_mem_embed                1.6e-1
+  token gather: the first k tokens, not the kept ones  1.8e-1
+  vision_pos of the first k tokens / of the neighbour  6.3e-3 / 4.3e-3 (frames 0-2)
+  bank storing the first n tokens' features            3.3e-3 (frames 0-2)
+  scatter back at the neighbouring kept positions     1.7e-1
+The top-k and prior bugs are caught by the oracle on a small previous mask
+(tests/runtime/test_router_oracle.py): SAM2's masks on the test model cover most of the frame,
+so here the prior spans the whole grid at 256 px and cannot show a lost prior bonus.
 """
 
 from __future__ import annotations
@@ -61,8 +73,9 @@ def test_reference_keeping_every_token_is_sam2(tiny_sam2, pruned, video, officia
 
 def _check(pruned, tiny_sam2, video, keep, official_full, atol, **kw):
     d = {}
-    worst, iou = pruned_reference_check(pruned, tiny_sam2, video.frames_dir_or_file,
-                                        video.first_frame_points[1], keep, details=d, **kw)
+    worst, iou, violations = pruned_reference_check(pruned, tiny_sam2, video.frames_dir_or_file,
+                                                    video.first_frame_points[1], keep, details=d, **kw)
+    assert not violations, violations
     T = pruned.geometry["T"]
     k = max(64, int(np.ceil(keep * T)))
     assert all(v.size == k == np.unique(v).size for v in d["kept"].values())
