@@ -60,11 +60,12 @@ class Snapshots:
         self._check_open()
         return write_snapshot(self, since)
 
-    def snapshot_delta(self) -> bytes:
+    def snapshot_delta(self, full: bool = False) -> bytes:
         """What changed since the previous snapshot_delta(): the first call (and the first after
         reset() or a restore of a full snapshot elsewhere) gives a full snapshot, the next ones
-        increments. A store keeps the last full one plus the increments after it."""
-        data = self.snapshot(self._delta_rev)
+        increments. A store keeps the last full one plus the increments after it; `full` starts
+        a new chain (a store that drops the old one)."""
+        data = self.snapshot(None if full else self._delta_rev)
         self._delta_rev = self._clock.now
         return data
 

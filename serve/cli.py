@@ -50,19 +50,22 @@ def _forward(line: str) -> None:
               help="Seconds a stream may go without a request before its session is freed (time "
                    "its frames wait behind other streams' frames does not count); keep it above the "
                    "longest gap between two frames of a live stream.")
+@click.option("--state-store", default=None, metavar="URL",
+              help="Share every stream's memory, so that another node can take a stream over: "
+                   "redis://HOST:PORT/DB or file:///DIR (a shared volume); entries expire with --idle-timeout.")
 @click.option("--write-only", is_flag=True, help="Only write the repository (for another Triton server).")
 def main(bundle, repo, http_port, grpc_port, metrics_port, address, instances, backend, layout,
-         max_sessions, idle_timeout, write_only):
+         max_sessions, idle_timeout, state_store, write_only):
     """Serve a bundle's tracker on Triton Inference Server: one stream per Triton sequence."""
     from fastsam2.runtime.cli_edge import cli_errors
 
     with cli_errors(echo=lambda m: click.echo(m, err=True), interrupted="tritonserver stopped"):
         _serve(bundle, repo, http_port, grpc_port, metrics_port, address, instances, backend, layout,
-               max_sessions, idle_timeout, write_only)
+               max_sessions, idle_timeout, write_only, state_store)
 
 
 def _serve(bundle, repo, http_port, grpc_port, metrics_port, address, instances, backend, layout,
-           max_sessions, idle_timeout, write_only):
+           max_sessions, idle_timeout, write_only, state_store=None):
     from .repository import check_idle_timeout, write_repository
     from .server import ADMIN_HEADER, RESTRICTED_GRPC, RESTRICTED_HTTP, Installation, TritonServer
 
@@ -73,6 +76,11 @@ def _serve(bundle, repo, http_port, grpc_port, metrics_port, address, instances,
     if len({http_port, grpc_port, metrics_port}) < 3:
         raise InputError(f"--http-port, --grpc-port and --metrics-port must differ, got {http_port}, "
                          f"{grpc_port}, {metrics_port}")
+    if state_store is not None:  # reachable now, not at the first frame; the model reads it from the env
+        from .state_store import STORE_ENV, open_store
+
+        open_store(state_store, ttl=idle_timeout).close()
+        os.environ[STORE_ENV] = state_store
     install = None
     if not write_only:  # what the server needs is checked before a 150 MB repository is written
         install = Installation()
@@ -83,7 +91,8 @@ def _serve(bundle, repo, http_port, grpc_port, metrics_port, address, instances,
     server, ready = None, False
     try:
         info = write_repository(bundle, repo, instances=instances, backend=backend, layout=layout,
-                                max_sessions=max_sessions, idle_timeout=idle_timeout)
+                                max_sessions=max_sessions, idle_timeout=idle_timeout,
+                                state_store=state_store is not None, node=f"{address}:{grpc_port}")
         click.echo(f"repository: {repo} ({layout}, backend {backend}, {instances} instance(s), "
                    f"max {max_sessions} sessions, idle timeout {idle_timeout:g} s)", err=True)
         if write_only:

@@ -49,23 +49,40 @@ def parse_server(server: str) -> str:
     return f"{host}:{int(port)}"
 
 
+def parse_servers(servers: str) -> list:
+    """"A,B,..." -> ["host:port", ...]: the servers a stream may run on, in order."""
+    urls = [parse_server(s.strip()) for s in str(servers).split(",") if s.strip()]
+    if not urls or len(urls) > MAX_SERVERS:
+        raise InputError(f"--server takes 1..{MAX_SERVERS} HOST:PORT addresses, comma-separated, got {str(servers)[:80]!r}")
+    return urls
+
+
+MAX_SERVERS = 64
+FAILOVER_ROUNDS = 8  # passes over the address list before a lost stream is given up
+FAILOVER_WAIT_S = 1.0  # between passes: a balancer needs a health check or two to mark a node down
+
+
 class RemoteModel:
-    """What track() needs from a bundle, read from the server's tracker model."""
+    """What track() needs from a bundle, read from the server's tracker model. `server`: one
+    HOST:PORT or several, comma-separated: the first reachable one serves; a stream whose server
+    dies continues on the next (or the same balancer address) where the servers share a state
+    store (fastsam2-serve --state-store)."""
 
     engines: dict = {}
 
     def __init__(self, server: str, *, timeout: float = 300.0):
-        self.url = parse_server(server)
+        self.urls = parse_servers(server)
         self.timeout = float(timeout)
-        grpcclient, exc = _grpc()
-        try:
-            self.client = grpcclient.InferenceServerClient(self.url)
-            if not self.client.is_model_ready(P.MODEL, client_timeout=30):
-                raise P.ServerError(f"the Triton server at {self.url} has no ready {P.MODEL!r} model "
-                                    f"(start it with fastsam2-serve)")
-            config = self.client.get_model_config(P.MODEL, as_json=True, client_timeout=30)["config"]
-        except exc as e:
-            raise P.ServerError(f"cannot reach the Triton server at {self.url}: {e.message()}") from None
+        errors = []
+        for url in self.urls:
+            try:
+                config = self.connect(url)
+                break
+            except P.ServerError as e:
+                errors.append(str(e))
+        else:
+            raise P.ServerError("; ".join(errors) if len(errors) == 1 else
+                                f"no server of {', '.join(self.urls)} answers: {errors[-1]}")
         try:
             self.info = json.loads(config["parameters"][P.INFO_PARAMETER]["string_value"])
         except (KeyError, TypeError, ValueError):
@@ -73,6 +90,20 @@ class RemoteModel:
         self.manifest = self.info["manifest"]
         self.settings = self.info["settings"]
         self.text_embeddings = {p: None for p in self.info["prompts"]}  # names only: the server embeds
+
+    def connect(self, url: str) -> dict:
+        """Talk to `url` from now on; returns its tracker model's config."""
+        grpcclient, exc = _grpc()
+        try:
+            client = grpcclient.InferenceServerClient(url)
+            if not client.is_model_ready(P.MODEL, client_timeout=30):
+                raise P.ServerError(f"the Triton server at {url} has no ready {P.MODEL!r} model "
+                                    f"(start it with fastsam2-serve)")
+            config = client.get_model_config(P.MODEL, as_json=True, client_timeout=30)["config"]
+        except exc as e:
+            raise P.ServerError(f"cannot reach the Triton server at {url}: {e.message()}") from None
+        self.url, self.client = url, client
+        return config
 
     def summary(self) -> dict:
         return {**self.info["summary"], "server": self.url}
@@ -111,12 +142,16 @@ class RemoteSession:
         self._memory = 0
         self._resize = Resizer()
         self._closed = False
+        self._options = options
+        self._seq = 0  # requests answered after the open
+        self._kept = []  # the last answered request: the state store may not hold it yet
         try:
             info, _ = self._call({"op": "open", "options": options}, start=True)
         except P.SessionLimitError:
             self.close()  # hand Triton's sequence slot back now rather than at the idle timeout
             raise
         self.backend = info["backend"]
+        self.node = info.get("node")  # which server holds the stream now
         self._token = info["token"]
         self.T = int(info["tokens"])
         self.max_cond_frames = int(info["max_cond_frames"])
@@ -186,10 +221,24 @@ class RemoteSession:
 
     # -- transport ----------------------------------------------------------------------------
     def _call(self, cmd: dict, *, frame=None, start=False, end=False, timeout=None, what="the stream"):
-        grpcclient, exc = _grpc()
-        if not start:
-            cmd = {**cmd, "token": getattr(self, "_token", "")}
         frame = P.PLACEHOLDER if frame is None else frame
+        if start or end:
+            cmd = cmd if start else {**cmd, "token": getattr(self, "_token", "")}
+            return self._send(cmd, frame, start=start, end=end, timeout=timeout, what=what)
+        seq = self._seq + 1
+        cmd = {**cmd, "token": self._token, "seq": seq}
+        try:
+            out = self._send(cmd, frame, timeout=timeout, what=what)
+        except P.ServerError as e:
+            if not (getattr(e, "lost", False) and self.model.info.get("state_store")):
+                raise
+            self._failover(e, what)
+            out = self._send(cmd, frame, timeout=timeout, what=what)
+        self._seq, self._kept = seq, [(seq, cmd, frame, what)]
+        return out
+
+    def _send(self, cmd: dict, frame, *, start=False, end=False, timeout=None, what="the stream"):
+        grpcclient, exc = _grpc()
         fin = grpcclient.InferInput(P.FRAME, list(frame.shape), "UINT8")
         fin.set_data_from_numpy(frame)
         cin = grpcclient.InferInput(P.COMMANDS, [1], "BYTES")
@@ -198,18 +247,53 @@ class RemoteSession:
         try:
             r = self.model.client.infer(P.MODEL, [fin, cin], outputs=outs, sequence_id=self.sequence_id,
                                         sequence_start=start, sequence_end=end,
+                                        headers={P.STREAM_HEADER: str(self.sequence_id)},
                                         client_timeout=timeout or self.model.timeout)
         except exc as e:
             raise self._error(e, what) from None
         return P.loads(r.as_numpy(P.RESULT)), r.as_numpy(P.LOGITS)
 
+    def _failover(self, lost: P.ServerError, what: str) -> None:
+        """The server went away mid-stream: continue the stream on the next address (or the same
+        balancer address), restored there from the shared state store, and send again what the
+        store may not hold yet. The results are those of the uninterrupted stream."""
+        urls = self.model.urls
+        i = urls.index(self.url) if self.url in urls else -1
+        order = urls[i + 1:] + urls[:i + 1]  # the next servers first; the same address last (a balancer)
+        last = lost
+        for _ in range(FAILOVER_ROUNDS):
+            for url in order:
+                try:
+                    self.model.connect(url)
+                    self.url = url
+                    info, _ = self._send({"op": "open", "options": self._options, "resume": {"token": self._token}},
+                                         P.PLACEHOLDER, start=True, what=f"{what} (resuming the stream)")
+                    resumed, self.node = int(info["resumed"]), info.get("node")
+                    if resumed < self._seq - 1:
+                        raise P.ServerError(f"the state store holds request {resumed} of this stream, "
+                                            f"{self._seq - resumed} behind what was sent")
+                    for seq, cmd, frame, w in self._kept:  # what the restored state lacks
+                        if seq > resumed:
+                            self._send(cmd, frame, what=f"{w} (sent again)")
+                    return
+                except P.ServerError as e:
+                    last = e
+            time.sleep(FAILOVER_WAIT_S)
+        raise P.ServerError(f"lost the Triton server on {what} and no server of {', '.join(urls)} could "
+                            f"continue the stream: {last}")
+
     def _error(self, e, what: str):
         status, message = str(e.status() or ""), e.message() or str(e)
         if any(s in status for s in _LOST):
-            return P.ServerError(f"lost the Triton server at {self.url} on {what}: {message}")
+            err = P.ServerError(f"lost the Triton server at {self.url} on {what}: {message}")
+            err.lost = True
+            return err
         if "must specify the START flag" in message:
-            return P.ServerError(f"the server at {self.url} no longer holds this stream (idle longer than "
-                                 f"its idle timeout, or restarted): {message}")
+            # a restarted server, or (behind a balancer) another node than the one that held it
+            err = P.ServerError(f"the server at {self.url} no longer holds this stream (idle longer than "
+                                f"its idle timeout, or restarted): {message}")
+            err.lost = True
+            return err
         return P.decode_error(message)
 
     def _result(self, info: dict, logits: np.ndarray, t0: float):

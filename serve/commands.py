@@ -25,6 +25,7 @@ MAX_FRAMES = 10 ** 9  # a stream's declared length
 MAX_TEXT = 4096  # characters of a text prompt
 MAX_COMMAND_BYTES = 8 << 20  # one request's JSON (a full-size mask prompt packs to ~2 MB, ~2.8 in base64)
 OPTIONS = ("keep", "fill", "num_frames", "frame_size", "max_cond_frames")
+MAX_TOKEN = 64  # characters of a stream token (the server makes 32)
 OPS = ("open", "push", "correct", "close")
 
 
@@ -151,13 +152,19 @@ def parse(raw) -> dict:
     op = cmd.get("op", "push")
     if op not in OPS:
         raise _bad(f"op must be one of {', '.join(OPS)}", op)
-    keys = {"open": ("op", "options"), "push": ("op", "ops", "timestamp", "shape", "token"),
-            "correct": ("op", "ops", "token"), "close": ("op", "token")}[op]
+    keys = {"open": ("op", "options", "resume"), "push": ("op", "ops", "timestamp", "shape", "token", "seq"),
+            "correct": ("op", "ops", "token", "seq"), "close": ("op", "token", "seq")}[op]
     _dict(cmd, f"a {op} command", keys)
     if op != "open" and not isinstance(cmd.get("token"), str):
         raise InputError(f"a {op} command needs the stream's token (the open reply's 'token')")
+    if cmd.get("seq") is not None:
+        _int(cmd["seq"], 1, 2 ** 62, "seq (the client's request number)")
     if op == "open":
         cmd["options"] = _options(cmd.get("options"))
+        if cmd.get("resume") is not None:
+            r = _dict(cmd["resume"], "resume", ("token",))
+            if not isinstance(r.get("token"), str) or not 0 < len(r["token"]) <= MAX_TOKEN:
+                raise _bad(f"resume needs the stream's token (at most {MAX_TOKEN} characters)", r.get("token"))
     if op in ("push", "correct"):
         ops = _list(cmd.get("ops") or [], 0 if op == "push" else 1, MAX_OPS, "ops")
         cmd["ops"] = [_op(o, ("prompt", "remove") if op == "push" else ("prompt",)) for o in ops]

@@ -20,6 +20,11 @@ Ops:
                    -> {"backend", "tokens", "max_cond_frames", "token"}: every later request of
                    the stream carries that "token" (a stream is bound to its opener; a START on
                    a live id is refused)
+                   + "resume": {"token"}: continue the stream from the server's state store
+                   (fastsam2-serve --state-store) on a node that does not hold it -> also
+                   {"resumed": seq of the last request the restored state includes}
+  every later request carries "seq", the client's request number (1, 2, ...): the server saves
+                   a request's effect in its state store when the next request arrives
   push             {"ops": [prompt|remove, ...], "timestamp", "shape": [H, W]} then the frame is tracked
                    prompt: {"op": "prompt", "obj", "frame", "text", "points", "neg_points", "box", "mask"}
                    remove: {"op": "remove", "obj", "frame"}
@@ -41,6 +46,9 @@ import numpy as np
 from fastsam2.runtime import errors
 
 MODEL = "fastsam2_tracker"  # the tracker model's name in the repository
+# gRPC metadata every request of a stream carries (its correlation id): a balancer in front of
+# several nodes hashes it to keep a stream on one node (deploy/haproxy/haproxy.cfg)
+STREAM_HEADER = "x-fastsam2-stream"
 FRAME, COMMANDS = "FRAME", "COMMANDS"
 LOGITS, RESULT = "LOGITS", "RESULT"
 START, END, CORRID = "START", "END", "CORRID"

@@ -191,7 +191,8 @@ def check_idle_timeout(idle_timeout) -> float:
 
 def write_repository(bundle_dir, repo, *, instances: int = 1, backend: str = "auto", layout: str = "in-process",
                      max_sessions: int | None = DEFAULT_MAX_SESSIONS, idle_timeout: float = 60.0,
-                     threads: int | None = None, state_dir: str = "") -> dict:
+                     threads: int | None = None, state_dir: str = "", state_store: bool = False,
+                     node: str = "") -> dict:
     """Write (or refresh) the model repository for `bundle_dir` under `repo`; returns the
     client info the tracker publishes. The repository holds only fastsam2's models: another
     folder's models would be loaded too, so an unrelated non-empty folder is refused."""
@@ -216,9 +217,12 @@ def write_repository(bundle_dir, repo, *, instances: int = 1, backend: str = "au
                               f"or fastsam2-written folder as --repo")
     elif repo.exists():
         raise OutputError(f"--repo {repo} is not a folder")
-    info = client_info(bundle, backend, layout, max_sessions, idle_timeout)
+    info = {**client_info(bundle, backend, layout, max_sessions, idle_timeout), "state_store": bool(state_store)}
     params = {"bundle": "bundle", "backend": backend, "threads": threads or default_threads(instances),
               "max_sessions": max_sessions or 0, "idle_timeout": idle_timeout, "state_dir": state_dir,
+              # the store's URL (it may hold a password) reaches the model through the server's
+              # environment (FASTSAM2_STATE_STORE), not through the model config clients can read
+              "state_store": "env" if state_store else "", "node": node,
               "graphs": "bls" if layout == "graphs" else "in_process", P.INFO_PARAMETER: json.dumps(info)}
     try:
         if layout == "graphs":

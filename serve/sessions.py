@@ -138,6 +138,17 @@ class SessionTable:
             self.last_seen[corrid], self.last_wall[corrid] = self.idle_clock(), self.clock()
             return session, token
 
+    def adopt(self, corrid, session, token: str) -> None:
+        """A session restored from the state store, under the token its opener holds."""
+        with self.lock:
+            if corrid in self.sessions:
+                e = InputError(f"stream {corrid} is live on this server: a START on it is refused")
+                e.live = True
+                raise e
+            self.slots.acquire(corrid)
+            self.sessions[corrid], self.tokens[corrid] = session, token
+            self.last_seen[corrid], self.last_wall[corrid] = self.idle_clock(), self.clock()
+
     def get(self, corrid, token):
         with self.lock:
             session = self.sessions.get(corrid)

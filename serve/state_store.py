@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlparse
 
 from fastsam2.runtime.errors import InputError
 
+STORE_ENV = "FASTSAM2_STATE_STORE"  # how fastsam2-serve hands the URL to the tracker model
 MAX_ENTRY_BYTES = 256 << 20  # one base or increment; a 1024-px keep-1.0 bank is ~10 MB
 _ENTRY = re.compile(r"^(?:(?P<base>base)\.(?P<gen>\d{12})|(?P<igen>\d{12})\.(?P<n>\d{12})\.inc)$")
 

@@ -46,6 +46,7 @@ from fastsam2.runtime.errors import FastSam2Error, InputError
 from . import commands as C
 from . import protocol as P
 from .sessions import SessionTable, Slots
+from .stream_state import stream_name
 
 FILLS = ("no_mem", "last")
 
@@ -116,6 +117,14 @@ class TritonPythonModel:
 
             self.backend, self.graphs = open_backend(params.get("backend", "auto"), self.bundle, threads,
                                                      warn=self._log)
+        self.node = params.get("node") or self.instance
+        self.state, self._seq = None, {}  # the state store (--state-store), the last request per stream
+        if params.get("state_store") == "env":  # fastsam2-serve --state-store
+            from .state_store import STORE_ENV, open_store
+            from .stream_state import StreamState
+
+            ttl = max(1.0, float(params.get("idle_timeout") or 60))
+            self.state = StreamState(open_store(os.environ.get(STORE_ENV, ""), ttl=ttl))
         limit = int(params.get("max_sessions") or 0) or None
         state = params.get("state_dir") or os.path.join(tempfile.gettempdir(), f"fastsam2-serve-{os.getppid()}")
         self.table = SessionTable(self._open_session, Slots(state, self.instance, limit),
@@ -208,23 +217,54 @@ class TritonPythonModel:
                     return reply
                 session = self.table.get(corrid, token)  # the opener's token, or refused
                 if op == "close":
+                    if self.state is not None:
+                        self.state.forget(stream_name(corrid, token), drop=True)
                     return self._reply(None, {"closed": self.table.close(corrid, token)})
-                if op == "push":
-                    return self._push(session, cmd, self._frame(request, cmd["shape"]))
-                return self._correct(session, cmd)
+                self._save(corrid, token, session)  # the client has the previous reply: keep it
+                reply = (self._push(session, cmd, self._frame(request, cmd["shape"])) if op == "push"
+                         else self._correct(session, cmd))
+                self._seq[corrid] = cmd.get("seq") or self._seq.get(corrid, 0) + 1
+                return reply
             finally:
                 if end and token is not None:  # a wrong token closes nothing
                     self.table.close(corrid, token)
+                    self._seq.pop(corrid, None)
+
+    def _save(self, corrid, token, session) -> None:
+        """The stream's state after its previous request, into the state store (serve/stream_state.py)."""
+        if self.state is not None:
+            self.state.saved(stream_name(corrid, token), session, self._seq.get(corrid, 0))
 
     def _open(self, corrid, cmd: dict):
+        resume, extra = cmd.get("resume"), {}
         try:
-            session, token = self.table.open(corrid, cmd["options"])
+            if resume is None:
+                session, token = self.table.open(corrid, cmd["options"])
+            else:
+                session, token, seq = self._resume(corrid, resume["token"])
+                extra = {"resumed": seq, "frame": session.frame}
         except FastSam2Error as e:
             if not getattr(e, "live", False):  # a live id's sequence belongs to its opener
                 self._release_later(corrid)
             raise
-        return self._reply(None, {"backend": self.backend, "tokens": session.T, "token": token,
-                                  "max_cond_frames": session.max_cond_frames}), token
+        self._seq[corrid] = extra.get("resumed", 0)
+        return self._reply(None, {"backend": self.backend, "tokens": session.T, "token": token, "node": self.node,
+                                  "max_cond_frames": session.max_cond_frames, **extra}), token
+
+    def _resume(self, corrid, token: str) -> tuple:
+        """A stream another node held, restored from the state store with its token."""
+        if self.state is None:
+            raise P.ServerError("this server has no state store (fastsam2-serve --state-store): it cannot "
+                                "continue a stream another server held")
+        graphs = (self.backend, self.graphs)
+        found = self.state.restored(stream_name(corrid, token), lambda blobs: served_session_class().restore(
+            self.bundle, blobs, graphs=graphs))
+        if found is None:
+            raise P.ServerError(f"the state store holds no state for stream {corrid} (it ended, expired "
+                                f"after the idle timeout, or was never saved)")
+        session, seq = found
+        self.table.adopt(corrid, session, token)
+        return session, token, seq
 
     def _frame(self, request, shape: tuple) -> np.ndarray:
         """FRAME is flat (the config's dims [-1], so Triton checks its byte size against its

@@ -69,3 +69,35 @@ def redis_server(tmp: Path):
         yield f"redis://127.0.0.1:{port}/0", proc
     finally:
         stop(proc)
+
+
+@contextlib.contextmanager
+def haproxy(nodes: list, tmp: Path):
+    """deploy/haproxy/haproxy.cfg itself, on a free port, in front of `nodes` [(grpc port, http
+    port)] (three, as the shipped config names them). Yields the balancer's HOST:PORT."""
+    exe = need("haproxy")
+    cfg = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
+    port = free_port()
+    env = {**os.environ, "FASTSAM2_LISTEN": f"127.0.0.1:{port}"}
+    for i, (grpc, http) in enumerate(nodes, 1):
+        env[f"FASTSAM2_NODE{i}"], env[f"FASTSAM2_NODE{i}_HTTP"] = f"127.0.0.1:{grpc}", str(http)
+    tmp.mkdir(parents=True, exist_ok=True)
+    log = open(tmp / "haproxy.log", "wb")
+    proc = subprocess.Popen([exe, "-db", "-f", str(cfg)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, proc)
+        yield f"127.0.0.1:{port}", proc
+    finally:
+        stop(proc)
+        log.close()
+
+
+def children(pid: int) -> list:
+    """The pids whose parent is `pid` (from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+    return out
