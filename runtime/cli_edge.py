@@ -104,3 +104,45 @@ def cli_errors(echo=None, interrupted: str = INTERRUPTED):
     except FastSam2Error as e:
         echo(f"error: {one_line(e)}")
         sys.exit(e.exit_code)
+
+
+class UsageLine(Exception):
+    """A click usage error (a missing required option, a value click cannot parse) as one
+    `error:` line and exit 2, as every other user error (click prints a usage block)."""
+
+    exit_code = 2
+
+    def __init__(self, e):
+        text = one_line(e.format_message()).rstrip(".")
+        text = text[:1].lower() + text[1:] if text[1:2].islower() else text
+        where = e.ctx.command_path if getattr(e, "ctx", None) else None
+        super().__init__(f"{text} (see {where} --help)" if where else f"{text} (see --help)")
+
+
+def _one_line_usage(cls):
+    """A click Command/Group class whose usage errors are one `error:` line, exit 2."""
+    import click
+
+    class OneLine(cls):
+        def make_context(self, info_name, args, parent=None, **extra):
+            try:
+                return super().make_context(info_name, args, parent=parent, **extra)
+            except click.UsageError as e:
+                _stderr(f"error: {UsageLine(e)}")
+                sys.exit(UsageLine.exit_code)
+
+    OneLine.__name__ = f"OneLine{cls.__name__}"
+    return OneLine
+
+
+def command_class():
+    """`@click.command(cls=command_class())`: usage errors as one line."""
+    import click
+
+    return _one_line_usage(click.Command)
+
+
+def group_class():
+    import click
+
+    return _one_line_usage(click.Group)
