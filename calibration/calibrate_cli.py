@@ -13,7 +13,7 @@ import click
 
 from fastsam2.runtime.errors import InputError, OutputError
 from fastsam2.export.cli import echo_random_warnings, require_export_extra
-from fastsam2.runtime.cli_edge import cli_errors
+from fastsam2.runtime.cli_edge import cli_errors, command_class, group_class
 
 
 def _point(text: str) -> tuple:
@@ -28,12 +28,12 @@ def _echo_err(m: str) -> None:
     click.echo(m, err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=group_class(), context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Calibrate a fastsam2 model: router training and INT8 calibration data."""
 
 
-@main.command("router")
+@main.command("router", cls=command_class())
 @click.option("--frames", "frames", multiple=True, required=True, help="Frames folder or video; repeat for several sequences.")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Text of the tracked object: one, or one per --frames.")
 @click.option("--point", "points", multiple=True, help="x,y first-frame click in input pixels, one per --frames (default: CLIP relevance argmax).")
@@ -154,7 +154,7 @@ def int8_keep(keep, bundle_dir, target):
     return round((lo_hi[0] + lo_hi[1]) / 2, 4), manifest
 
 
-@main.command("int8")
+@main.command("int8", cls=command_class())
 @click.option("--bundle", "bundle_dir", required=True, help="Bundle folder written by fastsam2-export.")
 @click.option("--frames", required=True, help="Representative frames folder or video.")
 @click.option("--max-frames", type=int, default=32, show_default=True, help="Frames to record.")

@@ -11,7 +11,7 @@ import click
 
 from fastsam2.calibration import davis
 from fastsam2.runtime.backends import BACKENDS
-from fastsam2.runtime.cli_edge import cli_errors
+from fastsam2.runtime.cli_edge import cli_errors, command_class
 from fastsam2.runtime.errors import InputError
 from fastsam2.runtime.outputs import RunFolder
 
@@ -57,7 +57,7 @@ def _score(davis_root, split, results_dir, sequences):
     click.echo(f"per-sequence results: {s_path}")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=command_class(), context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--davis", "davis_root", required=True, help="DAVIS 2017 folder (JPEGImages/, Annotations/, ImageSets/).")
 @click.option("--split", default="val", show_default=True, help="ImageSets/2017/<split>.txt to score.")
 @click.option("--results", "results_dir", default=None, help="Score this folder of <seq>/<frame>.png masks.")

@@ -7,7 +7,7 @@ import sys
 import click
 
 from fastsam2.runtime.backends import BACKENDS
-from fastsam2.runtime.cli_edge import Terminated, cli_errors
+from fastsam2.runtime.cli_edge import Terminated, cli_errors, command_class
 from fastsam2.runtime.errors import InputError
 from fastsam2.runtime.outputs import RunFolder
 from fastsam2.runtime.profiling import CPU_COUNTS, GPU_COUNTS
@@ -44,7 +44,7 @@ class _Bars:
             self.bar = None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=command_class(), context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", required=True, help="Bundle folder written by fastsam2-export.")
 @click.option("--backend", default="auto", show_default=True, metavar=f"[{'|'.join(BACKENDS)}]",
               help="Runtime backend, as fastsam2-run; comma-separate several to compare (e.g. tensorrt,ort-cuda).")

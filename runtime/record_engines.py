@@ -9,10 +9,10 @@ from __future__ import annotations
 import click
 
 from fastsam2.runtime import trt_backend
-from fastsam2.runtime.cli_edge import cli_errors
+from fastsam2.runtime.cli_edge import cli_errors, command_class
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=command_class(), context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle")
 def main(bundle) -> None:
     """Record the engines build_plan.sh built into BUNDLE (engines/<target>/engines.json)."""

@@ -44,3 +44,14 @@ def test_a_target_file_named_by_the_manifest_is_not_opened(bundle_dir):
     for target in ("/etc/fastsam2/orin.toml", "../orin.toml", "profiles/orin"):
         with pytest.raises(InputError, match="pass --target"):
             bundle_target(dict(m, target=target))
+
+
+@pytest.mark.parametrize("args, words", [(["int8", "--frames", "f"], "missing option '--bundle'"),
+                                         (["int8", "--bundle", "b", "--frames", "f", "--threads", "x"],
+                                          "invalid value for '--threads'"),
+                                         (["router", "--frames", "f"], "missing option '--prompt'")])
+def test_click_usage_errors_are_one_line(args, words):
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], res.stderr

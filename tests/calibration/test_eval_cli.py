@@ -235,3 +235,9 @@ def test_run_mode_threads_and_quiet(bundle_dir, tmp_path):
     assert_one_line_error(run("--davis", root, "--bundle", bundle_dir, "--threads", "100000", "--out",
                               tmp_path / "c"), "--threads must be in 1..")
     assert not (tmp_path / "c").exists()
+
+
+def test_click_usage_errors_are_one_line(davis_root):
+    assert_one_line_error(run("--davis", davis_root, "--backend", "cuda-magic"), "invalid value for '--backend'",
+                          "'openvino'")
+    assert_one_line_error(run("--results", "r"), "missing option '--davis'")

@@ -249,3 +249,12 @@ def test_help_lists_every_backend():
     assert res.exit_code == 0
     text = " ".join(res.output.split())
     assert f"--backend [{'|'.join(BACKENDS)}]" in text and "openvino" in BACKENDS
+
+
+@pytest.mark.parametrize("args, words", [(["--iters", "abc"], "invalid value for '--iters'"),
+                                         (["--keep"], "option '--keep' requires an argument"),
+                                         ([], "missing option '--bundle'")])
+def test_click_usage_errors_are_one_line(args, words):
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    _one_error_line(res, words, "--help)")

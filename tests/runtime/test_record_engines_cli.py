@@ -21,3 +21,10 @@ def test_help_names_the_module():
     res = CliRunner().invoke(main, ["--help"], prog_name="python3 -m fastsam2.runtime.record_engines")
     assert res.exit_code == 0
     assert "Usage: python3 -m fastsam2.runtime.record_engines [OPTIONS] BUNDLE" in res.output
+
+
+def test_a_missing_bundle_argument_is_one_line():
+    res = CliRunner().invoke(main, [])
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: missing argument 'BUNDLE' (see main --help)"], res.stderr
