@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from fastsam2.runtime.cli_edge import cli_errors, one_line
+from fastsam2.runtime.cli_edge import cli_errors, command_class
 from fastsam2.runtime.errors import FastSam2Error, InputError
 
 from .engines_step import engines_step
@@ -107,32 +107,6 @@ def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0
                         calibration_frames=calibration, log=log)
 
 
-class _UsageLine(click.ClickException):
-    """A click usage error (missing --out, a flag click cannot parse) as one `error:` line."""
-
-    exit_code = 2
-
-    def __init__(self, e: click.UsageError):
-        text = one_line(e.format_message()).rstrip(".")
-        text = text[:1].lower() + text[1:] if text[1:2].islower() else text
-        where = e.ctx.command_path if e.ctx else "fastsam2-export"
-        super().__init__(f"{text} (see {where} --help)")
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.message}", err=True)
-
-
-class _OneLineUsage(click.Command):
-    """click prints a usage block and `Error: ...` for a missing required option; every fastsam2
-    user error is one `error:` line with exit 2 instead."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.UsageError as e:
-            raise _UsageLine(e) from None
-
-
 def _list_targets(ctx, param, value) -> None:
     """--list-targets is eager: it prints and exits before --out and --target are required."""
     if not value or ctx.resilient_parsing:
@@ -146,7 +120,7 @@ def _list_targets(ctx, param, value) -> None:
     ctx.exit()
 
 
-@click.command(cls=_OneLineUsage, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=command_class(), context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", default="sam2.1_hiera_t", show_default=True, help="SAM2 config name (sam2.1_hiera_t/s/b+/l, sam2_hiera_*).")
 @click.option("--checkpoint", type=str, default=None, help="Official SAM2 checkpoint (.pt). Omit for a seeded random init (tests/offline demo; masks are not meaningful).")
 @click.option("--target", required=True, help="Target profile from profiles/ (see --list-targets).")

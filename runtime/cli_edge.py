@@ -123,10 +123,17 @@ def _one_line_usage(cls):
     """A click Command/Group class whose usage errors are one `error:` line, exit 2."""
     import click
 
-    class OneLine(cls):
+    class OneLine(cls):  # noqa: D401 (click calls these two where usage errors arise)
         def make_context(self, info_name, args, parent=None, **extra):
             try:
                 return super().make_context(info_name, args, parent=parent, **extra)
+            except click.UsageError as e:
+                _stderr(f"error: {UsageLine(e)}")
+                sys.exit(UsageLine.exit_code)
+
+        def resolve_command(self, ctx, args):  # a group's unknown subcommand
+            try:
+                return super().resolve_command(ctx, args)
             except click.UsageError as e:
                 _stderr(f"error: {UsageLine(e)}")
                 sys.exit(UsageLine.exit_code)

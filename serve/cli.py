@@ -9,6 +9,7 @@ import shutil
 
 import click
 
+from fastsam2.runtime.cli_edge import command_class
 from fastsam2.runtime.errors import FastSam2Error, InputError
 
 from .repository import DEFAULT_MAX_SESSIONS, LAYOUTS, SERVE_BACKENDS
@@ -29,7 +30,7 @@ def _forward(line: str) -> None:
         click.echo(line, err=True)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.command(cls=command_class(), context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.option("--bundle", required=True, help="Bundle folder written by fastsam2-export.")
 @click.option("--repo", required=True, help="Model repository folder to write (Triton layout).")
 @click.option("--http-port", type=int, default=8000, show_default=True)
