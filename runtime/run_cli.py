@@ -9,6 +9,7 @@ import click
 
 from fastsam2.runtime.backends import BACKENDS
 from fastsam2.runtime.bank import MAX_COND_FRAMES
+from fastsam2.runtime.cli_edge import cli_errors, command_class
 from fastsam2.runtime.errors import InputError
 
 EPILOG = ("Prompt flags take an optional object id and frame: [ID:]VALUE[@FRAME], e.g. --point 2:230,210@6 "
@@ -16,28 +17,7 @@ EPILOG = ("Prompt flags take an optional object id and frame: [ID:]VALUE[@FRAME]
           "of frames, a camera (/dev/video0) or a URL (rtsp://, http(s)://, udp://, ...).")
 
 
-class OneLineUsage(click.ClickException):
-    """A flag click cannot parse, as every other user error: one `error:` line, exit 2 (not
-    click's usage block, nor a 5000-digit value repeated whole)."""
-
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        from fastsam2.runtime.cli_edge import one_line
-
-        words = [w if len(w) <= 80 else f"{w[:40]}... ({len(w)} characters)" for w in one_line(self).split()]
-        click.echo(f"error: {' '.join(words)}", err=True)
-
-
-class Command(click.Command):
-    def make_context(self, *args, **kwargs):
-        try:
-            return super().make_context(*args, **kwargs)
-        except click.UsageError as e:
-            raise OneLineUsage(f"{e.format_message().rstrip('.')} (see --help)") from None
-
-
-@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.command(cls=command_class(), context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.argument("input_path", metavar="INPUT")
 @click.option("--bundle", default=None, help="Bundle folder written by fastsam2-export (or --server).")
 @click.option("--server", default=None, metavar="HOST:PORT",
@@ -74,7 +54,6 @@ class Command(click.Command):
 def main(input_path, bundle, server, prompts, points, neg_points, boxes, removes, prompts_file, keep, backend,
          out, force, overlay, max_frames, duration, realtime, timeout, fill, max_cond_frames, threads, quiet):
     """Track the prompted object(s) through INPUT."""
-    from fastsam2.runtime.cli_edge import cli_errors
     from fastsam2.runtime.prompt_flags import schedule_from_file, schedule_from_flags
     from fastsam2.runtime.track import track
 
