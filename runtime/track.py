@@ -237,7 +237,7 @@ def _loop(session, source, schedule, run, bundle, keep, fill, overlay, max_frame
             unrecorded = run.mask_path(index)  # on disk, not yet in results.json: removed if the run stops here
             write_palette_png(unrecorded, res.index_mask)
             if writer is not None:
-                writer.write(rgb, res.index_mask)
+                writer.write(rgb, res.index_mask, session.prompt_log[logged:])
             frames.append(record)
             unrecorded = None
             if progress is not None:

@@ -174,9 +174,6 @@ def test_run_overlay_labels_each_tracked_object(bundle_dir, tmp_path):
     assert any(1 in object_label_boxes(m) for m in masks), "the prompted object was never tracked"
 
 
-@pytest.mark.xfail(strict=True, reason="runtime/track.py must pass the frame's prompts to OverlayWriter.write "
-                                       "(writer.write(rgb, res.index_mask, session.prompt_log[logged:])); "
-                                       "remove this mark with that line")
 def test_run_overlay_shows_the_click_on_its_frame(bundle_dir, tmp_path):
     (x, y), out, overlay, frames, masks = _run_with_point(bundle_dir, tmp_path)
     assert json.loads((out / "results.json").read_text())["prompts"][0]["frame"] == 0
