@@ -11,6 +11,7 @@ from fastsam2.runtime.backends import BACKENDS
 from fastsam2.runtime.bank import MAX_COND_FRAMES
 from fastsam2.runtime.cli_edge import cli_errors, command_class
 from fastsam2.runtime.errors import InputError
+from fastsam2.runtime.resume import CHECKPOINT_NAME
 
 EPILOG = ("Prompt flags take an optional object id and frame: [ID:]VALUE[@FRAME], e.g. --point 2:230,210@6 "
           "(object 2, frame 6), --prompt '2:red ball@12', --remove 2@40. INPUT may be a video, a folder "
@@ -49,10 +50,15 @@ EPILOG = ("Prompt flags take an optional object id and frame: [ID:]VALUE[@FRAME]
               help="Value of pruned tokens before the decoder: feat + no_mem_embed, or last frame's.")
 @click.option("--max-cond-frames", type=click.IntRange(1, MAX_COND_FRAMES), default=None,
               help="Prompted frames each object attends to (the most recent; default 4).")
+@click.option("--checkpoint-every", type=int, default=None, metavar="N",
+              help=f"Write a checkpoint to --out ({CHECKPOINT_NAME}) every N frames (video files and frame folders).")
+@click.option("--resume", is_flag=True,
+              help="Go on with the stopped run in --out from its last checkpoint (same INPUT, bundle, --keep, prompts).")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar or warnings; only the summary line.")
 def main(input_path, bundle, server, prompts, points, neg_points, boxes, removes, prompts_file, keep, backend,
-         out, force, overlay, max_frames, duration, realtime, timeout, fill, max_cond_frames, threads, quiet):
+         out, force, overlay, max_frames, duration, realtime, timeout, fill, max_cond_frames, checkpoint_every,
+         resume, threads, quiet):
     """Track the prompted object(s) through INPUT."""
     from fastsam2.runtime.prompt_flags import schedule_from_file, schedule_from_flags
     from fastsam2.runtime.track import track
@@ -97,7 +103,8 @@ def main(input_path, bundle, server, prompts, points, neg_points, boxes, removes
         res = track(input_path, bundle, b.schedule(), out, keep=keep, backend=backend,
                     overlay=overlay, max_frames=max_frames, fill=fill, threads=threads,
                     progress=progress, warn=say, realtime=realtime, duration=duration,
-                    max_cond_frames=max_cond_frames, force=force, timeout=timeout)
+                    max_cond_frames=max_cond_frames, force=force, timeout=timeout,
+                    checkpoint_every=checkpoint_every, resume=resume)
     stop_bar()
     t = res["totals"]
     dropped = res["dropped_frames"]["count"]

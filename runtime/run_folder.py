@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from fastsam2.runtime.errors import OutputError
+from fastsam2.runtime.resume import CHECKPOINT_NAME, owned_files
 
 try:
     import fcntl
@@ -35,19 +36,21 @@ RECORD_NAME = ".fastsam2-run.json"  # the files the last run wrote: {"files": {r
 RECORD_SCHEMA = 1
 MAX_RECORD = 256 << 20  # bytes read of a record (~45 per file: millions of masks); larger is not ours
 # what fastsam2-run writes: {name: None for a file, or the pattern of the files in a folder}
-RUN_OUTPUTS = {"masks": r"\d+\.png", "overlay.mp4": None, "results.json": None}
+RUN_OUTPUTS = {"masks": r"\d+\.png", "overlay.mp4": None, "results.json": None, CHECKPOINT_NAME: None}
 
 
 class RunFolder:
     """`with RunFolder(out, force=...) as run:` ... `run.mask_path(i)`, `run.file("results.json")`."""
 
-    def __init__(self, path, force: bool = False, outputs: dict = RUN_OUTPUTS, record: bool = False):
+    def __init__(self, path, force: bool = False, outputs: dict = RUN_OUTPUTS, record: bool = False,
+                 resume: bool = False):
         if isinstance(path, str) and not path.strip():
             raise OutputError("the output folder name is empty")
         self.path = Path(path)
         self.force = force
         self.outputs = dict(outputs)
         self.record = record  # ownership by the folder's record of the last run, not by name
+        self.resume = resume  # the earlier run's outputs stay: runtime/resume.py goes on with them
         self.replaced: list = []  # the earlier run's outputs that force removed
         self._fd = None
         self._created = False
@@ -88,16 +91,18 @@ class RunFolder:
             if self.record:
                 self._check_recorded()
             earlier = self.earlier_outputs()
-            if earlier and not self.force:
+            if earlier and not self.force and not self.resume:
                 listed = ", ".join(n + ("/" if self.outputs[n] else "") for n in earlier)
+                also = " (or --resume to go on from its checkpoint)" if CHECKPOINT_NAME in earlier else ""
                 raise OutputError(f"{self.path} holds an earlier run's outputs ({listed}); pass --force to "
-                                  "replace them, or choose another output folder")
-            for name in earlier:
-                self._remove_output(name)
-            if self.record:
-                with contextlib.suppress(FileNotFoundError):
-                    (self.path / RECORD_NAME).unlink()  # its files are gone
-            self.replaced = earlier
+                                  f"replace them{also}, or choose another output folder")
+            if not self.resume:
+                for name in earlier:
+                    self._remove_output(name)
+                if self.record:
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.path / RECORD_NAME).unlink()  # its files are gone
+                self.replaced = earlier
         except BaseException:
             self._unlock()
             self._remove_if_unused()
@@ -154,6 +159,8 @@ class RunFolder:
     def _check_recorded(self) -> None:
         """Refuse (force or not) a file of an output's name that the last run did not write."""
         recorded = self._read_record()
+        if CHECKPOINT_NAME in self.outputs:  # a run killed before its record: its checkpoint vouches
+            recorded.update(owned_files(self.path))
         foreign, changed = [], []
         for rel in self.present():
             if rel not in recorded:

@@ -149,7 +149,7 @@ def track(input_path, bundle_dir, prompt, out, keep: float | None = None,
           fill: str = "no_mem", threads: int | None = None, progress=None, warn=print,
           removals=(), realtime: bool = False, duration: float | None = None,
           max_cond_frames: int | None = None, force: bool = False,
-          timeout: float = 10.0) -> dict:
+          timeout: float = 10.0, checkpoint_every: int | None = None, resume: bool = False) -> dict:
     """Track the prompted objects through a video, a frames folder, a camera or a stream URL;
     returns the results dict (also written to <out>/results.json).
 
@@ -159,8 +159,10 @@ def track(input_path, bundle_dir, prompt, out, keep: float | None = None,
     overlap a pixel goes to the object with the highest logit (one palette index per pixel).
     With `realtime`, a live source hands over its newest frame and drops the ones that arrived
     meanwhile; a prompt for a dropped frame is applied on the next frame processed. `timeout`:
-    seconds a live source may take to open or to deliver the next frame.
+    seconds a live source may take to open or to deliver the next frame. `checkpoint_every`: a
+    checkpoint in `out` every N frames; `resume`: go on from it (runtime/resume.py).
     """
+    from fastsam2.runtime import resume as ck
     from fastsam2.runtime.run_folder import RunFolder
     from fastsam2.runtime.video import open_frames
 
@@ -168,6 +170,8 @@ def track(input_path, bundle_dir, prompt, out, keep: float | None = None,
     # a bundle folder (local), or a remote model (fastsam2.serve.client: same interface, its
     # sessions run on a Triton server)
     remote = hasattr(bundle_dir, "open_session")
+    ck.check_flags(input_path, checkpoint_every, resume, remote=remote, force=force)
+    start = ck.read_checkpoint(out) if resume else None
     bundle = bundle_dir if remote else load_bundle(bundle_dir)
     keep = validate_keep(keep, bundle)
     schedule = as_schedule(prompt, removals)
@@ -182,6 +186,11 @@ def track(input_path, bundle_dir, prompt, out, keep: float | None = None,
     with source:
         _check_schedule(schedule, bundle, source)
         kwargs = {} if max_cond_frames is None else {"max_cond_frames": max_cond_frames}
+        run_id = (ck.run_identity(source, bundle, keep, fill, max_cond_frames, schedule)
+                  if resume or checkpoint_every else None)
+        if start is not None:  # the same run, or one line; the session goes on from its snapshot
+            ck.check_identity(start, run_id, out)
+            kwargs["snapshot"] = start.snapshot
         if remote:
             opener = bundle.open_session
         else:  # the backend is resolved once, here; the session gets its open graphs
@@ -194,28 +203,42 @@ def track(input_path, bundle_dir, prompt, out, keep: float | None = None,
         if backend == "auto":
             warn(f"backend: {session.backend} (auto)")
         # record=True: --force replaces only the files the last run recorded as its own
-        with RunFolder(out, force=force, record=True) as run, contextlib.closing(session):
+        with RunFolder(out, force=force, record=True, resume=resume) as run, contextlib.closing(session):
+            checkpoints = None if run_id is None else ck.Checkpoints(run, checkpoint_every, run_id, start)
             results, error = _loop(session, source, schedule, run, bundle, keep, fill, overlay,
-                                   max_frames, duration, progress, input_path)
+                                   max_frames, duration, progress, input_path, checkpoints)
     if error is not None:
         raise error
     return results
 
 
 def _loop(session, source, schedule, run, bundle, keep, fill, overlay, max_frames, duration,
-          progress, input_path) -> tuple:
+          progress, input_path, checkpoints=None) -> tuple:
     """Frames through the session into the run folder. However the loop ends, the frames done
-    are complete on disk (masks, overlay, results.json) before the reason is raised."""
+    are complete on disk (masks, overlay, results.json) before the reason is raised. A resumed
+    run (`checkpoints.start`) reads its done frames again for the overlay, then goes on."""
     from fastsam2.runtime.outputs import OverlayWriter, atomic_write_json, write_palette_png
     from fastsam2.runtime.cli_edge import Terminated
 
     expected = source.num_frames if max_frames is None else min(max_frames, source.num_frames or max_frames)
-    frames, todo, t_start = [], list(schedule), time.perf_counter()
+    ck = checkpoints
+    done = 0 if ck is None else ck.next  # frames a resumed run's checkpoint covers
+    frames, todo = ([] if ck is None else ck.frames()), [s for s in schedule if s.frame >= done]
+    t_start = time.perf_counter() - (0.0 if ck is None else ck.seconds())
     status, error, unrecorded = "finished", None, None
     writer = (OverlayWriter(run.file("overlay.mp4"), source.width, source.height, source.fps)
               if overlay else None)
+    frame_iter = source.frames()
+    if done:  # the overlay of the done frames, with the prompts given on each; nothing changed if this fails
+        try:
+            ck.replay(frame_iter, None if writer is None else lambda rgb, i, m: writer.write(
+                rgb, m, [e for e in session.prompt_log if e["frame"] == i]), progress, expected)
+        except BaseException:
+            if writer is not None:
+                writer._abort()
+            raise
     try:
-        for index, timestamp, rgb in source.frames():
+        for index, timestamp, rgb in frame_iter:
             # prompts and removals due by this frame (those of a dropped frame apply here)
             asked = {}
             while todo and todo[0].frame <= index:
@@ -240,6 +263,8 @@ def _loop(session, source, schedule, run, bundle, keep, fill, overlay, max_frame
                 writer.write(rgb, res.index_mask, session.prompt_log[logged:])
             frames.append(record)
             unrecorded = None
+            if ck is not None:
+                ck.frame_done(index, rgb, run.mask_path(index), frames, session, time.perf_counter() - t_start)
             if progress is not None:
                 progress(len(frames) - 1, expected, frames[-1])
             if max_frames is not None and len(frames) >= max_frames:
@@ -271,6 +296,8 @@ def _loop(session, source, schedule, run, bundle, keep, fill, overlay, max_frame
                        time.perf_counter() - t_start, status, error)
     if frames:
         atomic_write_json(run.file("results.json"), results)
+    if ck is not None:
+        ck.finish(status)
     return results, error
 
 
