@@ -133,6 +133,8 @@ def test_increment_is_one_memory_entry_per_object(graphs, frames):
 
 
 def test_restore_in_another_process(graphs, frames, bundle_dir, tmp_path):
+    from conftest import THREADS  # the CPUs this worker may use (xdist pins each to its own)
+
     ref = {}
     with session(graphs, keep=0.3) as s:
         drive(s, frames, 0, SNAP_AT + 1, ref)
@@ -145,7 +147,7 @@ sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
 from test_snapshot import drive
 from fastsam2.runtime.session import Session
 frames = list(np.load({str(tmp_path / 'frames.npy')!r}))
-s = Session.restore({str(bundle_dir)!r}, {str(tmp_path / 's.snap')!r}, backend="ort-cpu", threads=2, warn=lambda m: None)
+s = Session.restore({str(bundle_dir)!r}, {str(tmp_path / 's.snap')!r}, backend="ort-cpu", threads={THREADS}, warn=lambda m: None)
 out = drive(s, frames, {SNAP_AT + 1}, {FRAMES}, {{}})
 np.savez({str(tmp_path / 'got.npz')!r}, **{{f"{{f}}_{{o}}": v for f, d in out.items() for o, v in d.items()}})
 assert "torch" not in sys.modules
