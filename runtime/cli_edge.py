@@ -113,7 +113,9 @@ class UsageLine(Exception):
     exit_code = 2
 
     def __init__(self, e):
-        text = one_line(e.format_message()).rstrip(".")
+        # a 5000-digit value is shown by its start and its length, as every other message does
+        text = " ".join(w if len(w) <= 80 else f"{w[:40]}... ({len(w)} characters)"
+                        for w in one_line(e.format_message()).rstrip(".").split())
         text = text[:1].lower() + text[1:] if text[1:2].islower() else text
         where = e.ctx.command_path if getattr(e, "ctx", None) else None
         super().__init__(f"{text} (see {where} --help)" if where else f"{text} (see --help)")
