@@ -118,17 +118,12 @@ def test_schedule_digest_tells_schedules_apart():
     a = as_schedule([Scheduled(0, 1, PromptSpec(points=[(10, 20)])), Scheduled(5, 2, PromptSpec(text="cyclist"))])
     same = as_schedule([Scheduled(5, 2, PromptSpec(text="cyclist")), Scheduled(0, 1, PromptSpec(points=[(10.0, 20.0)]))])
     assert schedule_digest(a) == schedule_digest(same)
-    for other in ([Scheduled(0, 1, PromptSpec(points=[(10, 21)])), Scheduled(5, 2, PromptSpec(text="cyclist"))],
-                  [Scheduled(0, 1, PromptSpec(points=[(10, 20)])), Scheduled(6, 2, PromptSpec(text="cyclist"))],
-                  [Scheduled(0, 1, PromptSpec(points=[(10, 20)]))],
-                  [Scheduled(0, 1, PromptSpec(points=[(10, 20)])), Scheduled(5, 2, PromptSpec(text="cyclist")),
-                   Scheduled(7, 1, None)]):
+    click, text = Scheduled(0, 1, PromptSpec(points=[(10, 20)])), Scheduled(5, 2, PromptSpec(text="cyclist"))
+    for other in ([Scheduled(0, 1, PromptSpec(points=[(10, 21)])), text], [click, Scheduled(6, 2, text.spec)],
+                  [click], [click, text, Scheduled(7, 1, None)]):
         assert schedule_digest(as_schedule(other)) != schedule_digest(a)
     m = np.zeros((4, 4), bool)
-    m2 = m.copy()
-    m2[1, 1] = True
-    assert (schedule_digest([Scheduled(0, 1, PromptSpec(mask=m))])
-            != schedule_digest([Scheduled(0, 1, PromptSpec(mask=m2))]))
+    assert schedule_digest([Scheduled(0, 1, PromptSpec(mask=m))]) != schedule_digest([Scheduled(0, 1, PromptSpec(mask=~m))])
 
 
 def test_a_frames_folder_is_named_by_its_files(tmp_path):
@@ -320,6 +315,17 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_outputs(bu
     assert code == 0, text
     assert text.startswith(f"{N} frames -> ")
     assert_same_as(out, reference(keep))
+
+
+def test_a_resumed_run_that_stops_early_keeps_only_the_masks_it_records(bundle_dir, video, reference, tmp_path):
+    out = tmp_path / "r"
+    code, err = killed_run(flags(video, bundle_dir, "1.0", out, "--checkpoint-every", "3"))
+    assert code == -signal.SIGKILL, err
+    code, text = run(flags(video, bundle_dir, "1.0", out, "--resume", "--max-frames", "7"))
+    assert code == 0, text
+    (masks, res), (ref_masks, ref_res) = outputs_of(out), outputs_of(reference("1.0"))
+    assert sorted(masks) == [f"{i:05d}.png" for i in range(7)]  # the killed run's masks 7 and 8 are gone
+    assert masks == {k: ref_masks[k] for k in masks} and untimed(res["frames"]) == untimed(ref_res["frames"][:7])
 
 
 def one_line(code, text, words):
