@@ -178,8 +178,10 @@ def _check_state(st, snapshot_bytes: int, where: str) -> None:
     need(isinstance(ident, dict) and {"bundle_seal", "keep", "fill", "max_cond_frames", "schedule"} <= set(ident)
          and isinstance(ident.get("input"), dict), "identity")
     frames = st.get("frames")
-    need(isinstance(frames, list) and len(frames) == st["next"] and all(isinstance(f, dict) for f in frames),
-         "frame records")
+    need(isinstance(frames, list) and len(frames) == st["next"] and all(  # what results.json sums up
+        isinstance(f, dict) and f.get("frame") == i and isinstance(f.get("objects"), dict) and _at_least(
+            f.get("kept_tokens"), 0) and type(f.get("frame_ms")) in (int, float) for i, f in enumerate(frames)),
+        "frame records")
     files = st.get("files")
     need(isinstance(files, dict) and all(isinstance(k, str) and k.startswith("masks/") and MASK_NAME.fullmatch(k[6:])
                                          and isinstance(v, list) and len(v) == 2 and all(_at_least(x, 0) for x in v)
@@ -257,10 +259,8 @@ def write_checkpoint(folder, state: dict, snapshot: bytes) -> None:
     """Atomically and durably: a power loss leaves the previous checkpoint or this one."""
     from .errors import OutputError
 
-    folder = Path(folder)
-    data = encode(state, snapshot)
+    folder, data, tmp = Path(folder), encode(state, snapshot), None
     path = folder / CHECKPOINT_NAME
-    tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_NAME}.", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as f:
