@@ -139,7 +139,7 @@ def int8_keep(keep, bundle_dir, target):
     """The keep ratio to record at: --keep, else the bundle's; `auto` (a per-frame budget) records
     at the middle of the target's keep range, where export optimised the engines for auto."""
     from fastsam2.runtime.bundle import read_manifest
-    from fastsam2.runtime.track import parse_keep
+    from fastsam2.runtime.prompts import parse_keep
 
     manifest = read_manifest(bundle_dir)
     keep = parse_keep(manifest["keep"] if keep is None else keep)

@@ -32,7 +32,8 @@ def track_davis(davis_root, split, bundle_dir, out_dir, keep=None, backend="auto
         # imported here so scoring never needs the runtime's backends installed
         from fastsam2.runtime.backends import check_threads
         from fastsam2.runtime.bundle import load_bundle
-        from fastsam2.runtime.track import parse_keep, track_davis_sequence
+        from fastsam2.runtime.prompts import parse_keep
+        from fastsam2.runtime.track import track_davis_sequence
     except ImportError as e:
         raise InputError(f"run mode needs the fastsam2 runtime (fastsam2.runtime.track): {e}") from None
     check_threads(threads)

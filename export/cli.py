@@ -68,7 +68,7 @@ def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0
     from fastsam2.export.sam2_loader import check_sam2_args, load_sam2, random_weights_warning
     from fastsam2.profiles import load_profile
 
-    from fastsam2.runtime.track import parse_keep
+    from fastsam2.runtime.prompts import parse_keep
 
     keep = parse_keep(keep)
     if opset > 17 or opset < 14:

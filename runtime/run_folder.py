@@ -131,16 +131,8 @@ class RunFolder:
         return entry.startswith(".") and any(entry.startswith(f".{n}.") for n in names)
 
     def earlier_outputs(self) -> list:
-        found = []
-        for name, pattern in self.outputs.items():
-            p = self.path / name
-            if pattern is None:
-                if p.is_file() or p.is_symlink():
-                    found.append(name)
-            elif p.is_dir() and not p.is_symlink():
-                if any(self._ours(e, pattern) for e in os.listdir(p)):
-                    found.append(name)
-        return found
+        """The outputs (names) of which a file is here."""
+        return list(dict.fromkeys(f.split("/", 1)[0] for f in self.present()))
 
     # -- the record of what the last run wrote ---------------------------------------------------
     def present(self) -> list:

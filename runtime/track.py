@@ -22,16 +22,7 @@ import numpy as np
 from fastsam2.runtime.bundle import load_bundle
 from fastsam2.runtime.contract import keep_to_k
 from fastsam2.runtime.errors import FastSam2Error, InputError, quoted
-from fastsam2.runtime.session import (  # noqa: F401  (the library's names, re-exported)
-    PromptSpec,
-    Session,
-    check_object_id,
-    keep_range,
-    model_prompt,
-    parse_keep,
-    text_start_point,
-    validate_keep,
-)
+from fastsam2.runtime.session import PromptSpec, Session, check_object_id, model_prompt, validate_keep  # noqa: F401
 
 RESULTS_SCHEMA = 2
 UNTRAINED_ROUTER = ("the bundle's router is untrained: its text term is noise, so pruning and "
