@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import numbers
 import os
 import re
 import stat
@@ -52,15 +51,9 @@ class ResumeError(InputError):
 
 # -- flags --------------------------------------------------------------------------------------
 def check_flags(input_path, checkpoint_every, resume: bool, *, remote: bool = False, force: bool = False) -> None:
-    """--checkpoint-every and --resume, before anything is opened."""
+    """--checkpoint-every (its bounds: track.check_run_limits) and --resume, before anything is opened."""
     from .live_target import live_target
-    from .track import shown
 
-    if checkpoint_every is not None and (isinstance(checkpoint_every, bool)
-                                         or not isinstance(checkpoint_every, numbers.Integral)
-                                         or checkpoint_every < 1):
-        raise InputError(f"--checkpoint-every must be an integer >= 1 (frames between checkpoints), "
-                         f"got {shown(checkpoint_every)}")
     if not resume and checkpoint_every is None:
         return
     flag = "--resume" if resume else "--checkpoint-every"
@@ -336,10 +329,8 @@ class Checkpoints:
 
     def replay(self, frames_iter, draw=None, progress=None, expected=None) -> None:
         """Read the covered frames again, hashed against the checkpoint and drawn into the overlay
-        (`draw(rgb, index, index_mask)`, masks from disk), before anything in the folder changes;
-        then the outputs it does not cover are removed (the run writes them again)."""
-        from .outputs import read_palette_png
-
+        (`draw(rgb, index)`, with the masks on disk), before anything in the folder changes; then
+        the outputs it does not cover are removed (the run writes them again)."""
         ck, where = self.start, self.run.path
         for rel, st in ck.files.items():
             if _stamp(where / rel) != st:
@@ -353,7 +344,7 @@ class Checkpoints:
             index, _, rgb = frame
             self.hash.update(rgb)
             if draw is not None:
-                draw(rgb, index, read_palette_png(self.run.mask_path(index)))
+                draw(rgb, index)
             if progress is not None:
                 progress(i, expected, ck.state["frames"][i])
         if self.hash.hexdigest() != ck.state["frames_sha256"]:

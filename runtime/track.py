@@ -79,11 +79,11 @@ def shown(value) -> str:
     return quoted(value, 24)
 
 
-def check_run_limits(max_frames=None, duration=None, timeout=10.0) -> None:
-    """--max-frames, --duration and --timeout within their bounds, before anything is opened."""
-    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, numbers.Integral)
-                                   or not 1 <= max_frames <= MAX_FRAMES):
-        raise InputError(f"--max-frames must be an integer in 1..{MAX_FRAMES}, got {shown(max_frames)}")
+def check_run_limits(max_frames=None, duration=None, timeout=10.0, checkpoint_every=None) -> None:
+    """--max-frames, --duration, --timeout, --checkpoint-every in their bounds, before anything is opened."""
+    for flag, n in (("--max-frames", max_frames), ("--checkpoint-every", checkpoint_every)):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_FRAMES):
+            raise InputError(f"{flag} must be an integer in 1..{MAX_FRAMES}, got {shown(n)}")
     for flag, value, top in (("--duration", duration, MAX_DURATION), ("--timeout", timeout, MAX_TIMEOUT)):
         if value is None and flag == "--duration":
             continue
@@ -157,7 +157,7 @@ def track(input_path, bundle_dir, prompt, out, keep: float | None = None,
     from fastsam2.runtime.run_folder import RunFolder
     from fastsam2.runtime.video import open_frames
 
-    check_run_limits(max_frames, duration, timeout)
+    check_run_limits(max_frames, duration, timeout, checkpoint_every)
     # a bundle folder (local), or a remote model (fastsam2.serve.client: same interface, its
     # sessions run on a Triton server)
     remote = hasattr(bundle_dir, "open_session")
@@ -208,7 +208,7 @@ def _loop(session, source, schedule, run, bundle, keep, fill, overlay, max_frame
     """Frames through the session into the run folder. However the loop ends, the frames done
     are complete on disk (masks, overlay, results.json) before the reason is raised. A resumed
     run (`checkpoints.start`) reads its done frames again for the overlay, then goes on."""
-    from fastsam2.runtime.outputs import OverlayWriter, atomic_write_json, write_palette_png
+    from fastsam2.runtime.outputs import OverlayWriter, atomic_write_json, read_palette_png, write_palette_png
     from fastsam2.runtime.cli_edge import Terminated
 
     expected = source.num_frames if max_frames is None else min(max_frames, source.num_frames or max_frames)
@@ -222,8 +222,9 @@ def _loop(session, source, schedule, run, bundle, keep, fill, overlay, max_frame
     frame_iter = source.frames()
     if done:  # the overlay of the done frames, with the prompts given on each; nothing changed if this fails
         try:
-            ck.replay(frame_iter, None if writer is None else lambda rgb, i, m: writer.write(
-                rgb, m, [e for e in session.prompt_log if e["frame"] == i]), progress, expected)
+            ck.replay(frame_iter, None if writer is None else lambda rgb, i: writer.write(
+                rgb, read_palette_png(run.mask_path(i)), [e for e in session.prompt_log if e["frame"] == i]),
+                progress, expected)
         except BaseException:
             if writer is not None:
                 writer._abort()
