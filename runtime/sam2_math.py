@@ -155,11 +155,15 @@ def select_mask(settings: dict, masks, iou, obj_ptrs, object_score, multimask: b
 
 
 def top_k_tokens(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k highest scores, ascending (so keep 1.0 is exactly arange(T))."""
+    """Indices of the k highest scores, ascending (so keep 1.0 is exactly arange(T)). Equal
+    scores at the k-th place go to the lower index: a stable sort, the same on every numpy and
+    machine. (argpartition leaves ties to its algorithm, which numpy 2 changed: a server on
+    numpy 1.x kept other tokens than a local run on 2.x at 1024 px, where the prior's bonus
+    makes ties, and the masks drifted apart from there; tests/serve/test_serve_1024.py.)"""
     s = scores.reshape(-1)
     if k >= s.size:
         return np.arange(s.size, dtype=np.int64)
-    idx = np.argpartition(-s, k - 1)[:k]
+    idx = np.argsort(-s, kind="stable")[:k]
     return np.sort(idx).astype(np.int64)
 
 
