@@ -25,13 +25,14 @@ import shutil
 from pathlib import Path
 
 from fastsam2.runtime import host
+from fastsam2.runtime.backends import BACKENDS
 from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, geometry
 from fastsam2.runtime.errors import BundleError, InputError, OutputError
 
 from . import protocol as P
 
 LAYOUTS = ("in-process", "graphs")
-SERVE_BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+SERVE_BACKENDS = BACKENDS  # the runtime's, as every command lists them (openvino: --layout in-process)
 DEFAULT_MAX_SESSIONS = 16
 MODEL_PY = '''"""fastsam2 tracker model for Triton's python backend (written by fastsam2-serve).
 
@@ -200,6 +201,9 @@ def write_repository(bundle_dir, repo, *, instances: int = 1, backend: str = "au
 
     if backend not in SERVE_BACKENDS:
         raise InputError(f"--backend must be one of {', '.join(SERVE_BACKENDS)}, got {backend!r}")
+    if backend == "openvino" and layout == "graphs":
+        raise InputError("--backend openvino runs the graphs in the tracker's process: use --layout in-process "
+                         "(--layout graphs runs them on Triton's onnxruntime or tensorrt backend)")
     if layout not in LAYOUTS:
         raise InputError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if instances < 1:

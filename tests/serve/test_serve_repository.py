@@ -44,6 +44,24 @@ def test_in_process_repository(bundle_dir, tmp_path):
     assert (repo / P.MODEL / "1" / "bundle" / "manifest.json").is_file()
 
 
+def test_openvino_runs_in_process_only(bundle_dir, tmp_path):
+    """One vocabulary: fastsam2-serve offers every backend the runtime has, openvino included
+    (the tracker opens it in its process); the graphs layout cannot run it."""
+    from fastsam2.runtime.backends import BACKENDS
+    from fastsam2.runtime.errors import InputError
+    from fastsam2.serve import protocol as P
+    from fastsam2.serve.cli import main
+    from fastsam2.serve.repository import parse_config, write_repository
+
+    help_text = " ".join(CliRunner().invoke(main, ["--help"]).output.split())
+    assert "|".join(BACKENDS) in help_text.replace(" ", "")
+    write_repository(bundle_dir, tmp_path / "repo", backend="openvino")
+    params = {k: v.string_value for k, v in parse_config(tmp_path / "repo" / P.MODEL / "config.pbtxt").parameters.items()}
+    assert params["backend"] == "openvino" and params["graphs"] == "in_process"
+    with pytest.raises(InputError, match="use --layout in-process"):
+        write_repository(bundle_dir, tmp_path / "repo2", backend="openvino", layout="graphs")
+
+
 def test_repository_refuses_a_folder_with_other_models(bundle_dir, tmp_path):
     from fastsam2.runtime.errors import OutputError
     from fastsam2.serve.repository import write_repository
