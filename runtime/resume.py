@@ -89,7 +89,7 @@ def input_identity(source) -> dict:
     decoding (the frames themselves are checked by hash when they are read again)."""
     path = Path(source.path).resolve()
     if source.kind == "folder":
-        listing = [[p.name, (_stamp(p) or [None])[0]] for p in source.files]
+        listing = [[p.name, (file_stamp(p) or [None])[0]] for p in source.files]
         content = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     else:
         content = os.stat(path).st_size
@@ -183,7 +183,7 @@ def _check_state(st, snapshot_bytes: int, where: str) -> None:
     need(isinstance(st.get("seconds"), (int, float)) and not isinstance(st.get("seconds"), bool), "seconds")
 
 
-def _stamp(path: Path):
+def file_stamp(path: Path):
     """[size, mtime_ns] of a regular file (not followed through a link), as runtime/run_folder records."""
     try:
         st = os.lstat(path)
@@ -297,7 +297,7 @@ def owned_files(folder) -> dict:
     with contextlib.suppress(OSError):
         for e in os.listdir(masks):
             m = MASK_NAME.fullmatch(e)
-            st = _stamp(masks / e) if m and int(m[1]) >= ck.next else None
+            st = file_stamp(masks / e) if m and int(m[1]) >= ck.next else None
             if st is not None and st[1] >= ck.stamp[1]:
                 owned[f"masks/{e}"] = st
     return owned
@@ -333,7 +333,7 @@ class Checkpoints:
         the outputs it does not cover are removed (the run writes them again)."""
         ck, where = self.start, self.run.path
         for rel, st in ck.files.items():
-            if _stamp(where / rel) != st:
+            if file_stamp(where / rel) != st:
                 raise ResumeError(f"--resume: {where / rel} is missing or changed since the checkpoint was written; "
                                   "the run cannot go on from it: start it again with --force")
         for i in range(ck.next):
@@ -361,7 +361,7 @@ class Checkpoints:
             stale += [folder / "masks" / e for e in os.listdir(folder / "masks")
                       if (m := MASK_NAME.fullmatch(e)) and int(m[1]) >= self.next]
         for p in stale:
-            if _stamp(p) is not None:
+            if file_stamp(p) is not None:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
 
@@ -376,7 +376,7 @@ class Checkpoints:
         # the masks it covers are durable before the checkpoint that names them
         for p in self._unsynced:
             fsync_file(p)
-            self.files[f"masks/{p.name}"] = _stamp(p)
+            self.files[f"masks/{p.name}"] = file_stamp(p)
         if self._unsynced:
             fsync_file(self._unsynced[0].parent, folder=True)
         self._unsynced = []

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from fastsam2.runtime.errors import OutputError
-from fastsam2.runtime.resume import CHECKPOINT_NAME, owned_files
+from fastsam2.runtime.resume import CHECKPOINT_NAME, file_stamp, owned_files
 
 try:
     import fcntl
@@ -157,7 +157,7 @@ class RunFolder:
         for rel in self.present():
             if rel not in recorded:
                 foreign.append(rel)
-            elif recorded[rel] != _stamp(self.path / rel):
+            elif recorded[rel] != file_stamp(self.path / rel):
                 changed.append(rel)
         bad = foreign or changed
         if bad:
@@ -187,7 +187,7 @@ class RunFolder:
     def _write_record(self) -> None:
         """Every file of an output's name is this run's (the others were refused or removed at
         the start, under the lock): record them, atomically; no file, no record."""
-        files = {rel: st for rel in self.present() if (st := _stamp(self.path / rel)) is not None}
+        files = {rel: st for rel in self.present() if (st := file_stamp(self.path / rel)) is not None}
         p = self.path / RECORD_NAME
         if not files:
             with contextlib.suppress(FileNotFoundError):
@@ -297,12 +297,3 @@ class RunFolder:
             os.unlink(self.path / LOCK_NAME)
         os.close(self._fd)
         self._fd = None
-
-
-def _stamp(path: Path):
-    """[size, mtime_ns] of a regular file (not followed through a link); None otherwise."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else None
