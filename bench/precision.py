@@ -121,6 +121,7 @@ def iou(a, b) -> float:
 def configs(bundle, args, log) -> dict:
     """{(backend, precision): sessions} for every row this machine can run, + why others are not."""
     from fastsam2.runtime.backends import available_backends, create_sessions, open_backend
+    from fastsam2.runtime.errors import FastSam2Error
     from fastsam2.runtime.openvino_backend import device_has_bf16
 
     have, out, skipped = available_backends(), {}, {}
@@ -136,7 +137,11 @@ def configs(bundle, args, log) -> dict:
                                                   if not device_has_bf16("CPU") else "no bf16 variant in the bundle")
                 continue
             said = []
-            s = create_sessions(bundle, backend, args.threads, precision=p, warn=said.append)
+            try:
+                s = create_sessions(bundle, backend, args.threads, precision=p, warn=said.append)
+            except FastSam2Error as e:  # e.g. bf16 variants that only OpenVINO runs
+                skipped[f"{backend}:{p}"] = str(e)
+                continue
             got = {g: x.precision for g, x in s.items()}
             if p != "fp32" and all(v == "fp32" for v in got.values()):
                 skipped[f"{backend}:{p}"] = "; ".join(said) or "no graph runs in it"

@@ -19,7 +19,7 @@ from pathlib import Path
 from fastsam2.runtime import host
 from fastsam2.runtime.bundle import sha256_file
 from fastsam2.runtime.contract import GRAPH_ORDER
-from fastsam2.runtime.errors import BundleError, InputError
+from fastsam2.runtime.errors import BackendError, BundleError, InputError
 
 CPU_BACKENDS = ("ort-cpu", "openvino")  # where the bundle's CPU precisions apply
 CPU_PRECISIONS = ("fp32", "bf16", "int8")
@@ -66,7 +66,11 @@ def graph_precisions(bundle, backend: str, override: str | None = None, warn=pri
             want = "fp32"
         out[g] = want
     if asked.get("*", "fp32") != "fp32" and all(p == "fp32" for p in out.values()):
-        raise BundleError(f"the bundle has no {asked['*']} variant of any graph; export it with --precision {asked['*']}")
+        want = asked["*"]
+        if any(want in (bundle.manifest["graphs"][g].get("variants") or {}) for g in GRAPH_ORDER):
+            raise BackendError(f"{backend} runs none of the bundle's {want} variants here (see the warnings "
+                               f"above); try another --backend")
+        raise BundleError(f"the bundle has no {want} variant of any graph; export it with --precision {want}")
     return out
 
 

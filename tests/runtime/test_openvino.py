@@ -127,6 +127,19 @@ def test_auto_runs_a_bf16_encoder_on_openvino_and_the_rest_on_onnxruntime(monkey
     assert said and "image_encoder runs in fp32, not bf16" in said[0]
 
 
+def test_asking_a_precision_the_backend_runs_nowhere_says_so(monkeypatch, bundle_dir):
+    """FASTSAM2_PRECISION=bf16 on ort-cpu with bf16 variants only OpenVINO runs: the backend is
+    named as the reason (a BackendError), not a missing variant that the bundle has."""
+    bundle = bf16_encoder_bundle(bundle_dir)
+    with pytest.raises(BackendError, match="ort-cpu runs none of the bundle's bf16 variants here"):
+        graph_precisions(bundle, "ort-cpu", "bf16", warn=lambda m: None)
+    bundle.manifest["graphs"]["image_encoder"].pop("variants")
+    from fastsam2.runtime.errors import BundleError
+
+    with pytest.raises(BundleError, match="the bundle has no bf16 variant of any graph"):
+        graph_precisions(bundle, "ort-cpu", "bf16", warn=lambda m: None)
+
+
 def test_bf16_falls_back_to_fp32_and_says_why(monkeypatch, bundle_dir):
     """A bundle that picked bf16 (exported on a CPU with AVX512_BF16/AMX) run where OpenVINO
     reports no BF16: each such graph runs fp32, with one warning naming the reason."""
