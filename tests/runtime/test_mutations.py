@@ -51,14 +51,17 @@ class Mutation:
 HELPERS = ("official_stream", "pruned_reference", "router_oracle", "test_session_parity")
 
 
-def _swap_everywhere(old, new) -> list:
+def _swap_everywhere(replacement) -> list:
+    """In every runtime/export/helper module, each name whose value `replacement(value)` maps to
+    something (not None) is set to it; returns [(module, name, original)] to undo."""
     swaps = []
     for other in list(sys.modules.values()):
         name = getattr(other, "__name__", "") or ""
         if not (name.startswith("fastsam2") or name in HELPERS):
             continue
         for attr, val in list(vars(other).items()):
-            if val is old:
+            new = replacement(val)
+            if new is not None:
                 swaps.append((other, attr, val))
                 setattr(other, attr, new)
     return swaps
@@ -70,7 +73,8 @@ def swapped(module: str, name: str, make):
     @contextlib.contextmanager
     def patch(pruned):
         original = getattr(importlib.import_module(module), name)
-        swaps = _swap_everywhere(original, make(original))
+        patched = make(original)
+        swaps = _swap_everywhere(lambda v: patched if v is original else None)
         try:
             yield
         finally:
@@ -224,15 +228,7 @@ def mutated(m: Mutation, pruned):
     exec(compile(src.replace(m.old, m.new), mod.__file__, "exec"), new_mod.__dict__)
     own = {id(v): k for k, v in vars(mod).items()
            if (inspect.isclass(v) or inspect.isfunction(v)) and getattr(v, "__module__", None) == m.module}
-    swaps = []
-    for other in list(sys.modules.values()):
-        name = getattr(other, "__name__", "") or ""
-        if not (name.startswith("fastsam2") or name in HELPERS):
-            continue
-        for attr, val in list(vars(other).items()):
-            if id(val) in own:
-                swaps.append((other, attr, val))
-                setattr(other, attr, getattr(new_mod, own[id(val)]))
+    swaps = _swap_everywhere(lambda v: getattr(new_mod, own[id(v)]) if id(v) in own else None)
     try:
         yield
     finally:
