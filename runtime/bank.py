@@ -45,8 +45,8 @@ class MemoryBank:
         if not 1 <= max_cond <= MAX_COND_FRAMES:
             raise ValueError(f"max_cond must be in 1..{MAX_COND_FRAMES}, got {max_cond}")
         self.T = num_tokens
-        self.s = settings
-        self.c = constants
+        self.settings = settings
+        self.constants = constants
         self.num_maskmem = settings["num_maskmem"]
         self.mem_dim = settings["mem_dim"]
         self.hidden = settings["hidden_dim"]
@@ -160,7 +160,7 @@ class MemoryBank:
 
         Views into preallocated buffers: valid until the next call.
         """
-        s, c = self.s, self.c
+        s, c = self.settings, self.constants
         tpos = c["maskmem_tpos_enc"]  # [num_maskmem, mem_dim]
         pos_table = c["maskmem_pos"]  # [T, mem_dim]
         m = 0
@@ -193,7 +193,7 @@ class MemoryBank:
         return self._mem[:m], self._pos[:m], self._midx[:ms]
 
     def _add_pointers(self, frame_idx: int, num_frames: int | None, m: int) -> int:
-        s, c = self.s, self.c
+        s, c = self.settings, self.constants
         if not s["use_obj_ptrs_in_encoder"]:
             return m
         limit = s["max_obj_ptrs_in_encoder"] if num_frames is None else min(num_frames, s["max_obj_ptrs_in_encoder"])

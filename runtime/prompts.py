@@ -158,7 +158,7 @@ class PromptSpec:
     def has_geometry(self) -> bool:
         return bool(self.points or self.neg_points or self.box is not None)
 
-    def record(self) -> dict:
+    def to_json(self) -> dict:
         """The prompt as the user gave it (input pixels), for results.json."""
         rec = {}
         if self.text is not None:

@@ -25,7 +25,7 @@ class ObjectResult:
     prompted: bool  # a prompt was applied to this object on this frame
     budget: dict | None = None  # --keep auto: what set this frame's token budget
 
-    def record(self) -> dict:
+    def to_json(self) -> dict:
         # strict JSON: a non-finite score (a broken graph, a hostile bundle) is written as null;
         # `prompted` is on every entry (false when no prompt was applied), as the README lists it
         return {"object_score": finite_or_none(self.object_score, 4), "iou": finite_or_none(self.iou, 4),
@@ -43,12 +43,12 @@ class FrameResult:
     latency_ms: dict  # per graph, the shared image encoder counted once
     frame_ms: float
 
-    def record(self) -> dict:
+    def to_json(self) -> dict:
         """JSON-ready numbers of this frame (results.json's per-frame entry)."""
         rec = {"frame": self.frame}
         if self.timestamp is not None:
             rec["timestamp"] = round(float(self.timestamp), 4)
-        rec["objects"] = {str(o): r.record() for o, r in self.objects.items()}
+        rec["objects"] = {str(o): r.to_json() for o, r in self.objects.items()}
         rec["latency_ms"] = {k: round(v, 2) for k, v in self.latency_ms.items()}
         rec["frame_ms"] = round(self.frame_ms, 2)
         return rec

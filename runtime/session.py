@@ -154,7 +154,7 @@ class Session(Snapshots):
         self._removals: dict[int, set] = {}  # frame -> {obj}
         self._frame = -1
         self._size = self._expected_size
-        self._cur = None  # the frame just pushed: image, encoder outputs, per-object results
+        self._pushed = None  # the frame just pushed: image, encoder outputs, per-object results
         self.prompt_log: list = []  # every prompt applied: frame, object, what the user gave
 
     @property
@@ -265,24 +265,24 @@ class Session(Snapshots):
             self._trackers.pop(o, None)
             self._start.pop(o, None)
         self._frame = t
-        self._cur = {"rgb_shape": (h, w), "image": None, "enc": None, "results": {}, "lat": {},
+        self._pushed = {"rgb_shape": (h, w), "image": None, "enc": None, "results": {}, "lat": {},
                      "timestamp": timestamp}
         # kept for a prompt on this frame after the push, even with no object tracked yet
-        self._cur["image"] = preprocess_for(self, rgb)
-        lat = self._cur["lat"]
+        self._pushed["image"] = preprocess_for(self, rgb)
+        lat = self._pushed["lat"]
         for o in sorted(set(self._trackers) | set(prompts)):
             if o in prompts:
                 step = self._apply_prompt(o, prompts[o], t, lat)
             else:
                 tr = self._trackers[o]
                 step = tr.track(t - self._start[o], None, enc=self._encoded())
-            self._cur["results"][o] = step
+            self._pushed["results"][o] = step
             add_latency(lat, step.latency_ms)
         return self._result(time.perf_counter() - t0)
 
     # -- internals ----------------------------------------------------------------------------
     def _encoded(self) -> dict:
-        cur = self._cur
+        cur = self._pushed
         if cur["enc"] is None:
             t0 = time.perf_counter()
             cur["enc"] = self.sessions["image_encoder"].run({"image": cur["image"]})
@@ -313,7 +313,7 @@ class Session(Snapshots):
         enc = self._encoded()
         local = t - self._start[obj_id]
         w, h = self._size
-        entry = {"frame": t, "object": obj_id, **spec.record()}
+        entry = {"frame": t, "object": obj_id, **spec.to_json()}
         if spec.mask is not None:
             step = tr.add_mask_frame(local, None, spec.mask, enc=enc)
         elif not spec.has_geometry and (tr.frame_idx < 0 or local == tr.frame_idx):
@@ -336,14 +336,14 @@ class Session(Snapshots):
         t = self._frame
         if t < 0:
             raise InputError("no frame has been pushed yet: a correction needs a pushed frame")
-        if self._cur is None:
+        if self._pushed is None:
             raise InputError(f"frame {t} was pushed before this session was restored from a snapshot, "
                              f"which does not hold its image features: prompt frame {t + 1} instead")
         t0 = time.perf_counter()
         tr = self._trackers.get(obj_id)
-        if tr is None or obj_id not in self._cur["results"]:
+        if tr is None or obj_id not in self._pushed["results"]:
             self._trackers.pop(obj_id, None)
-            step = self._apply_prompt(obj_id, spec, t, self._cur["lat"])
+            step = self._apply_prompt(obj_id, spec, t, self._pushed["lat"])
         else:
             local = t - self._start[obj_id]
             if spec.text is not None:
@@ -353,10 +353,10 @@ class Session(Snapshots):
             if spec.mask is None and prompt is None:
                 raise InputError(f"object {obj_id}: a correction needs points, a box or a mask")
             step = tr.correct(local, prompt=prompt, mask=spec.mask)
-            self._log({"frame": t, "object": obj_id, "correction": True, **spec.record()})
+            self._log({"frame": t, "object": obj_id, "correction": True, **spec.to_json()})
             step.prompted = True
-        self._cur["results"][obj_id] = step
-        add_latency(self._cur["lat"], step.latency_ms)
+        self._pushed["results"][obj_id] = step
+        add_latency(self._pushed["lat"], step.latency_ms)
         return self._result(time.perf_counter() - t0)
 
     def _log(self, entry: dict) -> None:
@@ -364,7 +364,7 @@ class Session(Snapshots):
         self._log_revs.append(self._clock.now)
 
     def _result(self, seconds: float) -> FrameResult:
-        cur = self._cur
+        cur = self._pushed
         return frame_result(self._frame, cur["timestamp"], cur["results"], cur["rgb_shape"],
                             cur["lat"], seconds * 1e3, self._resize)
 

@@ -231,7 +231,7 @@ def apply_plan(s, plan: dict) -> None:
     s._log_revs[f:] = [rev] * len(plan["log"])
     if plan["full"]:
         s._log_reset_rev = rev
-    s._stream, s._cur = plan["stream"], None
+    s._stream, s._pushed = plan["stream"], None
 
 
 def _apply_object(tr, op: dict, rev: int) -> None:
@@ -256,4 +256,4 @@ def _apply_object(tr, op: dict, rev: int) -> None:
     if op["cond"] is not None:
         b.cond = [(f, np.array(feat), np.array(ptr, np.float32)) for f, feat, ptr in op["cond"]]
         b.cond_rev = rev
-    tr._last = None
+    tr._last_frame = None

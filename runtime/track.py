@@ -126,7 +126,7 @@ def _warn_about_bundle(bundle, warn) -> None:
 
 
 def _frame_record(res, index: int) -> dict:
-    rec = res.record()
+    rec = res.to_json()
     rec["frame"] = index
     objs = list(res.objects.values())
     # frame-level summaries: tokens kept (mean over objects) and pixels given to any object

@@ -106,8 +106,8 @@ class Tracker:
         self.clock = clock or Revision()
         self.created_rev = self.state_rev = self.clock.now
         self.sessions = sessions
-        self.c = constants
-        self.s = settings
+        self.constants = constants
+        self.settings = settings
         self.S = settings["image_size"]
         self.G = self.S // 16
         self.T = self.G * self.G
@@ -131,10 +131,10 @@ class Tracker:
         self.prev_grid = None  # last frame's conditioned [T, C] ("last" fill)
         self.frame_idx = -1
         # the last frame's encoder outputs and decoder input, for a correction on that frame
-        self._last = None
+        self._last_frame = None
 
     def set_text(self, text_emb: np.ndarray | None) -> None:
-        dim = self.s.get("text_dim", 512)
+        dim = self.settings.get("text_dim", 512)
         self.text_rev = self.clock.now
         self.text_emb = (np.zeros((1, int(dim)), np.float32) if text_emb is None
                          else np.asarray(text_emb, np.float32).reshape(1, -1))
@@ -147,7 +147,7 @@ class Tracker:
         return out
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
-        return preprocess(rgb, self.S, self.s["image_mean"], self.s["image_std"])
+        return preprocess(rgb, self.S, self.settings["image_mean"], self.settings["image_std"])
 
     def encode(self, image: np.ndarray, lat: dict) -> dict:
         return self._run("image_encoder", {"image": image}, lat)
@@ -174,8 +174,8 @@ class Tracker:
             "mask_input": (np.zeros((1, 1, 4 * self.G, 4 * self.G), np.float32) if mask_input is None
                            else mask_input.reshape(1, 1, 4 * self.G, 4 * self.G).astype(np.float32)),
             "has_mask_input": np.full((1,), 0.0 if mask_input is None else 1.0, np.float32)}, lat)
-        return select_mask(self.s, out["masks"], out["iou"], out["obj_ptrs"], out["object_score"],
-                           multimask, self.c["no_obj_ptr"]) + (out["object_score"],)
+        return select_mask(self.settings, out["masks"], out["iou"], out["obj_ptrs"], out["object_score"],
+                           multimask, self.constants["no_obj_ptr"]) + (out["object_score"],)
 
     def _memory(self, enc, low, object_score, binarize: bool, lat: dict) -> np.ndarray:
         return self._run("memory_encoder", {
@@ -192,7 +192,7 @@ class Tracker:
         self.state_rev = self.clock.now  # logits, frame, fill and budget state changed
         self.prev_logits = low
         self.frame_idx = frame_idx
-        self._last = {"frame": frame_idx, "enc": enc, "pix": pix, "idx": idx}
+        self._last_frame = {"frame": frame_idx, "enc": enc, "pix": pix, "idx": idx}
 
     # -- the kinds of frame -------------------------------------------------------------------
     def add_prompt_frame(self, frame_idx: int, image: np.ndarray | None, prompt: Prompt,
@@ -204,10 +204,10 @@ class Tracker:
         enc = self.encode(image, lat) if enc is None else enc
         feat = enc["feat"]
         pix = feat + self.no_mem.reshape(1, -1, 1, 1)  # directly_add_no_mem_embed
-        multimask = use_multimask(self.s, True, prompt.points.shape[0])
+        multimask = use_multimask(self.settings, True, prompt.points.shape[0])
         low, iou, ptr, obj_score = self._decode(pix, enc, prompt, multimask, lat,
                                                 mask_input=self._current_logits(frame_idx))
-        binarize = bool(self.s["binarize_mask_from_pts_for_mem_enc"])
+        binarize = bool(self.settings["binarize_mask_from_pts_for_mem_enc"])
         maskmem = self._memory(enc, low, obj_score, binarize, lat)
         self.bank.add_conditioning(frame_idx, maskmem, ptr)
         self.prev_grid = pix.reshape(pix.shape[1], -1).T.copy()
@@ -229,18 +229,18 @@ class Tracker:
         high = m * 20.0 - 10.0  # _use_mask_as_output: -10/+10 logits
         low = Resizer(antialias=True)(high, (G4, G4))[None, None].astype(np.float32)
         # the object pointer comes from the decoder fed mask_downsample(mask) on raw features
-        w, b = self.c["mask_downsample_w"], self.c["mask_downsample_b"]
+        w, b = self.constants["mask_downsample_w"], self.constants["mask_downsample_b"]
         ds = np.einsum("iajb,ab->ij", m.reshape(G4, 4, G4, 4), w) + b[0]
         _, _, ptr, _ = self._decode(enc["feat"], enc, None, False, lat, mask_input=ds)
         present = float(m.any())
         obj_score = np.full((1, 1), 20.0 * present - 10.0, np.float32)
-        if self.s["pred_obj_scores"]:
-            if self.s["fixed_no_obj_ptr"]:
+        if self.settings["pred_obj_scores"]:
+            if self.settings["fixed_no_obj_ptr"]:
                 ptr = present * ptr
-            ptr = (ptr + (1 - present) * self.c["no_obj_ptr"][None]).astype(np.float32)
-        binarize = bool(self.s["binarize_mask_from_pts_for_mem_enc"])  # preflight: is_mask_from_pts
+            ptr = (ptr + (1 - present) * self.constants["no_obj_ptr"][None]).astype(np.float32)
+        binarize = bool(self.settings["binarize_mask_from_pts_for_mem_enc"])  # preflight: is_mask_from_pts
         maskmem = self._memory(enc, low, obj_score, binarize, lat)
-        kept = self._last["idx"] if (not as_cond and self._last and self._last["frame"] == frame_idx) else None
+        kept = self._last_frame["idx"] if (not as_cond and self._last_frame and self._last_frame["frame"] == frame_idx) else None
         if kept is None:
             self.bank.add_conditioning(frame_idx, maskmem, ptr)
         else:
@@ -249,7 +249,7 @@ class Tracker:
             pix = enc["feat"] + self.no_mem.reshape(1, -1, 1, 1)
             self.prev_grid = pix.reshape(pix.shape[1], -1).T.copy()
         else:  # a corrected tracked frame keeps its memory-conditioned decoder input
-            pix = self._last["pix"]
+            pix = self._last_frame["pix"]
         self._done(frame_idx, enc, pix, kept, low)
         return ObjectStep(frame_idx, low, float(obj_score[0, 0]), 1.0,
                           self.T if kept is None else int(kept.size), lat)
@@ -264,7 +264,7 @@ class Tracker:
         it stays a tracked frame unless correct_as_cond (SAM2's add_all_frames_to_correct_as_cond).
         A conditioning frame is re-prompted: the new clicks plus its current logits, no memory.
         """
-        last = self._last
+        last = self._last_frame
         if last is None or last["frame"] != frame_idx:
             raise RuntimeError(f"correct() on frame {frame_idx}; the tracker is at {self.frame_idx}")
         enc = last["enc"]
@@ -274,10 +274,10 @@ class Tracker:
         if last["idx"] is None:  # a conditioning frame: prompt it again
             return self.add_prompt_frame(frame_idx, None, prompt, enc=enc)
         lat = {}
-        multimask = use_multimask(self.s, False, prompt.points.shape[0])
+        multimask = use_multimask(self.settings, False, prompt.points.shape[0])
         low, iou, ptr, obj_score = self._decode(last["pix"], enc, prompt, multimask, lat,
                                                 mask_input=self._current_logits(frame_idx))
-        binarize = bool(self.s["binarize_mask_from_pts_for_mem_enc"])
+        binarize = bool(self.settings["binarize_mask_from_pts_for_mem_enc"])
         maskmem = self._memory(enc, low, obj_score, binarize, lat)
         if self.correct_as_cond:
             self.bank.add_conditioning(frame_idx, maskmem, ptr)
@@ -310,7 +310,7 @@ class Tracker:
             idx = top_k_tokens(scores, k)
         memory, memory_pos, memory_idx = self.bank.assemble(frame_idx, self.num_frames)
         cond = self._run("memory_attention", {
-            "curr": np.ascontiguousarray(tokens[idx]), "curr_pos": self.c["vision_pos"][idx],
+            "curr": np.ascontiguousarray(tokens[idx]), "curr_pos": self.constants["vision_pos"][idx],
             "curr_idx": idx, "memory": memory, "memory_pos": memory_pos,
             "memory_idx": memory_idx}, lat)["conditioned"]
         if idx.size == self.T:
@@ -319,7 +319,7 @@ class Tracker:
             base = tokens + self.no_mem if self.fill == "no_mem" or self.prev_grid is None else self.prev_grid
             grid = scatter_tokens(base, idx, cond)
         pix = np.ascontiguousarray(grid.T.reshape(1, C, self.G, self.G))
-        low, iou, ptr, obj_score = self._decode(pix, enc, None, use_multimask(self.s, False, 0), lat)
+        low, iou, ptr, obj_score = self._decode(pix, enc, None, use_multimask(self.settings, False, 0), lat)
         maskmem = self._memory(enc, low, obj_score, False, lat)
         self.bank.add_frame(frame_idx, maskmem, idx, ptr)
         if self.fill == "last":

@@ -66,7 +66,7 @@ def served_session_class():
             return set(self._trackers) | {o for p in self._pending.values() for o in p}
 
         def _result(self, seconds: float):
-            cur = self._cur
+            cur = self._pushed
             objects = {o: SimpleNamespace(logits=np.asarray(st.low_res_logits, np.float32).reshape(
                            st.low_res_logits.shape[-2:]), object_score=float(st.object_score),
                            iou=float(st.iou), kept_tokens=int(st.kept_tokens), prompted=bool(st.prompted))

@@ -172,14 +172,14 @@ MUTATIONS = (
              "        for i, (f, _, _) in enumerate(self.cond):", ("tracked_correction_cond",)),
     Mutation("correction without the frame's current logits", "fastsam2.runtime.tracker",
              'lat,\n                                                mask_input=self._current_logits(frame_idx))\n'
-             '        binarize = bool(self.s["binarize_mask_from_pts_for_mem_enc"])\n        maskmem = self._memory(enc, low, obj_score, binarize, lat)\n'
+             '        binarize = bool(self.settings["binarize_mask_from_pts_for_mem_enc"])\n        maskmem = self._memory(enc, low, obj_score, binarize, lat)\n'
              '        if self.correct_as_cond:',
              'lat,\n                                                mask_input=None)\n'
-             '        binarize = bool(self.s["binarize_mask_from_pts_for_mem_enc"])\n        maskmem = self._memory(enc, low, obj_score, binarize, lat)\n'
+             '        binarize = bool(self.settings["binarize_mask_from_pts_for_mem_enc"])\n        maskmem = self._memory(enc, low, obj_score, binarize, lat)\n'
              '        if self.correct_as_cond:', ("tracked_correction",)),
     Mutation("prompted frame's memory not binarised", "fastsam2.runtime.tracker",
              'multimask, lat,\n                                                mask_input=self._current_logits(frame_idx))\n'
-             '        binarize = bool(self.s["binarize_mask_from_pts_for_mem_enc"])\n        maskmem = self._memory(enc, low, obj_score, binarize, lat)\n'
+             '        binarize = bool(self.settings["binarize_mask_from_pts_for_mem_enc"])\n        maskmem = self._memory(enc, low, obj_score, binarize, lat)\n'
              '        self.bank.add_conditioning(frame_idx, maskmem, ptr)\n        self.prev_grid',
              'multimask, lat,\n                                                mask_input=self._current_logits(frame_idx))\n'
              '        binarize = False\n        maskmem = self._memory(enc, low, obj_score, binarize, lat)\n'

@@ -177,8 +177,8 @@ def test_messages_name_the_real_frame_and_the_real_problem(graphs):
 def test_prompted_is_on_every_object_entry(graphs):
     with session(graphs) as s:
         s.add_prompt(1, points=[(100, 100)])
-        first = s.push(frame()).record()
+        first = s.push(frame()).to_json()
         s.add_prompt(2, points=[(200, 100)])
-        second = s.push(frame(1)).record()
+        second = s.push(frame(1)).to_json()
     assert first["objects"]["1"]["prompted"] is True
     assert second["objects"]["1"]["prompted"] is False and second["objects"]["2"]["prompted"] is True
