@@ -137,9 +137,6 @@ class MemoryBank:
             self.ptr_frame[p] = -1
             self.ptr_rev[p] = self.clock.now
 
-    def is_conditioning(self, frame_idx: int) -> bool:
-        return any(f == frame_idx for f, _, _ in self.cond)
-
     def stored_tokens(self) -> int:
         """Spatial tokens held for tracked frames (what pruning saves)."""
         return int(self.count[self.frame >= 0].sum())
