@@ -11,7 +11,9 @@ the ONNX framing of each graph, and the .npz headers against the model's geometr
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,16 @@ def _read_limited(path: Path, limit: int) -> bytes:
             return f.read(limit + 1)
     except OSError as e:
         raise BundleError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _stamp(path: Path) -> tuple | None:
+    """(inode, size, mtime) of a regular file, None when there is none: record_engines replaces
+    engines.json atomically, so a rewrite changes the inode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 
 
 def read_text_embeddings(path) -> dict:
@@ -70,6 +82,10 @@ class Bundle:
     constants: dict
     text_embeddings: dict
 
+    # (stamp of engines.json, the engines it gave): engines.json is read and checked once, again
+    # only when its stamp changes (record_engines may write it while a server holds the bundle)
+    _engines_seen: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
     @property
     def engines(self) -> dict:
         """The bundle's TensorRT engines: what export recorded (engines built at export), or,
@@ -81,19 +97,26 @@ class Bundle:
         if info.get("built") or not info.get("target"):
             return info
         record = self.file(f"engines/{info['target']}/{ENGINES_RECORD}")
-        if record.is_file():
-            rec = parse_json(_read_limited(record, MAX_RECORD_BYTES), str(record), MAX_RECORD_BYTES)
-            if not isinstance(rec, dict):
-                raise BundleError(f"{record} must hold a JSON object")
-            extra = sorted(set(rec) - set(RECORD_KEYS))
-            if extra:
-                raise BundleError(f"{record} holds {extra[0]!r}, which record_engines never writes")
-            if rec.get("target", info["target"]) != info["target"]:
-                raise BundleError(f"{record} is for target {rec['target']!r}, the bundle's is {info['target']!r}")
-            info.update(rec)
-            check_engines(info, str(record))
-            for g in info.get("graphs", {}).values():
-                self.file(g["file"], "engine")
+        stamp = _stamp(record)
+        if self._engines_seen is None or self._engines_seen[0] != stamp:
+            if stamp is not None:
+                info = self._with_record(info, record)
+            self._engines_seen = (stamp, info)
+        return dict(self._engines_seen[1])
+
+    def _with_record(self, info: dict, record: Path) -> dict:
+        rec = parse_json(_read_limited(record, MAX_RECORD_BYTES), str(record), MAX_RECORD_BYTES)
+        if not isinstance(rec, dict):
+            raise BundleError(f"{record} must hold a JSON object")
+        extra = sorted(set(rec) - set(RECORD_KEYS))
+        if extra:
+            raise BundleError(f"{record} holds {extra[0]!r}, which record_engines never writes")
+        if rec.get("target", info["target"]) != info["target"]:
+            raise BundleError(f"{record} is for target {rec['target']!r}, the bundle's is {info['target']!r}")
+        info.update(rec)
+        check_engines(info, str(record))
+        for g in info.get("graphs", {}).values():
+            self.file(g["file"], "engine")
         return info
 
     @property

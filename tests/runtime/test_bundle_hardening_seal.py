@@ -62,6 +62,46 @@ def test_device_files_stay_outside_the_seal(bundle_dir, tmp_path):
     assert bundle.calibration_cache("router") == d / "calibration_router.cache"
 
 
+def test_engines_json_is_read_once_and_again_when_rewritten(bundle_dir, tmp_path, monkeypatch):
+    """Bundle.engines reads and checks engines.json once, not on every access (each backend,
+    keep check and engine lookup asks); record_engines rewriting it (atomically, as it does
+    while a server holds the bundle) or removing it is seen on the next access."""
+    import fastsam2.runtime.bundle as bundle_module
+    from fastsam2.runtime.outputs import atomic_write_json
+    from fastsam2.runtime.prompts import keep_range
+
+    b = clone(bundle_dir, tmp_path / "b")
+    m = manifest_of(b)
+    m["engines"] = {"target": "jetson-orin", "keep_range": [0.3, 1.0], "built": False}
+    write_manifest(b, m)
+    d = b / "engines" / "jetson-orin"
+    d.mkdir(parents=True)
+    record = {"target": "jetson-orin", "built": True, "gpu_name": "Orin",
+              "graphs": {g: {"file": f"engines/jetson-orin/{g}.engine", "sha256": SHA} for g in GRAPH_ORDER}}
+    atomic_write_json(d / "engines.json", record)
+    reads = []
+    real_read = bundle_module._read_limited
+    monkeypatch.setattr(bundle_module, "_read_limited",
+                        lambda path, limit: reads.append(path.name) or real_read(path, limit))
+    bundle = load_bundle(b)
+    for _ in range(4):
+        assert bundle.engines["gpu_name"] == "Orin"
+    bundle.engines["gpu_name"] = "changed by a caller"  # a copy: the next access is unchanged
+    assert bundle.engine_file("router") == d / "router.engine" and keep_range(bundle) == (0.3, 1.0)
+    assert bundle.engines["gpu_name"] == "Orin"
+    assert reads.count("engines.json") == 1
+    atomic_write_json(d / "engines.json", {**record, "gpu_name": "Jetson AGX Orin 64GB"})
+    assert bundle.engines["gpu_name"] == "Jetson AGX Orin 64GB" and bundle.engines["built"] is True
+    assert reads.count("engines.json") == 2
+    (d / "engines.json").write_text(json.dumps({**record, "tensorrt_version": 5}))
+    with pytest.raises(BundleError, match="tensorrt_version"):
+        bundle.engines  # a bad rewrite is refused, on every access, not served from before
+    with pytest.raises(BundleError, match="tensorrt_version"):
+        bundle.engines
+    (d / "engines.json").unlink()
+    assert bundle.engines == m["engines"]
+
+
 def test_onnxruntime_refusal_becomes_one_bundle_line(tmp_path):
     import onnxruntime as ort
 
