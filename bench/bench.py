@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bundles import ensure_bundle, export_facts
 from children import CHILDREN, write_json
 from summary import (STEADY_FROM, iou_per_frame, iou_summary, load_masks, median, plot, resummarise,
                      stage_medians, steady_fps, summarise, targets)
@@ -186,9 +187,11 @@ def main_parent(args) -> None:
     log(f"frames: {n} x {size[1]}x{size[0]}")
     video = make_frames(work, "video", n, size, args.seed)
     point = first_point(video)
-    bundle = work / f"bundle_{S}"
-    log(f"export bundle at {S} px")
-    exp = run_child("export", {**common, "bundle": str(bundle)}, work / "export.json", timed=False)
+    log(f"bundle at {S} px")
+    # fp32 graphs: bench.py compares pruning against the official predictor; CPU precisions are
+    # bench/precision.py's rows
+    bundle = ensure_bundle(work / f"bundle_{S}", S, config=args.config, seed=args.seed, threads=th, log=log)
+    exp = export_facts(bundle)
 
     cfgs, masks = {}, {}
 
@@ -243,10 +246,8 @@ def main_parent(args) -> None:
         LS = args.long_size
         log(f"flat-cost run: {args.long_frames} frames at {LS} px, keep 0.5")
         lv = make_frames(work, "video_long", args.long_frames, (120, 160), args.seed)
-        lb = bundle if LS == S else work / f"bundle_{LS}"
-        if LS != S:
-            run_child("export", {**common, "image_size": LS, "bundle": str(lb)}, work / f"export_{LS}.json",
-                      timed=False)
+        lb = bundle if LS == S else ensure_bundle(work / f"bundle_{LS}", LS, config=args.config, seed=args.seed,
+                                                  threads=th, log=log)
         rl = run_fastsam2(0.5, lv, lb, "long_keep_0.5")
         fm = [f["frame_ms"] for f in rl["frames"]]
         a, b = 10, min(300, len(fm) - 10)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import sys
 import time
@@ -22,7 +21,9 @@ OFFICIAL_HOOKS = {  # SAM2Base method -> the graph that holds the same work
 
 
 def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    from fastsam2.runtime import host
+
+    return host.peak_rss_mb()
 
 
 def write_json(path: Path, obj) -> None:
@@ -36,30 +37,6 @@ def save_masks(path: Path, masks: list) -> None:
     a = np.stack(masks).astype(bool)
     np.savez_compressed(path, bits=np.packbits(a, axis=-1), shape=np.array(a.shape))
 
-
-
-def child_export(spec: dict) -> dict:
-    import warnings
-
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    from fastsam2.export.cli import export_bundle
-
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # fp32 graphs: bench.py compares pruning against the official predictor; CPU precisions
-        # are bench/precision.py's rows
-        export_bundle(config=spec["config"], checkpoint=None, target="cpu", keep=1.0, prompts="object",
-                      text_pretrained="random", image_size=spec["image_size"], out=spec["bundle"],
-                      force=True, seed=spec["seed"], log=lambda m: None, precision="fp32")
-    import onnxruntime
-    import sam2  # noqa: F401  (its version is recorded below)
-    from importlib.metadata import version
-
-    return {"seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "sam2": version("sam2")}
 
 
 def child_official(spec: dict) -> dict:
@@ -151,4 +128,4 @@ def child_fastsam2(spec: dict) -> dict:
             "onnxruntime": onnxruntime.__version__, "torch_loaded": "torch" in sys.modules}
 
 
-CHILDREN = {"export": child_export, "official": child_official, "fastsam2": child_fastsam2}
+CHILDREN = {"official": child_official, "fastsam2": child_fastsam2}

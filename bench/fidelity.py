@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from bundles import ensure_bundle
+
 ROOT = Path(__file__).resolve().parents[1]
 # (label, keep, fill of pruned tokens): fill "last" reuses the last frame's conditioned value
 RUNS = (("1.0", 1.0, "no_mem"), ("0.7", 0.7, "no_mem"), ("0.5", 0.5, "no_mem"), ("0.3", 0.3, "no_mem"),
@@ -76,12 +78,8 @@ def main(argv=None) -> int:
             shutil.rmtree(davis)
         make_set(davis, args.sequences, args.frames)
     bundle_dir = args.bundle
-    if bundle_dir is None:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import export_tiny_bundle
-
-        bundle_dir = args.out / "bundle"
-        export_tiny_bundle(bundle_dir, keep=1.0, image_size=args.image_size, force=True)
+    if bundle_dir is None:  # the exporter's seeded random init, reused when it matches
+        bundle_dir = ensure_bundle(args.out / "bundle", args.image_size, log=lambda m: None)
     bundle = load_bundle(bundle_dir)
     sessions = create_sessions(bundle, "ort-cpu")
     names = list_sequences(davis, args.split)

@@ -1,5 +1,6 @@
 """Per-graph error of ONNX Runtime (CPU, fp32) against the PyTorch module each graph was traced
-from, on the inputs the parity tests use (tests/export/test_onnx_export.py's example feeds).
+from, on the inputs the parity tests use (fastsam2.export.onnx_export.example_feeds) and the test
+model's weights (tests/sam2_test_model.py).
 The contract's fp32 tolerances (runtime/contract.py) are set from these figures (~10x).
 
     python bench/graph_errors.py [--image-size 256] [--out bench/results/graph_errors_256.json]
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bundles import ensure_bundle
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,22 +27,26 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     out = args.out or ROOT / "bench" / "results" / f"graph_errors_{args.image_size}.json"
-    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "export")]
+    # the test model's definition only (not the tests' fixtures): these figures bound the parity
+    # tests' errors, so they are measured on the weights those tests use
+    sys.path.insert(0, str(ROOT / "tests"))
     import torch
 
-    from conftest import export_tiny_bundle, load_tiny
     from fastsam2.export.model import PrunedSAM2
+    from fastsam2.export.onnx_export import example_feeds
     from fastsam2.runtime.backends import OrtSession
     from fastsam2.runtime.contract import GRAPHS, keep_to_k
-    from test_onnx_export import example_feeds
+    from sam2_test_model import load_test_model, save_checkpoint
 
     torch.set_num_threads(2)
-    loaded = load_tiny(args.image_size)
+    loaded = load_test_model(args.image_size)
     pruned = PrunedSAM2(loaded)
     report = {"image_size": args.image_size, "model": "tests/sam2_test_model.py", "graphs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(tmp) / "b"
-        export_tiny_bundle(bundle, image_size=args.image_size)
+        # exported from the same weights (a checkpoint of the test model), graphs fp32
+        bundle = ensure_bundle(ROOT / "bench" / "out" / f"graph_errors_bundle_{args.image_size}", args.image_size,
+                               prompts="cyclist,red ball", checkpoint=save_checkpoint(loaded, Path(tmp) / "test_model.pt"),
+                               threads=2, log=lambda m: None)
         T = pruned.geometry["T"]
         cases = [(n, {"points": p, "seed": s}) for n in ("image_encoder", "router", "memory_encoder", "mask_decoder")
                  for s, p in ((1, 1), (2, 3))]

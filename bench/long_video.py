@@ -8,20 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bundles import ensure_bundle
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main(argv=None) -> int:
@@ -33,20 +26,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from fastsam2.calibration.synthetic import make_video
+    from fastsam2.runtime import host
     from fastsam2.runtime.track import PromptSpec, track
 
     args.out.mkdir(parents=True, exist_ok=True)
     vid = make_video(args.out / "video", num_frames=args.frames, size=(240, 320), seed=7, fmt="mp4")
-    bundle = args.out / "bundle"
-    # export in a child process: this one must hold only what the runtime loads (no torch)
-    subprocess.run(["fastsam2-export", "--target", "cpu", "--keep", "1.0", "--prompts", "cyclist",
-                    "--text-pretrained", "random", "--image-size", str(args.image_size), "--out", str(bundle),
-                    "--force", "--precision", "fp32"], check=True, capture_output=True)
+    # exported in a child process: this one must hold only what the runtime loads (no torch)
+    bundle = ensure_bundle(args.out / "bundle", args.image_size, prompts="cyclist", log=lambda m: None)
     samples = []
 
     def progress(i, total, frame):
         if i % 50 == 0 or i == args.frames - 1:
-            samples.append({"frame": i, "rss_mb": round(rss_mb(), 1), "frame_ms": frame["frame_ms"]})
+            samples.append({"frame": i, "rss_mb": host.rss_mb(), "frame_ms": frame["frame_ms"]})
 
     t0 = time.perf_counter()
     res = track(vid.frames_dir_or_file, bundle, PromptSpec(text="cyclist", points=[vid.first_frame_points[1]]),
@@ -59,7 +50,7 @@ def main(argv=None) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "rss_samples": samples,
         "rss_growth_mb_frame100_to_last": round(samples[-1]["rss_mb"] - next(s for s in samples if s["frame"] >= 100)["rss_mb"], 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": host.peak_rss_mb(),
         "median_ms_frames_10_60": sorted(frame_ms[10:60])[25],
         "median_ms_last_50": sorted(frame_ms[-50:])[25],
     }

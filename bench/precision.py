@@ -3,17 +3,24 @@
     python bench/precision.py                              # 1024 px, 12 frames: the committed run
     python bench/precision.py --image-size 256 --frames 10 # smoke run (a minute or two)
 
+    python bench/precision.py --objects 1,2,4,8 --configs ort-cpu:fp32,ort-cpu+openvino:picked
+
 One process runs every configuration frame by frame: frame i of the official predictor, then
-frame i of each (backend, precision, keep) tracker, in an order that rotates every frame. On a
-CPU shared with other work, load then hits every configuration alike and the ratios hold even
-where absolute times do not (os.getloadavg() is recorded per frame). Peak RSS per configuration
-is bench/bench.py's job (one process each); this one measures speed and agreement only.
+frame i of each (backend, precision, keep, objects) tracker, in an order that rotates every
+frame. On a CPU shared with other work, load then hits every configuration alike and the ratios
+hold even where absolute times do not (os.getloadavg() is recorded per frame). Peak RSS per
+configuration is bench/bench.py's job (one process each); this one measures speed and agreement.
 
 Rows: ort-cpu fp32 / int8, openvino fp32 / int8 (QDQ variants only), bf16 where the CPU has it
-(else the JSON says why not), each at every --keeps. Per row: steady-state ms/frame (frames >= 7,
-the bank full, median), x official, per-stage medians, mask IoU vs the official masks and vs
-fastsam2's ort-cpu fp32 path at the same keep. The int8 variants come from
-fastsam2.export.precision (its agreement gate is run here and recorded).
+(else the JSON says why not), `auto` with the bundle's picks, each at every --keeps and every
+--objects count (one official predictor per count, on a video with that many objects; a row is
+compared with the official predictor of its own count). With objects > 1, where Session.open
+takes batch_objects, each configuration also runs batched (name suffix :batched; else `skipped`
+says why). Per row: steady-state ms/frame (frames >= 7, the bank full, median), x official,
+per-stage medians, mask IoU vs the official masks and vs fastsam2's ort-cpu fp32 path at the
+same keep and objects (batched rows: also vs the same configuration per object). --configs
+limits the rows. The int8 variants come from fastsam2.export.precision (its agreement gate is
+run here and recorded). The machine's CPU flags (host.cpu_features) are in the JSON.
 
 A benchmark, not a test: it writes numbers and never fails on them.
 """
@@ -24,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -32,83 +38,26 @@ from pathlib import Path
 
 import numpy as np
 
+from bundles import add_variants, ensure_bundle
+from precision_docs import write_fidelity_section
+from precision_runs import (Official, Ours, batch_objects_supported, config_name, configs, parse_objects,
+                            parse_prefixes, selected)
+
 ROOT = Path(__file__).resolve().parents[1]
 STEADY_FROM = 7  # frames 0..6 fill the memory bank (num_maskmem = 7)
-OFFICIAL_HOOKS = {"forward_image": "image_encoder", "_prepare_memory_conditioned_features": "memory_attention",
-                  "_forward_sam_heads": "mask_decoder", "_encode_new_memory": "memory_encoder"}
-
-
-def sh(cmd: list, log) -> None:
-    log(" ".join(str(c) for c in cmd))
-    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
 
 
 def prepare_bundle(args, work: Path, log) -> Path:
-    """A cpu-target bundle (random weights) with gated int8 variants, made in child processes."""
-    b = args.bundle or work / f"bundle_{args.image_size}"
-    if args.bundle is None and not (b / "manifest.json").is_file():
-        # fp32 export, then this script's --precision through the gate (export's own default
-        # would gate the target's candidates and keep only the fastest)
-        sh([sys.executable, "-m", "fastsam2.export.cli", "--target", "cpu", "--keep", "1.0", "--prompts", "object",
-            "--text-pretrained", "random", "--image-size", args.image_size, "--out", b, "--force",
-            "--precision", "fp32"], log)
-    m = json.loads((b / "manifest.json").read_text())
-    if not (m.get("precision_gate") or {}).get("graphs"):  # no variants gated yet
-        sh([sys.executable, "-m", "fastsam2.export.precision", b, "--precision", args.precision,
-            "--threads", args.threads, "--gate-videos", args.gate_videos, "--gate-frames", args.gate_frames], log)
-    return b
-
-
-class Official:
-    """SAM2VideoPredictor stepped one frame at a time (propagate_in_video is a generator)."""
-
-    def __init__(self, args, frames_dir, points: dict):
-        import torch
-
-        from fastsam2.export.sam2_loader import load_sam2
-
-        torch.set_num_threads(args.threads)
-        self.pred = load_sam2("sam2.1_hiera_t", None, image_size=args.image_size, seed=0, warn=False).model
-        self.stage = {}
-        for meth, name in OFFICIAL_HOOKS.items():
-            setattr(self.pred, meth, self._hook(getattr(self.pred, meth), name))
-        self.state = self.pred.init_state(str(frames_dir))
-        for o, xy in points.items():
-            self.pred.add_new_points_or_box(self.state, frame_idx=0, obj_id=o, points=np.array([xy], np.float32),
-                                            labels=np.array([1], np.int32))
-        self._ctx = torch.inference_mode()
-        self._ctx.__enter__()
-        self.gen = self.pred.propagate_in_video(self.state)
-
-    def _hook(self, method, name):
-        def timed(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return method(*a, **kw)
-            finally:
-                self.stage[name] = self.stage.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
-        return timed
-
-    def step(self):
-        self.stage = {}
-        _, _, m = next(self.gen)
-        return (m[:, 0] > 0).numpy().copy(), dict(self.stage)
-
-
-class Ours:
-    """One fastsam2 streaming session: a backend's graph sessions at one precision and keep,
-    every object clicked on frame 0."""
-
-    def __init__(self, bundle, sessions, keep, points: dict, num_frames):
-        from fastsam2.runtime.session import Session
-
-        self.s = Session.open(bundle, keep=keep, graphs=("bench", sessions), num_frames=num_frames)
-        for o, xy in points.items():
-            self.s.add_prompt(o, points=[tuple(xy)])
-
-    def step(self, i, rgb):
-        r = self.s.push(rgb)
-        return np.stack([r.objects[o].mask for o in sorted(r.objects)]), dict(r.latency_ms)
+    """A cpu-target bundle (random weights) with gated variants, made in child processes: an fp32
+    export, then this script's --precision through the gate (export's own default would gate
+    the target's candidates and keep only the fastest). A --bundle is used as it is (variants
+    added if it has none)."""
+    gate_args = {"gate_videos": args.gate_videos, "gate_frames": args.gate_frames}
+    if args.bundle is not None:
+        add_variants(args.bundle, args.precision, gate_args, threads=args.threads, show=True, log=log)
+        return args.bundle
+    return ensure_bundle(work / f"bundle_{args.image_size}", args.image_size, gate=args.precision,
+                         gate_args=gate_args, threads=args.threads, show=True, log=log)
 
 
 def iou(a, b) -> float:
@@ -118,43 +67,10 @@ def iou(a, b) -> float:
     return float(np.mean(mask_iou(a, b)))
 
 
-def configs(bundle, args, log) -> dict:
-    """{(backend, precision): sessions} for every row this machine can run, + why others are not."""
-    from fastsam2.runtime.backends import available_backends, create_sessions, open_backend
-    from fastsam2.runtime.errors import FastSam2Error
-    from fastsam2.runtime.openvino_backend import device_has_bf16
-
-    have, out, skipped = available_backends(), {}, {}
-    variants = {g: set(v.get("variants") or {}) for g, v in bundle.manifest["graphs"].items()}
-    for backend in args.backends.split(","):
-        if backend not in have:
-            skipped[backend] = "not installed"
-            continue
-        for p in ("fp32", "int8", "bf16"):
-            if p != "fp32" and not any(p in v for v in variants.values()):
-                if p == "bf16":
-                    skipped[f"{backend}:bf16"] = ("this CPU has no bf16 (OpenVINO reports no BF16)"
-                                                  if not device_has_bf16("CPU") else "no bf16 variant in the bundle")
-                continue
-            said = []
-            try:
-                s = create_sessions(bundle, backend, args.threads, precision=p, warn=said.append)
-            except FastSam2Error as e:  # e.g. bf16 variants that only OpenVINO runs
-                skipped[f"{backend}:{p}"] = str(e)
-                continue
-            got = {g: x.precision for g, x in s.items()}
-            if p != "fp32" and all(v == "fp32" for v in got.values()):
-                skipped[f"{backend}:{p}"] = "; ".join(said) or "no graph runs in it"
-                continue
-            out[(backend, p)] = (s, got, said)
-            log(f"{backend} {p}: {got}" + (f" ({'; '.join(said)})" if said else ""))
-    # what a user of the defaults gets: `auto` with the bundle's picks (graphs on the backend
-    # that runs their precision, e.g. a bf16 encoder on OpenVINO and the rest on ONNX Runtime)
-    said = []
-    name, s = open_backend("auto", bundle, args.threads, warn=said.append)
-    out[(name, "picked")] = (s, {g: x.precision for g, x in s.items()}, said)
-    log(f"auto -> {name} with the bundle's picks: {out[(name, 'picked')][1]}")
-    return out, skipped
+def iou_summary(masks: dict, a: str, b: str) -> dict:
+    """IoU of a's masks against b's on every tracked frame (frame 0 is the prompt): mean, min."""
+    v = [iou(masks[a][j], masks[b][j]) for j in range(1, len(masks[a]))]
+    return {"mean": round(float(np.mean(v)), 4), "min": round(float(np.min(v)), 4)}
 
 
 def main(argv=None) -> int:
@@ -162,7 +78,10 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=1024)
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--keeps", default="1.0,0.3")
-    ap.add_argument("--objects", type=int, default=1, help="objects clicked on frame 0 (official and ours alike)")
+    ap.add_argument("--objects", default="1", help="objects clicked on frame 0 (official and ours alike): a count, "
+                    "or a comma list (1,2,4,8) run in the same lockstep loop, one official predictor per count")
+    ap.add_argument("--configs", default=None, help="only these rows: comma list of config-name prefixes, field by "
+                    "field (ort-cpu:fp32, ort-cpu+openvino:picked:keep0.3); the official predictor always runs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backends", default="ort-cpu,openvino")
     ap.add_argument("--precision", default="int8", help="what export.precision adds to the bundle (default int8)")
@@ -173,6 +92,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/precision_<S>px.json)")
     ap.add_argument("--no-docs", action="store_true", help="leave docs/fidelity.md's precision section as it is")
     args = ap.parse_args(argv)
+    try:
+        counts = parse_objects(args.objects)
+        keeps = [float(k) for k in args.keeps.split(",")]
+    except ValueError as e:
+        ap.error(str(e))
+    prefixes = parse_prefixes(args.configs)
     os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     warnings.filterwarnings("ignore")
     t_all = time.perf_counter()
@@ -183,66 +108,29 @@ def main(argv=None) -> int:
     from fastsam2.calibration.synthetic import make_video
     from fastsam2.runtime import host
     from fastsam2.runtime.bundle import load_bundle
-    from fastsam2.runtime.video import open_frames
 
     size = (240, 320) if args.image_size <= 512 else (480, 640)
-    video = make_video(args.work / f"video_{args.frames}_{args.objects}", num_frames=args.frames, size=size, seed=0,
-                       objects=args.objects, fmt="jpg")
-    points = {o: [float(v) for v in xy] for o, xy in sorted(video.first_frame_points.items())}
+    videos = {n: make_video(args.work / f"video_{args.frames}_{n}", num_frames=args.frames, size=size, seed=0,
+                            objects=n, fmt="jpg") for n in counts}
+    points = {n: {o: [float(v) for v in xy] for o, xy in sorted(v.first_frame_points.items())} for n, v in videos.items()}
     bundle = load_bundle(bdir)
-    rows, skipped = configs(bundle, args, log)
-    keeps = [float(k) for k in args.keeps.split(",")]
-    ours = {f"{b}:{p}:keep{k:g}": Ours(bundle, s, k, points, args.frames)
-            for (b, p), (s, _, _) in rows.items() for k in keeps}
-    log("official SAM2VideoPredictor: init_state")
-    official = Official(args, video.frames_dir_or_file, points)
-    names = ["official", *ours]
-    frame_ms = {n: [] for n in names}
-    stages = {n: [] for n in names}
-    masks = {n: [] for n in names}
-    load = []
-    with open_frames(video.frames_dir_or_file) as src:
-        for i, rgb in src:
-            order = names[i % len(names):] + names[:i % len(names)]  # rotate: no config always first
-            for n in order:
-                t0 = time.perf_counter()
-                m, st = official.step() if n == "official" else ours[n].step(i, rgb)
-                frame_ms[n].append(round((time.perf_counter() - t0) * 1e3, 1))
-                stages[n].append({k: round(v, 1) for k, v in st.items()})
-                masks[n].append(m)
-            load.append(round(os.getloadavg()[0], 2))
-            log(f"frame {i}: " + ", ".join(f"{n} {frame_ms[n][-1]:.0f}" for n in names) + f" ms; load {load[-1]}")
-
-    def steady(v):
-        return float(np.median(v[STEADY_FROM:] or v[1:]))
-
-    off_ms = steady(frame_ms["official"])
-    table = []
-    for n in names:
-        b, p, k = (n.split(":") + ["", ""])[:3] if n != "official" else ("official", "fp32 (PyTorch)", "")
-        ref_ours = f"ort-cpu:fp32:{k}"
-        tracked = range(1, len(masks[n]))
-        row = {"config": n, "backend": b, "precision": p, "keep": k.replace("keep", "") or None,
-               "steady_ms": round(steady(frame_ms[n]), 1), "x_official": round(off_ms / steady(frame_ms[n]), 3),
-               "stages_ms": {s: round(float(np.median([f.get(s, 0.0) for f in stages[n][STEADY_FROM:] or stages[n][1:]])), 1)
-                             for s in sorted({s for f in stages[n] for s in f})},
-               "graph_precision": rows[(b, p)][1] if n != "official" else None}
-        if n != "official":
-            row["iou_vs_official"] = {"mean": round(float(np.mean([iou(masks[n][j], masks["official"][j]) for j in tracked])), 4),
-                                      "min": round(float(np.min([iou(masks[n][j], masks["official"][j]) for j in tracked])), 4)}
-            if ref_ours in masks:
-                v = [iou(masks[n][j], masks[ref_ours][j]) for j in tracked]
-                row["iou_vs_ort_fp32_same_keep"] = {"mean": round(float(np.mean(v)), 4), "min": round(float(np.min(v)), 4)}
-        table.append(row)
+    rows, skipped = configs(bundle, args, prefixes, log)
+    runs = make_runs(args, bundle, rows, keeps, counts, points, videos, prefixes, skipped, log)
+    frame_ms, stages, masks, load = lockstep(runs, videos, log)
+    table = make_table(runs, rows, frame_ms, stages, masks)
     m = bundle.manifest
+    several = len(counts) > 1
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpu": host.cpu_model(), "cpu_flags": host.cpu_features(), "cores": os.cpu_count(),
-                    "platform": platform.platform(), "bf16": host.cpu_has_bf16(),
+                    "platform": platform.platform(), "bf16": host.cpu_has_bf16(), "vnni": host.cpu_has_vnni(),
                     "threads": args.threads, "versions": _versions()},
         "settings": {"image_size": args.image_size, "frames": args.frames, "video_hw": list(size), "keeps": keeps,
-                     "steady_from_frame": STEADY_FROM, "lockstep": True, "objects": args.objects, "points": points,
+                     "steady_from_frame": STEADY_FROM, "lockstep": True,
+                     "objects": counts if several else counts[0],
+                     "points": {str(n): p for n, p in points.items()} if several else points[counts[0]],
+                     "configs": args.configs, "batch_objects_supported": batch_objects_supported(),
                      "weights": "seeded random init (no checkpoint): IoU is agreement, not accuracy"},
         "loadavg_1min_per_frame": load,
         "bundle_precision": m.get("precision"), "precision_gate": m.get("precision_gate"),
@@ -258,67 +146,97 @@ def main(argv=None) -> int:
     if not args.no_docs:
         write_fidelity_section(result, out, ROOT / "docs" / "fidelity.md")
     for r in table:
-        print(f"{r['config']:28s} {r['steady_ms']:8.1f} ms  x{r['x_official']:.2f}  "
+        print(f"{r['config']:40s} {r['steady_ms']:8.1f} ms  x{r['x_official']:.2f}  "
               f"IoU off {r.get('iou_vs_official', {}).get('mean', '-')}  "
               f"IoU fp32 {r.get('iou_vs_ort_fp32_same_keep', {}).get('mean', '-')}")
     return 0
 
 
-SECTION = "## Precision x keep"
+def make_runs(args, bundle, rows, keeps, counts, points, videos, prefixes, skipped, log) -> dict:
+    """{config name: (row spec, tracker)}: per object count its official predictor, then every
+    (backend, precision) x keep, per object and (objects > 1, where fastsam2 has it) batched."""
+    several, batch = len(counts) > 1, batch_objects_supported()
+    if not batch and counts[-1] > 1:
+        skipped["batched"] = ("this fastsam2's Session.open has no batch_objects parameter "
+                              "(objects of a frame run one graph call each)")
+    runs = {}
+    for n in counts:
+        ours = {}
+        for (b, p), (s, _, _) in rows.items():
+            for k in keeps:
+                for batched in (False, True) if (batch and n > 1) else (False,):
+                    name = config_name(b, p, k, n, batched, several)
+                    if selected(name, prefixes):
+                        spec = {"backend": b, "precision": p, "keep": k, "objects": n, "batched": batched}
+                        ours[name] = (spec, Ours(bundle, s, k, points[n], args.frames, batched=batched))
+        if not ours:
+            continue  # --configs left no row at this count: its official predictor would compare with nothing
+        log(f"official SAM2VideoPredictor, {n} object(s): init_state")
+        spec = {"backend": "official", "precision": "fp32 (PyTorch)", "keep": None, "objects": n, "batched": False}
+        runs[f"official:obj{n}" if several else "official"] = (spec, Official(args, videos[n].frames_dir_or_file,
+                                                                              points[n]))
+        runs.update(ours)
+    if not any(spec["backend"] != "official" for spec, _ in runs.values()):
+        print(f"error: --configs {args.configs!r} selects no row this machine runs", file=sys.stderr)
+        raise SystemExit(2)
+    return runs
 
 
-def fidelity_section(result: dict, source: str) -> str:
-    """docs/fidelity.md's precision x keep table, from one bench/precision.py results JSON."""
-    st, gate = result["settings"], result.get("precision_gate") or {}
-    lines = [SECTION, "",
-             f"From `{result['command']}` ({source}, {result['created']}; {st['frames']} frames at "
-             f"{st['image_size']} px, one click, random weights, machine load {min(result['loadavg_1min_per_frame'])}"
-             f"-{max(result['loadavg_1min_per_frame'])}). IoU per tracked frame, mean / min: against the official "
-             "predictor's masks, and against fastsam2's own ort-cpu fp32 path at the same keep (what the "
-             "reduced precision alone changes).", "",
-             "| backend | precision (graphs not fp32) | keep | IoU vs fp32 path | IoU vs official | × official speed |",
-             "|---|---|---|---|---|---|"]
-    for r in result["table"]:
-        if r["config"] == "official":
-            continue
-        red = ", ".join(f"{g} {p}" for g, p in (r["graph_precision"] or {}).items() if p != "fp32") or "all fp32"
-        f = lambda d: f"{d['mean']:.3f} / {d['min']:.3f}" if d else "–"  # noqa: E731
-        lines.append(f"| {r['backend']} | {red} | {float(r['keep']):.1f} | {f(r.get('iou_vs_ort_fp32_same_keep'))} | "
-                     f"{f(r.get('iou_vs_official'))} | {r['x_official']:.2f}× |")
-    cores = result["machine"].get("cores") or 1
-    if max(result["loadavg_1min_per_frame"]) > cores:
-        lines += ["", f"The speed column is not evidence here: the load average ({max(result['loadavg_1min_per_frame'])}) "
-                      f"exceeded the {cores} cores, and PyTorch suffers more than ONNX Runtime from oversubscribed "
-                      "cores (docs/benchmarks.md). The IoU columns do not depend on load."]
-    if result.get("skipped"):
-        lines += ["", "Not run here: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items()) + "."]
-    g = gate.get("graphs") or {}
-    if g:
-        lines += ["", f"Export's agreement gate on this bundle ({gate.get('gate_set')}; calibration: "
-                      f"{gate.get('calibration')}; pass: tracked-mask IoU vs fp32 ≥ {gate.get('min_mask_iou')}):", "",
-                  "| graph | candidate | worst output error (of range) | tracked-mask IoU vs fp32 | ms / call (fp32) | verdict |",
-                  "|---|---|---|---|---|---|"]
-        for graph, info in g.items():
-            base = info["tried"]["fp32"]["ms_per_call"]
-            for name, r in info["tried"].items():
-                if name == "fp32":
-                    continue
-                if "skipped" in r:
-                    lines.append(f"| {graph} | {name} | – | – | – | skipped: {r['skipped']} |")
-                    continue
-                worst = max(r["outputs"]["rel_max_abs_err"].items(), key=lambda kv: kv[1])
-                iou = r["masks"]["mean_iou"] if r.get("masks") else "non-finite"
-                lines.append(f"| {graph} | {name} | {worst[1]:.3f} ({worst[0]}) | {iou} | "
-                             f"{r['outputs']['ms_per_call']:.0f} ({base:.0f}) | {'passes' if r['passed'] else 'fails'} |")
-    return "\n".join(lines) + "\n"
+def lockstep(runs: dict, videos: dict, log) -> tuple:
+    """Frame i of every run, in an order that rotates every frame (no config always first)."""
+    from contextlib import ExitStack
+
+    from fastsam2.runtime.video import open_frames
+
+    names = list(runs)
+    frame_ms, stages, masks = ({n: [] for n in names} for _ in range(3))
+    load = []
+    with ExitStack() as stack:
+        sources = {c: iter(stack.enter_context(open_frames(v.frames_dir_or_file))) for c, v in videos.items()}
+        for frames in zip(*sources.values()):
+            rgb = {c: f[1] for c, f in zip(sources, frames)}
+            i = frames[0][0]
+            for n in names[i % len(names):] + names[:i % len(names)]:
+                spec, tracker = runs[n]
+                t0 = time.perf_counter()
+                m, st = tracker.step(i, rgb[spec["objects"]])
+                frame_ms[n].append(round((time.perf_counter() - t0) * 1e3, 1))
+                stages[n].append({k: round(v, 1) for k, v in st.items()})
+                masks[n].append(m)
+            load.append(round(os.getloadavg()[0], 2))
+            log(f"frame {i}: " + ", ".join(f"{n} {frame_ms[n][-1]:.0f}" for n in names) + f" ms; load {load[-1]}")
+    return frame_ms, stages, masks, load
 
 
-def write_fidelity_section(result: dict, source: Path, md: Path) -> None:
-    """Replace (or append) the precision section of docs/fidelity.md; the rest is fidelity.py's."""
-    text = md.read_text() if md.is_file() else "# Fidelity\n"
-    head = text.split(SECTION)[0].rstrip() + "\n\n"
-    rel = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
-    md.write_text(head + fidelity_section(result, str(rel)))
+def make_table(runs, rows, frame_ms, stages, masks) -> list:
+    """A row per run: steady ms/frame, x the official predictor with the same objects, stage
+    medians, IoU vs that predictor and vs ort-cpu fp32 at the same keep and objects (batched
+    rows: also vs the same configuration per object)."""
+    def steady(v):
+        return float(np.median(v[STEADY_FROM:] or v[1:]))
+
+    official = {spec["objects"]: n for n, (spec, _) in runs.items() if spec["backend"] == "official"}
+    several = len(official) > 1
+    table = []
+    for n, (spec, _) in runs.items():
+        b, p, k, objects = spec["backend"], spec["precision"], spec["keep"], spec["objects"]
+        off = official[objects]
+        row = {"config": n, "backend": b, "precision": p, "keep": None if k is None else f"{k:g}",
+               "objects": objects, "batched": spec["batched"],
+               "steady_ms": round(steady(frame_ms[n]), 1),
+               "x_official": round(steady(frame_ms[off]) / steady(frame_ms[n]), 3),
+               "stages_ms": {s: round(float(np.median([f.get(s, 0.0) for f in stages[n][STEADY_FROM:] or stages[n][1:]])), 1)
+                             for s in sorted({s for f in stages[n] for s in f})},
+               "graph_precision": rows[(b, p)][1] if b != "official" else None}
+        if b != "official":
+            row["iou_vs_official"] = iou_summary(masks, n, off)
+            ref = config_name("ort-cpu", "fp32", k, objects, False, several)
+            if ref in masks:
+                row["iou_vs_ort_fp32_same_keep"] = iou_summary(masks, n, ref)
+            if spec["batched"] and config_name(b, p, k, objects, False, several) in masks:
+                row["iou_vs_per_object"] = iou_summary(masks, n, config_name(b, p, k, objects, False, several))
+        table.append(row)
+    return table
 
 
 def _versions() -> dict:

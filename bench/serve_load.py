@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bundles import ensure_bundle
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -46,16 +48,6 @@ def free_ports(n):
     finally:
         for s in socks:
             s.close()
-
-
-def export(size: int, out: Path) -> Path:
-    from fastsam2.export.cli import export_bundle
-
-    log(f"exporting a seeded random-init bundle at {size} px -> {out}")
-    export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=1.0, prompts="object",
-                  text_pretrained="random", image_size=size, out=str(out), force=True, precision="fp32",
-                  log=lambda m: None)
-    return out
 
 
 def frames_and_click(n: int, seed: int = 7):
@@ -137,7 +129,9 @@ def main(argv=None):
 
     levels = [int(x) for x in a.streams.split(",")]
     work = Path(tempfile.mkdtemp(prefix="serve_load_"))
-    bundle = Path(a.bundle) if a.bundle else export(a.size, ROOT / "bench" / "out" / f"serve_bundle_{a.size}")
+    # default: a seeded random-init bundle (exported in a child process, reused when it matches)
+    bundle = Path(a.bundle) if a.bundle else ensure_bundle(ROOT / "bench" / "out" / f"serve_bundle_{a.size}", a.size,
+                                                           log=log)
     write_repository(bundle, work / "repo", instances=a.instances, backend=a.backend,
                      max_sessions=max(levels), idle_timeout=600)
     frames, click = frames_and_click(a.frames)

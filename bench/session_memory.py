@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 PATTERN = ("start", "click", "start", "box", "start", "click", "remove", "start", "box", "remove")
 sys.path.insert(0, str(ROOT / "bench"))
-from long_video import rss_mb  # noqa: E402  (one RSS reader for the long-run benchmarks)
+from bundles import ensure_bundle  # noqa: E402
 
 
 def frames(n: int, size=(240, 320)):
@@ -59,15 +57,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "session_memory.json")
     args = ap.parse_args(argv)
 
+    from fastsam2.runtime import host
     from fastsam2.runtime.session import Session
 
-    bundle = ROOT / "bench" / "out" / f"session_bundle_{args.image_size}"
-    if not (bundle / "manifest.json").exists():
-        # export in a child process: this one must hold only what the runtime loads (no torch)
-        subprocess.run([sys.executable, "-m", "fastsam2.export.cli", "--target", "cpu", "--keep", "1.0",
-                        "--prompts", "cyclist", "--text-pretrained", "random", "--image-size",
-                        str(args.image_size), "--precision", "fp32", "--out", str(bundle), "--force"],
-                       check=True, capture_output=True)
+    # exported in a child process: this one must hold only what the runtime loads (no torch)
+    bundle = ensure_bundle(ROOT / "bench" / "out" / f"session_bundle_{args.image_size}", args.image_size,
+                           prompts="cyclist", log=lambda m: None)
     per_cycle = sum(k != "remove" for k in PATTERN)
     n_events = -(-args.prompts * len(PATTERN) // per_cycle)  # enough cycles for `prompts` prompts
     every = max(1, args.frames // n_events)
@@ -107,7 +102,7 @@ def main(argv=None) -> int:
             (lat_prompt if prompted else lat_plain).append(ms)
             by_objects.setdefault(len(s.objects), {"prompt": [], "plain": []})["prompt" if prompted else "plain"].append(ms)
             if i % 50 == 0 or i == args.frames - 1:
-                samples.append({"frame": i, "rss_mb": round(rss_mb(), 1), "bank_mb": round(s.memory_bytes() / 1e6, 2),
+                samples.append({"frame": i, "rss_mb": host.rss_mb(), "bank_mb": round(s.memory_bytes() / 1e6, 2),
                                 "objects": len(s.objects)})
     after100 = [x for x in samples if x["frame"] >= 100]
     report = {
@@ -128,7 +123,7 @@ def main(argv=None) -> int:
             for n, v in sorted(by_objects.items())},
         "rss_mb_min_max_after_frame_100": [min(x["rss_mb"] for x in after100), max(x["rss_mb"] for x in after100)],
         "rss_growth_mb_frame100_to_last": round(samples[-1]["rss_mb"] - after100[0]["rss_mb"], 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": host.peak_rss_mb(),
         "samples": samples, "events": events,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

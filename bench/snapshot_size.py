@@ -16,23 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from bundles import ensure_bundle
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def bundle_256() -> Path:
-    bundle = ROOT / "bench" / "out" / "session_bundle_256"
-    if not (bundle / "manifest.json").exists():
-        # export in a child process: this one must hold only what the runtime loads (no torch)
-        subprocess.run([sys.executable, "-m", "fastsam2.export.cli", "--target", "cpu", "--keep", "1.0",
-                        "--prompts", "cyclist", "--text-pretrained", "random", "--image-size", "256",
-                        "--precision", "fp32", "--out", str(bundle), "--force"], check=True, capture_output=True)
-    return bundle
+    # exported in a child process: this one must hold only what the runtime loads (no torch)
+    return ensure_bundle(ROOT / "bench" / "out" / "session_bundle_256", 256, prompts="cyclist", log=lambda m: None)
 
 
 class ShapeGraph:
