@@ -23,10 +23,12 @@ import numpy as np
 
 from fastsam2.runtime.errors import FastSam2Error, InputError
 from fastsam2.runtime.sam2_math import Resizer
-from fastsam2.runtime.session import check_object_id, frame_result
+# the local session's own checks, so a remote stream refuses what a local one refuses, in its words
+from fastsam2.runtime.session import (PromptSpec, _frame_array, check_frame, check_object_id, check_spec,
+                                      frame_result)
 
-from . import commands as C
-from . import protocol as P
+from . import commands
+from . import protocol
 
 CLIENT_HINT = "install the client: pip install 'fastsam2[client]'"
 # transport failures: the server went away, or never answered in time
@@ -38,7 +40,7 @@ def _grpc():
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
     except ImportError:
-        raise P.ServerError(f"--server needs tritonclient[grpc]: {CLIENT_HINT}") from None
+        raise protocol.ServerError(f"--server needs tritonclient[grpc]: {CLIENT_HINT}") from None
     return grpcclient, InferenceServerException
 
 
@@ -78,15 +80,15 @@ class RemoteModel:
             try:
                 config = self.connect(url)
                 break
-            except P.ServerError as e:
+            except protocol.ServerError as e:
                 errors.append(str(e))
         else:
-            raise P.ServerError("; ".join(errors) if len(errors) == 1 else
+            raise protocol.ServerError("; ".join(errors) if len(errors) == 1 else
                                 f"no server of {', '.join(self.urls)} answers: {errors[-1]}")
         try:
-            self.info = json.loads(config["parameters"][P.INFO_PARAMETER]["string_value"])
+            self.info = json.loads(config["parameters"][protocol.INFO_PARAMETER]["string_value"])
         except (KeyError, TypeError, ValueError):
-            raise P.ServerError(f"the {P.MODEL!r} model at {self.url} was not written by fastsam2-serve") from None
+            raise protocol.ServerError(f"the {protocol.MODEL!r} model at {self.url} was not written by fastsam2-serve") from None
         self.manifest = self.info["manifest"]
         self.settings = self.info["settings"]
         self.text_embeddings = {p: None for p in self.info["prompts"]}  # names only: the server embeds
@@ -96,12 +98,12 @@ class RemoteModel:
         grpcclient, exc = _grpc()
         try:
             client = grpcclient.InferenceServerClient(url)
-            if not client.is_model_ready(P.MODEL, client_timeout=30):
-                raise P.ServerError(f"the Triton server at {url} has no ready {P.MODEL!r} model "
+            if not client.is_model_ready(protocol.MODEL, client_timeout=30):
+                raise protocol.ServerError(f"the Triton server at {url} has no ready {protocol.MODEL!r} model "
                                     f"(start it with fastsam2-serve)")
-            config = client.get_model_config(P.MODEL, as_json=True, client_timeout=30)["config"]
+            config = client.get_model_config(protocol.MODEL, as_json=True, client_timeout=30)["config"]
         except exc as e:
-            raise P.ServerError(f"cannot reach the Triton server at {url}: {e.message()}") from None
+            raise protocol.ServerError(f"cannot reach the Triton server at {url}: {e.message()}") from None
         self.url, self.client = url, client
         return config
 
@@ -147,7 +149,7 @@ class RemoteSession:
         self._kept = []  # the last answered request: the state store may not hold it yet
         try:
             info, _ = self._call({"op": "open", "options": options}, start=True)
-        except P.SessionLimitError:
+        except protocol.SessionLimitError:
             self.close()  # hand Triton's sequence slot back now rather than at the idle timeout
             raise
         self.backend = info["backend"]
@@ -171,17 +173,14 @@ class RemoteSession:
 
     def add_prompt(self, obj_id, *, frame=None, points=(), neg_points=(), box=None, mask=None, text=None):
         obj_id = check_object_id(obj_id)
-        frame = self._frame + 1 if frame is None else frame
-        if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)) or frame < 0:
-            raise InputError(f"frame must be an integer >= 0, got {frame!r}")
-        if frame < self._frame:
+        frame = check_frame(self._frame + 1 if frame is None else frame, self._frame)
+        if frame < self._frame:  # inline in Session.add_prompt: the same words
             raise InputError(f"frame {frame} has passed (the session is at frame {self._frame}); "
                              f"a stream cannot go back")
-        if text is not None and text not in self.model.text_embeddings:
-            known = ", ".join(repr(t) for t in self.model.text_embeddings) or "none"
-            raise InputError(f"prompt {text!r} is not in the bundle (it has {known}); "
-                             f"export again with --prompts to add it")
-        op = P.prompt_op(obj_id, frame, points=points, neg_points=neg_points, box=box, mask=mask, text=text)
+        spec = PromptSpec.checked(points=points, neg_points=neg_points, box=box, mask=mask, text=text)
+        check_spec(spec, obj_id, frame, self._size(), self.S, self.model.text_embeddings)
+        op = protocol.prompt_op(obj_id, frame, points=spec.points, neg_points=spec.neg_points, box=spec.box,
+                                mask=spec.mask, text=spec.text)
         if frame > self._frame:
             self._ops.append(op)
             return None
@@ -191,17 +190,15 @@ class RemoteSession:
 
     def remove(self, obj_id, frame=None) -> None:
         obj_id = check_object_id(obj_id)
-        frame = self._frame + 1 if frame is None else int(frame)
-        if frame <= self._frame:
+        frame = check_frame(self._frame + 1 if frame is None else frame, self._frame)
+        if frame <= self._frame:  # inline in Session.remove: the same words
             raise InputError(f"frame {frame} has passed (the session is at frame {self._frame})")
         self._ops.append({"op": "remove", "obj": obj_id, "frame": frame})
 
     def push(self, rgb, timestamp=None):
         t0 = time.perf_counter()
-        rgb = np.asarray(rgb)
-        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-            raise InputError(f"frames must be uint8 H x W x 3 RGB, got {rgb.dtype} {rgb.shape}")
-        C.frame_shape(list(rgb.shape[:2]))  # the server's size limit, said before a large frame is sent
+        rgb = _frame_array(rgb)
+        commands.frame_shape(list(rgb.shape[:2]))  # the server's size limit, said before a large frame is sent
         ops, self._ops = self._ops, []
         cmd = {"op": "push", "ops": ops, "timestamp": None if timestamp is None else float(timestamp),
                "shape": list(rgb.shape[:2])}
@@ -219,9 +216,17 @@ class RemoteSession:
         except FastSam2Error:  # the server is gone, or never held the stream: nothing to free
             pass
 
+    def _size(self):
+        """(w, h) of the stream's frames as the server's session knows it: the frames pushed,
+        else the frame size the stream was opened with, else None."""
+        if self._shape is not None:
+            return int(self._shape[1]), int(self._shape[0])
+        size = self._options.get("frame_size")
+        return None if size is None else tuple(size)
+
     # -- transport ----------------------------------------------------------------------------
     def _call(self, cmd: dict, *, frame=None, start=False, end=False, timeout=None, what="the stream"):
-        frame = P.PLACEHOLDER if frame is None else frame
+        frame = protocol.PLACEHOLDER if frame is None else frame
         if start or end:
             cmd = cmd if start else {**cmd, "token": getattr(self, "_token", "")}
             return self._send(cmd, frame, start=start, end=end, timeout=timeout, what=what)
@@ -229,7 +234,7 @@ class RemoteSession:
         cmd = {**cmd, "token": self._token, "seq": seq}
         try:
             out = self._send(cmd, frame, timeout=timeout, what=what)
-        except P.ServerError as e:
+        except protocol.ServerError as e:
             if not (getattr(e, "lost", False) and self.model.info.get("state_store")):
                 raise
             self._failover(e, what)
@@ -239,21 +244,21 @@ class RemoteSession:
 
     def _send(self, cmd: dict, frame, *, start=False, end=False, timeout=None, what="the stream"):
         grpcclient, exc = _grpc()
-        fin = grpcclient.InferInput(P.FRAME, list(frame.shape), "UINT8")
+        fin = grpcclient.InferInput(protocol.FRAME, list(frame.shape), "UINT8")
         fin.set_data_from_numpy(frame)
-        cin = grpcclient.InferInput(P.COMMANDS, [1], "BYTES")
-        cin.set_data_from_numpy(P.dumps(cmd))
-        outs = [grpcclient.InferRequestedOutput(P.LOGITS), grpcclient.InferRequestedOutput(P.RESULT)]
+        cin = grpcclient.InferInput(protocol.COMMANDS, [1], "BYTES")
+        cin.set_data_from_numpy(protocol.dumps(cmd))
+        outs = [grpcclient.InferRequestedOutput(protocol.LOGITS), grpcclient.InferRequestedOutput(protocol.RESULT)]
         try:
-            r = self.model.client.infer(P.MODEL, [fin, cin], outputs=outs, sequence_id=self.sequence_id,
+            r = self.model.client.infer(protocol.MODEL, [fin, cin], outputs=outs, sequence_id=self.sequence_id,
                                         sequence_start=start, sequence_end=end,
-                                        headers={P.STREAM_HEADER: str(self.sequence_id)},
+                                        headers={protocol.STREAM_HEADER: str(self.sequence_id)},
                                         client_timeout=timeout or self.model.timeout)
         except exc as e:
             raise self._error(e, what) from None
-        return P.loads(r.as_numpy(P.RESULT)), r.as_numpy(P.LOGITS)
+        return protocol.loads(r.as_numpy(protocol.RESULT)), r.as_numpy(protocol.LOGITS)
 
-    def _failover(self, lost: P.ServerError, what: str) -> None:
+    def _failover(self, lost: protocol.ServerError, what: str) -> None:
         """The server went away mid-stream: continue the stream on the next address (or the same
         balancer address), restored there from the shared state store, and send again what the
         store may not hold yet. The results are those of the uninterrupted stream."""
@@ -267,34 +272,34 @@ class RemoteSession:
                     self.model.connect(url)
                     self.url = url
                     info, _ = self._send({"op": "open", "options": self._options, "resume": {"token": self._token}},
-                                         P.PLACEHOLDER, start=True, what=f"{what} (resuming the stream)")
+                                         protocol.PLACEHOLDER, start=True, what=f"{what} (resuming the stream)")
                     resumed, self.node = int(info["resumed"]), info.get("node")
                     if resumed < self._seq - 1:
-                        raise P.ServerError(f"the state store holds request {resumed} of this stream, "
+                        raise protocol.ServerError(f"the state store holds request {resumed} of this stream, "
                                             f"{self._seq - resumed} behind what was sent")
                     for seq, cmd, frame, w in self._kept:  # what the restored state lacks
                         if seq > resumed:
                             self._send(cmd, frame, what=f"{w} (sent again)")
                     return
-                except P.ServerError as e:
+                except protocol.ServerError as e:
                     last = e
             time.sleep(FAILOVER_WAIT_S)
-        raise P.ServerError(f"lost the Triton server on {what} and no server of {', '.join(urls)} could "
+        raise protocol.ServerError(f"lost the Triton server on {what} and no server of {', '.join(urls)} could "
                             f"continue the stream: {last}")
 
     def _error(self, e, what: str):
         status, message = str(e.status() or ""), e.message() or str(e)
         if any(s in status for s in _LOST):
-            err = P.ServerError(f"lost the Triton server at {self.url} on {what}: {message}")
+            err = protocol.ServerError(f"lost the Triton server at {self.url} on {what}: {message}")
             err.lost = True
             return err
         if "must specify the START flag" in message:
             # a restarted server, or (behind a balancer) another node than the one that held it
-            err = P.ServerError(f"the server at {self.url} no longer holds this stream (idle longer than "
+            err = protocol.ServerError(f"the server at {self.url} no longer holds this stream (idle longer than "
                                 f"its idle timeout, or restarted): {message}")
             err.lost = True
             return err
-        return P.decode_error(message)
+        return protocol.decode_error(message)
 
     def _result(self, info: dict, logits: np.ndarray, t0: float):
         steps = {o["id"]: SimpleNamespace(low_res_logits=logits[i], object_score=o["object_score"],

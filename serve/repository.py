@@ -14,8 +14,10 @@ Layout "in-process" (the default): the tracker runs the graphs itself with the r
 backends, which is all a server with only the python backend can do (nvidia-pytriton's wheel).
 Layout "graphs": for servers with the onnxruntime / tensorrt backends (NVIDIA's container, Jetson):
 Triton runs each graph, so several tracker instances share one copy of each graph and Triton
-schedules them together. Cross-stream batching of a graph needs a batch axis in it: the
-contract's graphs have batch 1 today, so each graph gets max_batch_size 0 (see docs/serving.md).
+schedules them together. Each graph gets max_batch_size 0 (no batching across streams): its
+dynamic axes, the objects of one stream's call (B) included, are -1 dims (see docs/serving.md).
+
+Each config.pbtxt is a tritonclient ModelConfig message written in protobuf's text format.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from fastsam2.runtime.backends import BACKENDS
 from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, geometry
 from fastsam2.runtime.errors import BundleError, InputError, OutputError
 
-from . import protocol as P
+from . import protocol
 
 LAYOUTS = ("in-process", "graphs")
 SERVE_BACKENDS = BACKENDS  # the runtime's, as every command lists them (openvino: --layout in-process)
@@ -41,16 +43,16 @@ The code lives in the installed fastsam2 package: the server's Python needs `fas
 from fastsam2.serve.tracker_model import TritonPythonModel  # noqa: F401
 '''
 _TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
+TRACKER_HEADER = "# fastsam2 tracker: one streaming session per Triton sequence (docs/serving.md)\n"
 
 
-def pb_string(text: str) -> str:
-    """A protobuf text-format string literal."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+def _model_config():
+    """Triton's ModelConfig message and the text format it is written in (tritonclient's
+    protobuf; imported here, as tritonclient.grpc takes ~170 ms to import)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
 
-
-def _parameters(params: dict) -> str:
-    return "\n".join(f"parameters {{ key: {pb_string(k)} value {{ string_value: {pb_string(str(v))} }} }}"
-                     for k, v in params.items())
+    return model_config_pb2, text_format
 
 
 def client_info(bundle, backend: str, layout: str, max_sessions, idle_timeout: float) -> dict:
@@ -75,67 +77,60 @@ def triton_idle_us(idle_timeout: float) -> int:
 
 
 def tracker_config(*, instances: int, max_sessions, idle_timeout: float, params: dict) -> str:
+    mc, text_format = _model_config()
+    c = mc.ModelConfig(name=protocol.MODEL, backend="python", max_batch_size=0)
+    c.input.add(name=protocol.FRAME, data_type=mc.TYPE_UINT8, dims=[-1])
+    c.input.add(name=protocol.COMMANDS, data_type=mc.TYPE_STRING, dims=[1])
+    c.output.add(name=protocol.LOGITS, data_type=mc.TYPE_FP32, dims=[-1, -1, -1])
+    c.output.add(name=protocol.RESULT, data_type=mc.TYPE_STRING, dims=[1])
+    # a sequence = a stream; "oldest" keeps each sequence on one instance and sends no null
+    # requests. Triton counts a sequence idle from its last request's arrival, time queued
+    # behind other streams' frames included, so its timeout is only a backstop: the tracker
+    # frees an idle session on its own clock (busy time not counted) and then ENDs the sequence
+    sb = c.sequence_batching
+    sb.max_sequence_idle_microseconds = triton_idle_us(idle_timeout)
     # refused sequences keep a candidate slot until their END (or idle timeout): room for them,
     # so a sequence over the limit is refused by the model instead of waiting in Triton's backlog
     limit = max_sessions or DEFAULT_MAX_SESSIONS
-    candidates = limit + max(4, limit)
-    # Triton counts a sequence idle from its last request's arrival, time queued behind other
-    # streams' frames included, so its timeout is only a backstop: the tracker frees an idle
-    # session on its own clock (busy time not counted) and then ENDs the sequence itself
-    idle_us = triton_idle_us(idle_timeout)
-    return f"""# fastsam2 tracker: one streaming session per Triton sequence (docs/serving.md)
-name: "{P.MODEL}"
-backend: "python"
-max_batch_size: 0
-input [
-  {{ name: "{P.FRAME}" data_type: TYPE_UINT8 dims: [ -1 ] }},
-  {{ name: "{P.COMMANDS}" data_type: TYPE_STRING dims: [ 1 ] }}
-]
-output [
-  {{ name: "{P.LOGITS}" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }},
-  {{ name: "{P.RESULT}" data_type: TYPE_STRING dims: [ 1 ] }}
-]
-# a sequence = a stream; "oldest" keeps each sequence on one instance and sends no null
-# requests; the idle timeout frees the slot (the model frees the session itself, same timeout)
-sequence_batching {{
-  max_sequence_idle_microseconds: {idle_us}
-  oldest {{ max_candidate_sequences: {candidates} max_queue_delay_microseconds: 0 }}
-  control_input [
-    {{ name: "{P.START}" control [ {{ kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] }} ] }},
-    {{ name: "{P.END}" control [ {{ kind: CONTROL_SEQUENCE_END int32_false_true: [ 0, 1 ] }} ] }},
-    {{ name: "{P.CORRID}" control [ {{ kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 }} ] }}
-  ]
-}}
-instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
-{_parameters(params)}
-"""
+    sb.oldest.SetInParent()
+    sb.oldest.max_candidate_sequences = limit + max(4, limit)
+    sb.oldest.max_queue_delay_microseconds = 0
+    control = mc.ModelSequenceBatching.Control
+    sb.control_input.add(name=protocol.START).control.add(kind=control.CONTROL_SEQUENCE_START,
+                                                          int32_false_true=[0, 1])
+    sb.control_input.add(name=protocol.END).control.add(kind=control.CONTROL_SEQUENCE_END,
+                                                        int32_false_true=[0, 1])
+    sb.control_input.add(name=protocol.CORRID).control.add(kind=control.CONTROL_SEQUENCE_CORRID,
+                                                           data_type=mc.TYPE_UINT64)
+    c.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    for k, v in params.items():
+        c.parameters[k].string_value = str(v)
+    return TRACKER_HEADER + text_format.MessageToString(c)
 
 
-def _dims(spec, dims: dict, dynamic: tuple) -> str:
-    out = [-1 if isinstance(d, str) and d in dynamic else int(dims[d] if isinstance(d, str) else d)
-           for d in spec.shape]
-    return ", ".join(str(d) for d in out)
+def graph_dims(spec, dims: dict, dynamic) -> list:
+    """A tensor's Triton dims: -1 for every symbol the graph has dynamic (N, M, P, B: a stream's
+    objects...), the geometry's value for the fixed ones."""
+    return [-1 if isinstance(d, str) and d in dynamic else int(dims[d] if isinstance(d, str) else d)
+            for d in spec.shape]
 
 
-def graph_config(graph: str, platform: str, kind: str, count: int, dims: dict, accelerator: str = "") -> str:
-    """A graph as a model of its own. Batch axis fixed at 1 in the contract -> max_batch_size 0."""
-    g = GRAPHS[graph]
-    batchable = g.inputs[0].shape[0] == "B" and "B" in g.dynamic  # a batch axis "B" in the contract
-    ios = []
-    for word, tensors in (("input", g.inputs), ("output", g.outputs)):
-        rows = ",\n".join(f'  {{ name: "{t.name}" data_type: {_TYPES[t.dtype]} dims: [ {_dims(t, dims, g.dynamic)} ] }}'
-                          for t in tensors)
-        ios.append(f"{word} [\n{rows}\n]")
-    batching = ("max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 2000 }" if batchable
-                else "max_batch_size: 0  # the graph's batch axis is fixed at 1 (runtime/contract.py)")
-    return f"""# fastsam2 graph {graph}: called by {P.MODEL} through BLS (docs/serving.md)
-name: "{graph}"
-platform: "{platform}"
-{batching}
-{ios[0]}
-{ios[1]}
-instance_group [ {{ count: {count} kind: {kind} }} ]
-{accelerator}"""
+def graph_config(spec, platform: str, kind: str, count: int, dims: dict, accelerator: str = "") -> str:
+    """Graph `spec` (a contract GraphSpec) as a model of its own. max_batch_size 0: Triton does
+    not batch requests of different streams together; each dynamic axis, the objects axis B
+    included, is a -1 dim the tracker fills per call. accelerator: "tensorrt" for ONNX Runtime's
+    TensorRT execution provider."""
+    mc, text_format = _model_config()
+    c = mc.ModelConfig(name=spec.name, platform=platform, max_batch_size=0)
+    for field, tensors in ((c.input, spec.inputs), (c.output, spec.outputs)):
+        for t in tensors:
+            field.add(name=t.name, data_type=mc.DataType.Value(_TYPES[t.dtype]),
+                      dims=graph_dims(t, dims, spec.dynamic))
+    c.instance_group.add(count=count, kind=mc.ModelInstanceGroup.Kind.Value(kind))
+    if accelerator:
+        c.optimization.execution_accelerators.gpu_execution_accelerator.add(name=accelerator)
+    return (f"# fastsam2 graph {spec.name}: called by {protocol.MODEL} through BLS (docs/serving.md)\n"
+            + text_format.MessageToString(c))
 
 
 def _graph_models(bundle, backend: str, count: int) -> dict:
@@ -152,9 +147,8 @@ def _graph_models(bundle, backend: str, count: int) -> dict:
         else:
             src, name, platform = bundle.graph_path(g, ort_variant=True), "model.onnx", "onnxruntime_onnx"
             kind = "KIND_CPU" if backend == "ort-cpu" else "KIND_GPU"
-            accel = ('optimization { execution_accelerators { gpu_execution_accelerator : '
-                     '[ { name : "tensorrt" } ] } }\n' if backend == "ort-trt" else "")
-        out[g] = (graph_config(g, platform, kind, count, dims, accel), src, name)
+            accel = "tensorrt" if backend == "ort-trt" else ""
+        out[g] = (graph_config(GRAPHS[g], platform, kind, count, dims, accel), src, name)
     return out
 
 
@@ -213,7 +207,7 @@ def write_repository(bundle_dir, repo, *, instances: int = 1, backend: str = "au
     check_idle_timeout(idle_timeout)
     bundle = load_bundle(bundle_dir)
     repo = Path(repo)
-    ours = {P.MODEL, *GRAPH_ORDER}
+    ours = {protocol.MODEL, *GRAPH_ORDER}
     if repo.is_dir():
         other = sorted(p.name for p in repo.iterdir() if p.name not in ours)
         if other:
@@ -227,7 +221,7 @@ def write_repository(bundle_dir, repo, *, instances: int = 1, backend: str = "au
               # the store's URL (it may hold a password) reaches the model through the server's
               # environment (FASTSAM2_STATE_STORE), not through the model config clients can read
               "state_store": "env" if state_store else "", "node": node,
-              "graphs": "bls" if layout == "graphs" else "in_process", P.INFO_PARAMETER: json.dumps(info)}
+              "graphs": "bls" if layout == "graphs" else "in_process", protocol.INFO_PARAMETER: json.dumps(info)}
     try:
         if layout == "graphs":
             graphs = _graph_models(bundle, backend, instances)
@@ -239,7 +233,7 @@ def write_repository(bundle_dir, repo, *, instances: int = 1, backend: str = "au
         else:
             for g in GRAPH_ORDER:  # a repository written earlier with layout "graphs"
                 shutil.rmtree(repo / g, ignore_errors=True)
-        tracker = repo / P.MODEL
+        tracker = repo / protocol.MODEL
         (tracker / "1").mkdir(parents=True, exist_ok=True)
         (tracker / "config.pbtxt").write_text(tracker_config(instances=instances, max_sessions=max_sessions,
                                                              idle_timeout=idle_timeout, params=params))
@@ -252,7 +246,5 @@ def write_repository(bundle_dir, repo, *, instances: int = 1, backend: str = "au
 
 def parse_config(path):
     """A config.pbtxt parsed with Triton's own ModelConfig schema (tritonclient's protobuf)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+    mc, text_format = _model_config()
+    return text_format.Parse(Path(path).read_text(), mc.ModelConfig())

@@ -33,6 +33,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 from .protocol import MODEL, ServerError
 
 ADMIN_HEADER = "fastsam2-admin"
@@ -156,23 +158,21 @@ def _die_with_parent() -> None:
 
 
 def _group_members(pgid: int) -> list:
-    """Live (not zombie) processes of process group `pgid`, from /proc."""
+    """Live (not zombie) processes of process group `pgid`."""
     pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for proc in psutil.process_iter():
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
-        except (OSError, IndexError):
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                pids.append(proc.pid)
+        except (psutil.Error, OSError):  # it exited while we looked
             continue
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.append(int(stat.parent.name))
     return pids
 
 
 def _alive(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
 
 

@@ -11,7 +11,7 @@ Triton a timeout far above ours as a backstop, and a session freed here is hande
 token its opener got: later requests must carry it, and a START on a live id is refused.
 
 The limit is per server, while each model instance is its own process: the instances count
-sessions in one folder (a file per live session, created under an flock), so N instances never
+sessions in one folder (a file per live session, created under a file lock), so N instances never
 hold more than --max-sessions together.
 
 Plain Python (no Triton import): the unit tests drive it directly.
@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import hmac
 import os
 import secrets
 import threading
 import time
 from pathlib import Path
+
+from filelock import FileLock
 
 from fastsam2.runtime.errors import InputError
 
@@ -50,25 +51,19 @@ class Slots:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.instance = instance
         self.limit = limit
+        # one lock for every instance's process (an flock: each waits for the one counting)
+        self._lock = FileLock(self.folder / ".lock", mode=0o600)
         # a restarted instance (Triton restarts a crashed stub) starts with none of its own
         for f in self.folder.glob(f"{instance}.*"):
             f.unlink(missing_ok=True)
 
-    def _lock(self):
-        fd = os.open(self.folder / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
-
     def acquire(self, corrid) -> None:
-        fd = self._lock()
-        try:
+        with self._lock:
             live = [f for f in os.listdir(self.folder) if not f.startswith(".")]
             if self.limit is not None and len(live) >= self.limit:
                 raise SessionLimitError(f"the server holds {len(live)} sessions, its --max-sessions "
                                         f"limit; try again when a stream ends")
             (self.folder / f"{self.instance}.{corrid}").touch()
-        finally:
-            os.close(fd)
 
     def release(self, corrid) -> None:
         (self.folder / f"{self.instance}.{corrid}").unlink(missing_ok=True)

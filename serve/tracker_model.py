@@ -43,8 +43,8 @@ except ImportError:  # pragma: no cover - imported for documentation / tests out
 from fastsam2.runtime import host
 from fastsam2.runtime.errors import FastSam2Error, InputError
 
-from . import commands as C
-from . import protocol as P
+from . import commands
+from . import protocol
 from .sessions import SessionTable, Slots
 from .stream_state import stream_name
 
@@ -89,7 +89,7 @@ class BlsGraph:
         resp = pb_utils.InferenceRequest(model_name=self.model, inputs=inputs,
                                          requested_output_names=self.outputs).exec()
         if resp.has_error():
-            raise P.ServerError(f"graph model {self.model!r} failed: {resp.error().message()}")
+            raise protocol.ServerError(f"graph model {self.model!r} failed: {resp.error().message()}")
         return {n: pb_utils.get_output_tensor_by_name(resp, n).as_numpy() for n in self.outputs}
 
 
@@ -167,9 +167,9 @@ class TritonPythonModel:
     def _release(self, corrid) -> None:
         try:
             req = pb_utils.InferenceRequest(
-                model_name=P.MODEL, correlation_id=int(corrid), requested_output_names=[P.RESULT],
-                inputs=[pb_utils.Tensor(P.FRAME, P.PLACEHOLDER),
-                        pb_utils.Tensor(P.COMMANDS, P.dumps({"op": "close", "token": self._release_key}))])
+                model_name=protocol.MODEL, correlation_id=int(corrid), requested_output_names=[protocol.RESULT],
+                inputs=[pb_utils.Tensor(protocol.FRAME, protocol.PLACEHOLDER),
+                        pb_utils.Tensor(protocol.COMMANDS, protocol.dumps({"op": "close", "token": self._release_key}))])
             req.set_flags(pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END)
             req.exec()
         except Exception as e:  # the slot then waits for Triton's idle timeout, as before
@@ -186,7 +186,7 @@ class TritonPythonModel:
         try:
             return self._handle(request)
         except FastSam2Error as e:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(P.error_message(e)))
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(protocol.error_message(e)))
         except Exception as e:  # a bug: keep the traceback in the server's log
             self._log(traceback.format_exc(), error=True)
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(
@@ -197,10 +197,10 @@ class TritonPythonModel:
         return int(t.as_numpy().reshape(-1)[0]) if t is not None else 0
 
     def _handle(self, request):
-        corrid = self._control(request, P.CORRID) or request.correlation_id()
-        start, end = self._control(request, P.START), self._control(request, P.END)
+        corrid = self._control(request, protocol.CORRID) or request.correlation_id()
+        start, end = self._control(request, protocol.START), self._control(request, protocol.END)
         try:
-            cmd = C.parse(pb_utils.get_input_tensor_by_name(request, P.COMMANDS).as_numpy().reshape(-1)[0])
+            cmd = commands.parse(pb_utils.get_input_tensor_by_name(request, protocol.COMMANDS).as_numpy().reshape(-1)[0])
             op, token = cmd.get("op", "push"), cmd.get("token")
             if op == "close" and token == self._release_key:
                 return self._reply(None, {"closed": False})  # our own END: Triton frees the slot
@@ -254,13 +254,13 @@ class TritonPythonModel:
     def _resume(self, corrid, token: str) -> tuple:
         """A stream another node held, restored from the state store with its token."""
         if self.state is None:
-            raise P.ServerError("this server has no state store (fastsam2-serve --state-store): it cannot "
+            raise protocol.ServerError("this server has no state store (fastsam2-serve --state-store): it cannot "
                                 "continue a stream another server held")
         graphs = (self.backend, self.graphs)
         found = self.state.restored(stream_name(corrid, token), lambda blobs: served_session_class().restore(
             self.bundle, blobs, graphs=graphs))
         if found is None:
-            raise P.ServerError(f"the state store holds no state for stream {corrid} (it ended, expired "
+            raise protocol.ServerError(f"the state store holds no state for stream {corrid} (it ended, expired "
                                 f"after the idle timeout, or was never saved)")
         session, seq = found
         self.table.adopt(corrid, session, token)
@@ -269,7 +269,7 @@ class TritonPythonModel:
     def _frame(self, request, shape: tuple) -> np.ndarray:
         """FRAME is flat (the config's dims [-1], so Triton checks its byte size against its
         one dimension before the model process sees it); its shape travels in the command."""
-        flat = pb_utils.get_input_tensor_by_name(request, P.FRAME).as_numpy()
+        flat = pb_utils.get_input_tensor_by_name(request, protocol.FRAME).as_numpy()
         h, w = shape
         if flat.size != h * w * 3:
             raise InputError(f"FRAME holds {flat.size} bytes; a {w}x{h} RGB frame is {h * w * 3}")
@@ -280,14 +280,14 @@ class TritonPythonModel:
             if o.get("op") == "remove":
                 session.remove(o["obj"], o.get("frame"))
             elif o.get("op") == "prompt":
-                session.add_prompt(o["obj"], **P.prompt_kwargs(o))
+                session.add_prompt(o["obj"], **protocol.prompt_kwargs(o))
             else:
                 raise InputError(f"unknown prompt op {o.get('op')!r}")
 
     def _push(self, session, cmd: dict, frame: np.ndarray):
         new = {o["obj"] for o in cmd["ops"] if o["op"] == "prompt"}
-        if len(session.scheduled_objects() | new) > C.MAX_OBJECTS:
-            raise InputError(f"a stream tracks at most {C.MAX_OBJECTS} objects on this server (the "
+        if len(session.scheduled_objects() | new) > commands.MAX_OBJECTS:
+            raise InputError(f"a stream tracks at most {commands.MAX_OBJECTS} objects on this server (the "
                              f"request would make {len(session.scheduled_objects() | new)})")
         self._apply(session, cmd.get("ops", ()))
         logged = len(session.prompt_log)
@@ -296,20 +296,20 @@ class TritonPythonModel:
 
     def _correct(self, session, cmd: dict):
         logged, res = len(session.prompt_log), None
-        if len(session.scheduled_objects() | {o["obj"] for o in cmd["ops"]}) > C.MAX_OBJECTS:
-            raise InputError(f"a stream tracks at most {C.MAX_OBJECTS} objects on this server")
+        if len(session.scheduled_objects() | {o["obj"] for o in cmd["ops"]}) > commands.MAX_OBJECTS:
+            raise InputError(f"a stream tracks at most {commands.MAX_OBJECTS} objects on this server")
         for o in cmd["ops"]:
-            res = session.add_prompt(o["obj"], **{**P.prompt_kwargs(o), "frame": session.frame})
+            res = session.add_prompt(o["obj"], **{**protocol.prompt_kwargs(o), "frame": session.frame})
         return self._result(session, res, logged)
 
     def _result(self, session, res, logged: int):
-        logits, info = P.encode_result(res, session.prompt_log[logged:], session.memory_bytes())
+        logits, info = protocol.encode_result(res, session.prompt_log[logged:], session.memory_bytes())
         return self._reply(logits, info)
 
     def _reply(self, logits, info: dict):
         logits = np.zeros((0, 1, 1), np.float32) if logits is None else logits
-        return pb_utils.InferenceResponse([pb_utils.Tensor(P.LOGITS, logits),
-                                           pb_utils.Tensor(P.RESULT, P.dumps(info))])
+        return pb_utils.InferenceResponse([pb_utils.Tensor(protocol.LOGITS, logits),
+                                           pb_utils.Tensor(protocol.RESULT, protocol.dumps(info))])
 
     # -- metrics and log ----------------------------------------------------------------------
     def _metrics(self):

@@ -14,9 +14,9 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from fastsam2.runtime.outputs import read_palette_png
@@ -59,13 +59,12 @@ class ServeProcess:
         raise AssertionError("fastsam2-serve did not start:\n" + "\n".join(self.lines[-20:]))
 
     def tritonserver_pid(self) -> int:
-        for stat in Path("/proc").glob("[0-9]*/stat"):
+        for child in psutil.Process(self.proc.pid).children():
             try:
-                fields = stat.read_text().split(") ")
-            except OSError:
+                if child.name() == "tritonserver":
+                    return child.pid
+            except psutil.Error:
                 continue
-            if fields[0].endswith("(tritonserver") and int(fields[1].split()[1]) == self.proc.pid:
-                return int(stat.parent.name)
         raise AssertionError("no tritonserver child")
 
     def stop(self):
@@ -108,24 +107,22 @@ def abandoned_stream_is_freed(serve, video):
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    try:  # a zombie waiting for its parent's wait() is gone for our purpose
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    # a zombie waiting for its parent's wait() is gone for our purpose
-    return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
 
 
 def _stub_pids(path) -> list:
     """The live python-backend stubs serving the repository at `path`."""
     found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for proc in psutil.process_iter():
         try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            text = " ".join(proc.cmdline())
+        except psutil.Error:
             continue
         if str(path) in text and "triton_python_backend_stub" in text:
-            found.append(int(cmdline.parent.name))
+            found.append(proc.pid)
     return sorted(found)
 
 
