@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     bundle = load_bundle(bdir)
     rows, skipped = configs(bundle, args, prefixes, log)
     runs = make_runs(args, bundle, rows, keeps, counts, points, videos, prefixes, skipped, log)
-    frame_ms, stages, masks, load = lockstep(runs, videos, log)
+    (frame_ms, stages, masks), load = lockstep(runs, videos, skipped, log)
     table = make_table(runs, rows, frame_ms, stages, masks)
     m = bundle.manifest
     several = len(counts) > 1
@@ -182,8 +182,10 @@ def make_runs(args, bundle, rows, keeps, counts, points, videos, prefixes, skipp
     return runs
 
 
-def lockstep(runs: dict, videos: dict, log) -> tuple:
-    """Frame i of every run, in an order that rotates every frame (no config always first)."""
+def lockstep(runs: dict, videos: dict, skipped: dict, log) -> tuple:
+    """Frame i of every run, in an order that rotates every frame (no config always first). A
+    fastsam2 run that raises leaves the loop (and `runs`) with its error in `skipped`: one
+    broken configuration must not cost the others' hour of measuring."""
     from contextlib import ExitStack
 
     from fastsam2.runtime.video import open_frames
@@ -197,15 +199,27 @@ def lockstep(runs: dict, videos: dict, log) -> tuple:
             rgb = {c: f[1] for c, f in zip(sources, frames)}
             i = frames[0][0]
             for n in names[i % len(names):] + names[:i % len(names)]:
+                if n not in runs:
+                    continue
                 spec, tracker = runs[n]
                 t0 = time.perf_counter()
-                m, st = tracker.step(i, rgb[spec["objects"]])
+                try:
+                    m, st = tracker.step(i, rgb[spec["objects"]])
+                except Exception as e:  # noqa: BLE001  (a fastsam2 row's failure is a result)
+                    if spec["backend"] == "official":
+                        raise
+                    skipped[n] = f"failed at frame {i}: {type(e).__name__}: " + " ".join(str(e).split())[:300]
+                    log(f"{n}: {skipped[n]}")
+                    del runs[n]
+                    continue
                 frame_ms[n].append(round((time.perf_counter() - t0) * 1e3, 1))
                 stages[n].append({k: round(v, 1) for k, v in st.items()})
                 masks[n].append(m)
             load.append(round(os.getloadavg()[0], 2))
-            log(f"frame {i}: " + ", ".join(f"{n} {frame_ms[n][-1]:.0f}" for n in names) + f" ms; load {load[-1]}")
-    return frame_ms, stages, masks, load
+            log(f"frame {i}: " + ", ".join(f"{n} {frame_ms[n][-1]:.0f}" for n in names if n in runs)
+                + f" ms; load {load[-1]}")
+    keep = set(runs)
+    return tuple({n: v for n, v in d.items() if n in keep} for d in (frame_ms, stages, masks)), load
 
 
 def make_table(runs, rows, frame_ms, stages, masks) -> list:

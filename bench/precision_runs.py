@@ -56,7 +56,8 @@ class Ours:
     def __init__(self, bundle, sessions, keep, points: dict, num_frames, batched: bool = False):
         from fastsam2.runtime.session import Session
 
-        extra = {"batch_objects": True} if batched else {}
+        # per-object rows say so where the choice exists: its default may differ by backend
+        extra = {"batch_objects": batched} if batch_objects_supported() else {}
         self.s = Session.open(bundle, keep=keep, graphs=("bench", sessions), num_frames=num_frames, **extra)
         for o, xy in points.items():
             self.s.add_prompt(o, points=[tuple(xy)])

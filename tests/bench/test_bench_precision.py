@@ -131,3 +131,44 @@ def test_each_row_is_compared_with_the_official_predictor_of_its_own_count():
     assert b["iou_vs_per_object"] == {"mean": 0.75, "min": 0.75}
     assert table["official:obj2"]["objects"] == 2 and table["official:obj2"]["keep"] is None
     assert "iou_vs_per_object" not in table["ort-cpu:fp32:keep1:obj2"]
+
+
+class Steps:
+    """A tracker stand-in: masks of its object count; raises at frame `fail_at`."""
+
+    def __init__(self, objects, fail_at=None):
+        self.objects, self.fail_at = objects, fail_at
+
+    def step(self, i, rgb):
+        if i == self.fail_at:
+            raise RuntimeError("Exception from src/plugins:\n  shape {1, 256} is incompatible with {2, 256}")
+        assert rgb.shape == (self.objects,)  # each run gets the frame of its own video
+        return np.ones((self.objects, 2, 2), bool), {"image_encoder": 1.0}
+
+
+@pytest.fixture
+def fake_frames(monkeypatch):
+    import contextlib
+
+    import fastsam2.runtime.video as video
+
+    @contextlib.contextmanager
+    def open_frames(path):
+        yield ((i, np.zeros(int(path[1:]))) for i in range(4))  # "v2": frames of shape (2,)
+
+    monkeypatch.setattr(video, "open_frames", open_frames)
+    return {n: SimpleNamespace(frames_dir_or_file=f"v{n}") for n in (1, 2)}
+
+
+def test_a_row_that_fails_leaves_the_loop_with_its_error(fake_frames):
+    spec = lambda b, n: {"backend": b, "objects": n}  # noqa: E731
+    runs = {"official:obj1": (spec("official", 1), Steps(1)), "official:obj2": (spec("official", 2), Steps(2)),
+            "a:obj2": (spec("ort-cpu", 2), Steps(2)), "b:obj2:batched": (spec("openvino", 2), Steps(2, fail_at=2))}
+    skipped = {}
+    (frame_ms, stages, masks), load = precision.lockstep(runs, fake_frames, skipped, lambda m: None)
+    assert sorted(runs) == sorted(frame_ms) == ["a:obj2", "official:obj1", "official:obj2"]
+    assert len(masks["a:obj2"]) == 4 and len(load) == 4
+    assert skipped["b:obj2:batched"].startswith("failed at frame 2: RuntimeError: Exception from src/plugins: shape")
+    runs = {"official:obj1": (spec("official", 1), Steps(1, fail_at=1))}
+    with pytest.raises(RuntimeError):  # the reference itself failing is a broken run, not a row
+        precision.lockstep(runs, fake_frames, {}, lambda m: None)
