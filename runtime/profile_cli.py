@@ -8,20 +8,12 @@ import click
 
 from fastsam2.runtime.backends import BACKENDS
 from fastsam2.runtime.cli_edge import Terminated, cli_errors, command_class
-from fastsam2.runtime.errors import InputError
 from fastsam2.runtime.outputs import RunFolder
 from fastsam2.runtime.profiling import CPU_COUNTS, GPU_COUNTS
 
 # what a report folder holds (profile_report.write_report): replaced as a unit with --force
 REPORT_OUTPUTS = {"report.json": None, "report.md": None, "latency.png": None}
 INTERRUPTED = "the keeps finished so far are in report.json and report.md (status interrupted)"
-
-
-def _keeps(text: str) -> tuple:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise InputError(f"--keep must be comma-separated numbers in (0, 1], got {text!r}") from None
 
 
 class _Bars:
@@ -78,7 +70,7 @@ def main(bundle, backend, keep, memory_frames, warmup, iters, threads, out, forc
     log = (lambda m: None) if quiet else echo_err
     with cli_errors(echo_err, INTERRUPTED):
         # a bad bundle or setting fails before the report folder is touched
-        plan = plan_profile(bundle, backend, _keeps(keep), memory_frames, warmup, iters, threads)
+        plan = plan_profile(bundle, backend, keep, memory_frames, warmup, iters, threads)
         # the folder holds one report: locked while profiling; an earlier report refused without
         # --force, replaced whole with it (a plot from an older run never sits beside new numbers);
         # a report.* the folder's record does not list is the user's: refused, force or not

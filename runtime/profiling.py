@@ -3,10 +3,12 @@
 The library behind fastsam2-profile. Inputs take the contract's shapes (runtime/contract.py)
 with the memory bank full: the conditioning frame with all T tokens, memory_frames - 1 tracked
 frames of k tokens each, and max_obj_ptrs object pointers of PTR_TOKENS tokens. Each iteration
-runs one tracked frame's chain in the loop's order (image encoder, router, memory attention,
-memory encoder, mask decoder), so the per-graph numbers carry the cache effects of the real
-loop; the frame time of an iteration is the sum of its graphs (the router only when k < T, as
-in Tracker.track). Host-side numpy work (top-k, scatter, bank assembly, resizing) is not timed.
+runs one tracked frame's chain in Tracker.track's order (FRAME_ORDER: image encoder, router,
+memory attention, mask decoder, then memory encoder on the decoded mask), so the per-graph
+numbers carry the cache effects of the real loop (the report lists them in the contract's
+GRAPH_ORDER). The frame time of an iteration is the sum of its graphs (the router only when
+k < T, as in Tracker.track). Host-side numpy work (top-k, scatter, bank assembly, resizing) is
+not timed.
 
 The report dict is filled in place as keeps finish (`report=` lets a caller that is interrupted
 keep the keeps measured so far), and `progress(done, total, label)` is called after every frame.
@@ -33,6 +35,7 @@ from fastsam2.runtime.bundle import Bundle, load_bundle
 from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, PTR_TOKENS, geometry, keep_to_k
 from fastsam2.runtime.errors import InputError
 from fastsam2.runtime.precision import CPU_BACKENDS
+from fastsam2.runtime.prompts import parse_keeps
 
 DEFAULT_KEEPS = (1.0, 0.7, 0.5, 0.3)
 GPU_BACKENDS = tuple(b for b in BACKENDS if b != "auto" and b not in CPU_BACKENDS)
@@ -41,6 +44,9 @@ GPU_BACKENDS = tuple(b for b in BACKENDS if b != "auto" and b not in CPU_BACKEND
 # 5 + 50 took 15+ min per keep for a new user on a busy 2-core machine
 CPU_COUNTS = (1, 5)
 GPU_COUNTS = (5, 50)
+# Tracker.track's order: the memory encoder encodes the mask the decoder just made
+FRAME_ORDER = ("image_encoder", "router", "memory_attention", "mask_decoder", "memory_encoder")
+assert sorted(FRAME_ORDER) == sorted(GRAPH_ORDER)
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -163,15 +169,7 @@ def frame_counts(backend: str, warmup: int | None = None, iters: int | None = No
 
 
 def _check_args(keeps, warmup, iters, threads) -> tuple:
-    try:
-        keeps = tuple(float(k) for k in keeps)
-    except (TypeError, ValueError):
-        raise InputError(f"keep ratios must be numbers, got {keeps!r}") from None
-    if not keeps:
-        raise InputError("give at least one keep ratio")
-    bad = [k for k in keeps if not (0.0 < k <= 1.0)]  # NaN fails this too
-    if bad:
-        raise InputError(f"keep must be in (0, 1], got {bad[0]:g}")
+    keeps = parse_keeps(keeps)
     if iters is not None and iters < 1:
         raise InputError(f"--iters must be >= 1, got {iters}")
     if warmup is not None and warmup < 0:
@@ -196,7 +194,8 @@ def plan_profile(bundle_dir, backend="auto", keeps=DEFAULT_KEEPS, memory_frames:
                  warmup: int | None = None, iters: int | None = None, threads: int | None = None) -> dict:
     """Every setting checked against the bundle and this machine before anything runs:
     {"bundle", "backends" (requested names, one per backend they resolve to), "keeps",
-    "memory_frames", "warmup", "iters", "threads"}."""
+    "memory_frames", "warmup", "iters", "threads"}. `keeps`: a sequence, or comma-separated
+    text as fastsam2-profile's --keep."""
     keeps = _check_args(keeps, warmup, iters, threads)
     names = backend.split(",") if isinstance(backend, str) else list(backend)
     names = [n.strip() for n in names if n.strip()]
@@ -220,7 +219,7 @@ def _profile_keep(sessions, dims, k, memory_frames, warmup, iters, seed, tick=No
     frame = []
     for it in range(warmup + iters):
         lat = {}
-        for g in GRAPH_ORDER:  # the loop's order: encoder, router, attention, memory enc, decoder
+        for g in FRAME_ORDER:
             t0 = time.perf_counter()
             sessions[g].run(feeds[g])
             lat[g] = (time.perf_counter() - t0) * 1e3
@@ -264,7 +263,8 @@ def profile_bundle(bundle_dir, backend="ort-cpu", keeps=DEFAULT_KEEPS, memory_fr
     bundle, keeps, memory_frames = plan["bundle"], plan["keeps"], plan["memory_frames"]
     m, s = bundle.manifest, bundle.settings
     dims = geometry(int(m["image_size"]), int(s.get("text_dim", 512)))
-    dims.update(P=1, ptrs=int(s.get("max_obj_ptrs_in_encoder", 16)))
+    # one object per call (B: the batched graphs' objects), one prompt point
+    dims.update(B=1, P=1, ptrs=int(s.get("max_obj_ptrs_in_encoder", 16)))
     T, floor = dims["T"], int(m.get("keep_floor", 64))
     report = {} if report is None else report
     report.update({

@@ -243,22 +243,45 @@ def text_start_point(tracker: Tracker, enc: dict, w: int, h: int):
     return (xm * w / tracker.S, ym * h / tracker.S), float(rel[i])
 
 
-def parse_keep(keep):
-    """A keep ratio in (0, 1], or "auto" (adaptive per-frame budget)."""
+def parse_keep(keep, auto: bool = True):
+    """A user's keep ratio: a number in (0, 1], or "auto" (adaptive per-frame budget) where
+    `auto` allows it. The one parser of --keep (fastsam2-run, -export, -calibrate, -eval,
+    -profile through parse_keeps); its messages name the flag."""
+    either = " or 'auto'" if auto else ""
     if isinstance(keep, str):
-        if keep.strip().lower() == "auto":
+        if auto and keep.strip().lower() == "auto":
             return "auto"
         try:
             keep = float(keep)
         except ValueError:
-            raise InputError(f"--keep must be a number in (0, 1] or 'auto', got {quoted(keep)}") from None
+            raise InputError(f"--keep must be a number in (0, 1]{either}, got {quoted(keep)}") from None
     if not (isinstance(keep, (int, float)) and 0.0 < keep <= 1.0) or math.isnan(keep):
-        raise InputError(f"--keep must be in (0, 1] or 'auto', got {keep}")
+        raise InputError(f"--keep must be in (0, 1]{either}, got {keep}")
     return float(keep)
 
 
+def parse_keeps(keeps) -> tuple:
+    """Several fixed keep ratios (fastsam2-profile's --keep 1.0,0.5): comma-separated text or
+    a sequence, each checked by parse_keep."""
+    if isinstance(keeps, str):
+        text = keeps
+        try:
+            keeps = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise InputError(f"--keep must be comma-separated numbers in (0, 1], got {text!r}") from None
+    try:
+        keeps = tuple(keeps)
+    except TypeError:
+        raise InputError(f"--keep must be comma-separated numbers in (0, 1], got {keeps!r}") from None
+    if not keeps:
+        raise InputError("--keep: give at least one keep ratio")
+    return tuple(parse_keep(k, auto=False) for k in keeps)
+
+
 def keep_range(bundle) -> tuple:
-    """The keep ratios the bundle's engines cover (all of (0, 1] for ONNX Runtime)."""
+    """The range keep "auto" adapts its per-frame budget in: the engines' profile range when
+    the bundle has TensorRT engines (they run no k outside it), else 0.3..1.0, the keep range
+    every shipped target declares (ONNX Runtime itself runs any k)."""
     rng = bundle.engines.get("keep_range")
     return tuple(rng) if rng else (0.3, 1.0)
 

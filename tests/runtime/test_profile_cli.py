@@ -87,6 +87,9 @@ def test_library_call_matches_the_cli_shape(bundle_dir, tmp_path):
     (["--keep", "1.5"], "keep must be in (0, 1]"),
     (["--keep", "0"], "keep must be in (0, 1]"),
     (["--keep", "half"], "--keep must be comma-separated numbers"),
+    (["--keep", "auto"], "--keep must be comma-separated numbers"),
+    (["--keep", "1.0,nan"], "--keep must be in (0, 1], got nan"),
+    (["--keep", ","], "--keep: give at least one keep ratio"),
     (["--iters", "0"], "--iters must be >= 1"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--threads", "0"], "--threads must be in 1.."),
@@ -258,3 +261,40 @@ def test_click_usage_errors_are_one_line(args, words):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2, res.output
     _one_error_line(res, words, "--help)")
+
+
+def test_graphs_run_in_the_tracking_loops_order(bundle_dir):
+    """Each profiled iteration runs the graphs in the order a tracked frame of the session
+    runs them (the memory encoder encodes the mask the decoder just made)."""
+    import numpy as np
+
+    from fastsam2.runtime.backends import open_backend
+    from fastsam2.runtime.bundle import load_bundle
+    from fastsam2.runtime.contract import geometry
+    from fastsam2.runtime.profiling import _profile_keep
+    from fastsam2.runtime.session import Session
+
+    class Recording:
+        def __init__(self, name, inner, calls):
+            self.name, self.inner, self.calls = name, inner, calls
+
+        def run(self, feeds):
+            self.calls.append(self.name)
+            return self.inner.run(feeds) if self.inner is not None else {}
+
+    bundle = load_bundle(bundle_dir)
+    name, sessions = open_backend("ort-cpu", bundle, THREADS, warn=lambda m: None)
+    tracked = []
+    frames = np.random.default_rng(0).integers(0, 255, (2, 96, 128, 3), dtype=np.uint8)
+    with Session.open(bundle, keep=0.5, graphs=(name, {g: Recording(g, s, tracked) for g, s in sessions.items()}),
+                      warn=lambda m: None) as s:
+        s.add_prompt(1, points=[(40, 30)])
+        s.push(frames[0])
+        del tracked[:]
+        s.push(frames[1])  # a tracked frame at keep 0.5: every graph, the router included
+    profiled = []
+    dims = geometry(bundle.manifest["image_size"], bundle.settings["text_dim"]) | {"B": 1, "P": 1, "ptrs": 2}
+    _profile_keep({g: Recording(g, None, profiled) for g in GRAPH_ORDER}, dims, keep_to_k(0.5, dims["T"]),
+                  2, 0, 1, seed=0)
+    assert sorted(tracked) == sorted(GRAPH_ORDER)
+    assert profiled == tracked
