@@ -1,7 +1,7 @@
 """The measuring half of the CPU precision gate (fastsam2.export.precision): making an int8
 variant of a graph (ONNX Runtime's quantiser, static QDQ or dynamic), opening a graph on ONNX
-Runtime or OpenVINO in a precision, and how far a variant's outputs and tracked masks are from
-fp32's."""
+Runtime or OpenVINO in a precision (OpenVINO's compile shipped in the bundle), and how far a
+variant's outputs and tracked masks are from fp32's."""
 
 from __future__ import annotations
 
@@ -76,9 +76,15 @@ def _ort(path: Path, threads: int | None, precision: str = "fp32"):
 
 
 def _ov(path: Path, threads: int | None, precision: str):
-    from fastsam2.runtime.openvino_backend import OpenVINOSession
+    """The graph at `path` (inside the bundle being gated) compiled on OpenVINO's CPU, the
+    compiled blob written into the bundle's openvino_cache/: the bf16 encoder's compile costs
+    ~100 s at 1024 px on 2 cores, and a user's first run on a CPU like this one imports it
+    instead (runtime.openvino_backend.shipped_blob says where it may)."""
+    from fastsam2.runtime.openvino_backend import OpenVINOSession, ship_compiled
 
-    return OpenVINOSession(path, "CPU", threads, precision)
+    session = OpenVINOSession(path, "CPU", threads, precision)
+    ship_compiled(session, path)
+    return session
 
 
 def output_agreement(ref_session, session, feeds: list) -> dict:

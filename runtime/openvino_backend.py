@@ -7,8 +7,13 @@ OpenVINO reads ONNX directly, so a bundle needs no second format. Per graph it g
   defaults to bf16 on CPUs that have it (AVX512_BF16/AMX), which would change fp32 numerics
   silently; `bf16` where the bundle picked bf16 and the device has it; int8 graphs are QDQ
   ONNX files that OpenVINO runs with its int8 kernels;
-- a model cache (compiled blobs) in the user cache, never inside the bundle: a bundle may be
-  read-only or sealed, and the cache is per machine anyway.
+- a model cache (compiled blobs) in the user cache, never written inside the bundle: a bundle
+  may be read-only or sealed, and the cache is per machine anyway;
+- the export's own compile, where its precision gate compiled a graph on OpenVINO (the bf16
+  encoder: ~100 s at 1024 px on 2 cores): shipped in the bundle's openvino_cache/ (a blob per
+  graph + index.json naming the OpenVINO version and CPU it was made on), sealed with the other
+  files. A first run with an empty user cache imports it instead of compiling, where the
+  OpenVINO version and the CPU's precision flags match; anything else compiles (one line why).
 
 Like the rest of the runtime, this never imports torch, and it imports openvino without the
 usage telemetry that `import openvino` otherwise sends (see import_openvino).
@@ -17,14 +22,19 @@ usage telemetry that `import openvino` otherwise sends (see import_openvino).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from fastsam2.runtime.errors import BackendError
+from fastsam2.runtime import host
+from fastsam2.runtime.bundle_files import regular_file, sha256_file
+from fastsam2.runtime.errors import BackendError, BundleError
+from fastsam2.runtime.json_checks import parse_json
 
 # fastsam2 precision -> OpenVINO inference precision hint
 OV_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
@@ -94,11 +104,106 @@ def _onnx_name(port) -> str:
     return sorted(port.get_names(), key=lambda n: (n.startswith("/"), n))[0]
 
 
+def _reason(e: BaseException) -> str:
+    """OpenVINO's message in one short line: its "Exception from src/..." and "Check '...' failed"
+    frames dropped, the plugin's own sentence kept."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    said = [ln for ln in lines if not ln.startswith(("Exception from ", "Check '"))]
+    return ((said or lines or [type(e).__name__])[0])[:200]
+
+
+# -- compiled blobs shipped in the bundle -----------------------------------------------------
+
+SHIPPED_DIR = "openvino_cache"  # in the bundle, beside the graphs
+SHIPPED_INDEX = "index.json"
+_MAX_INDEX_BYTES = 1 << 20
+
+
+def openvino_version() -> str:
+    return str(import_openvino().get_version())
+
+
+def _index_path(graph_path: Path) -> Path:
+    return Path(graph_path).parent / SHIPPED_DIR / SHIPPED_INDEX
+
+
+def _read_index(graph_path: Path) -> list:
+    """The index's entries (a list of dicts); BundleError where it is not one fastsam2 wrote."""
+    root = Path(graph_path).parent
+    f = regular_file(root, f"{SHIPPED_DIR}/{SHIPPED_INDEX}", "OpenVINO index")
+    with open(f, "rb") as fh:
+        data = parse_json(fh.read(_MAX_INDEX_BYTES + 1), str(f), _MAX_INDEX_BYTES)
+    entries = data.get("compiled") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or data.get("format") != 1 or not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise BundleError(f"{f} is not an index of compiled graphs")
+    return entries
+
+
+def ship_compiled(session, graph_path) -> Path:
+    """Write the compiled graph of `session` (an OpenVINOSession of the bundle graph
+    `graph_path`) into the bundle's openvino_cache/, with its index entry: the precision gate's
+    compile, kept for the user's first run. Returns the blob's path."""
+    graph_path = Path(graph_path)
+    folder = graph_path.parent / SHIPPED_DIR
+    folder.mkdir(exist_ok=True)
+    name = f"{graph_path.stem}.{session.device}.{session.precision}.blob"
+    tmp = folder / f".{name}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(session.compiled.export_model().getbuffer())
+    os.replace(tmp, folder / name)
+    entry = {"graph_file": graph_path.name, "graph_sha256": sha256_file(graph_path), "device": session.device,
+             "precision": session.precision, "file": name, "bytes": (folder / name).stat().st_size,
+             "sha256": sha256_file(folder / name), "openvino": openvino_version(), "cpu_model": host.cpu_model(),
+             "cpu_features": host.cpu_features()}
+    entries = _read_index(graph_path) if _index_path(graph_path).exists() else []
+    entries = [e for e in entries if (e.get("graph_file"), e.get("device"), e.get("precision"))
+               != (entry["graph_file"], entry["device"], entry["precision"])] + [entry]
+    _index_path(graph_path).write_text(json.dumps({"format": 1, "compiled": entries}, indent=2) + "\n")
+    return folder / name
+
+
+def shipped_blob(graph_path, device: str, precision: str, graph_sha256: str | None = None) -> tuple:
+    """(blob bytes, entry) where the bundle ships a compile of `graph_path` for `device` and
+    `precision` that this machine may import; (None, why not) where it ships one that does not
+    fit here; (None, None) where it ships none. The bundle is untrusted input here: a bad index
+    or blob is a reason, never an exception."""
+    graph_path = Path(graph_path)
+    if not _index_path(graph_path).exists():
+        return None, None
+    try:
+        key = (graph_path.name, device, precision)
+        e = next((e for e in _read_index(graph_path)
+                  if (e.get("graph_file"), e.get("device"), e.get("precision")) == key), None)
+        if e is None:
+            return None, None
+        if e.get("openvino") != openvino_version():
+            return None, f"was made with OpenVINO {str(e.get('openvino'))[:40]}"
+        if e.get("cpu_features") != host.cpu_features():
+            return None, (f"was made on another CPU ({str(e.get('cpu_model'))[:60]}: "
+                          f"{' '.join(map(str, e.get('cpu_features') or []))[:120] or 'no listed flags'})")
+        if e.get("graph_sha256") != (graph_sha256 or sha256_file(graph_path)):
+            return None, f"was made from another {graph_path.name}"
+        f = regular_file(graph_path.parent, f"{SHIPPED_DIR}/{e.get('file')}", "compiled graph")
+        if f.stat().st_size != e.get("bytes"):
+            return None, f"{f.name} is {f.stat().st_size} bytes, not the {e.get('bytes')} its index says"
+        blob = f.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != e.get("sha256"):
+            return None, f"{f.name} is corrupt (its sha256 does not match its index)"
+        return blob, e
+    except (BundleError, OSError, AttributeError, TypeError, ValueError) as err:
+        return None, f"cannot be read ({' '.join(str(err).split())[:160]})"
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
 class OpenVINOSession:
-    """One compiled graph with `.run(feeds) -> {output: array}` like OrtSession."""
+    """One compiled graph with `.run(feeds) -> {output: array}` like OrtSession.
+
+    Where it comes from, in order: the user cache (compiled here before), the bundle's
+    openvino_cache/ (compiled by the export on a CPU like this one), a compile (cached)."""
 
     def __init__(self, path, device: str = "CPU", threads: int | None = None, precision: str = "fp32",
-                 cache: Path | None = None, log=None):
+                 cache: Path | None = None, log=None, graph_sha256: str | None = None):
         config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         if device == "CPU":
             # no pinning: on a CPU shared with other processes, threads pinned to busy cores
@@ -108,31 +213,63 @@ class OpenVINOSession:
                 config["INFERENCE_NUM_THREADS"] = int(threads)
         if device != "NPU":  # the NPU computes in fp16 whatever it is told; CPU and GPU obey
             config["INFERENCE_PRECISION_HINT"] = OV_HINTS[precision]
+        self.device, self.precision = device, precision
+        self.compiled, self.source = None, "compiled"
+        done = None
         if cache is not None:
             try:
                 Path(cache).mkdir(parents=True, exist_ok=True)
-                config["CACHE_DIR"] = str(cache)
+                done = Path(cache) / f"compiled-{device}-{OV_HINTS[precision]}-{threads or 0}"
             except OSError:
                 pass  # an unwritable cache only costs compile time
-        # OpenVINO compiles a graph once per cache (bf16 Hiera at 1024 px: ~100 s on 2 cores) and
-        # then loads it in seconds: say so before the wait, not after it
-        done = Path(cache) / f"compiled-{device}-{OV_HINTS[precision]}-{threads or 0}" if "CACHE_DIR" in config else None
-        if log is not None and (done is None or not done.exists()):
-            log(f"openvino: compiling {Path(path).name} for {device} in {OV_HINTS[precision]}"
-                + (f" (once: cached in {cache})" if done is not None else " (no writable cache: every run)"))
-        try:
-            self.compiled = core().compile_model(str(path), device, config)
-            if done is not None:
-                with contextlib.suppress(OSError):
-                    done.touch()
-        except RuntimeError as e:
-            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-            raise BackendError(f"OpenVINO could not compile {Path(path).name} for {device}: {first[:200]}") from None
+        why_not = None
+        if done is None or not done.exists():
+            blob, entry = shipped_blob(path, device, precision, graph_sha256)
+            if blob is not None:
+                self.compiled, why_not = self._import(blob, device, config)
+                if self.compiled is not None:
+                    self.source = "bundle"
+                    if log is not None:
+                        log(f"openvino: using the bundle's compiled {Path(path).stem} "
+                            f"(made on {str(entry.get('cpu_model'))[:60]})")
+            else:
+                why_not = entry
+        if self.compiled is None:
+            self.compiled = self._compile(path, device, precision, config, cache, done, why_not, log)
         self.request = self.compiled.create_infer_request()
         self.input_names = [_onnx_name(i) for i in self.compiled.inputs]
         self.output_names = [_onnx_name(o) for o in self.compiled.outputs]
-        self.device, self.precision = device, precision
         self.providers = [f"OpenVINO:{device}:{OV_HINTS[precision]}"]
+
+    @staticmethod
+    def _import(blob: bytes, device: str, config: dict) -> tuple:
+        """(compiled model, None), or (None, why) where OpenVINO refuses the blob: it checks its
+        own version and the CPU's instruction sets and throws on a truncated or garbled one
+        (measured on 2026.4: none of those crashes it; a flipped weight byte it does not see,
+        which is what the sha256 before this call is for)."""
+        try:
+            return core().import_model(blob, device, config), None
+        except RuntimeError as e:
+            return None, f"does not load here: {_reason(e)}"
+
+    @staticmethod
+    def _compile(path, device, precision, config, cache, done, why_not, log):
+        if done is not None:
+            config = {**config, "CACHE_DIR": str(cache)}
+        # OpenVINO compiles a graph once per cache (bf16 Hiera at 1024 px: ~100 s on 2 cores) and
+        # then loads it in seconds: say so before the wait, not after it
+        if log is not None and (done is None or not done.exists()):
+            log(f"openvino: compiling {Path(path).name} for {device} in {OV_HINTS[precision]}"
+                + (f" (once: cached in {cache})" if done is not None else " (no writable cache: every run)")
+                + (f"; the bundle's compiled {Path(path).stem} {why_not}" if why_not else ""))
+        try:
+            compiled = core().compile_model(str(path), device, config)
+        except RuntimeError as e:
+            raise BackendError(f"OpenVINO could not compile {Path(path).name} for {device}: {_reason(e)}") from None
+        if done is not None:
+            with contextlib.suppress(OSError):
+                done.touch()
+        return compiled
 
     def run(self, feeds: dict) -> dict:
         res = self.request.infer({n: feeds[n] for n in self.input_names})
