@@ -1,3 +1,4 @@
+# Hand-written rather than msgspec/fastjsonschema: one plain line per refusal (the words tests and clients see) and the mask's base64 bounded by its shape before decoding (msgspec measured: +11.6 ms import, 724 KB, and its refusals read "Expected `int` >= 1 - at `$.obj`")
 """The server's limits and the COMMANDS a client sends, checked before anything acts on them.
 
 Everything a request carries comes from a client nobody vouched for: a malformed command (not

@@ -43,7 +43,9 @@ The code lives in the installed fastsam2 package: the server's Python needs `fas
 from fastsam2.serve.tracker_model import TritonPythonModel  # noqa: F401
 '''
 _TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
-TRACKER_HEADER = "# fastsam2 tracker: one streaming session per Triton sequence (docs/serving.md)\n"
+TRACKER_HEADER = ("# fastsam2 tracker: one streaming session per Triton sequence (docs/serving.md)\n"
+                  "# protobuf text format: max_batch_size 0 and START's kind (CONTROL_SEQUENCE_START) are the "
+                  "defaults, so not written\n")
 
 
 def _model_config():
@@ -130,6 +132,7 @@ def graph_config(spec, platform: str, kind: str, count: int, dims: dict, acceler
     if accelerator:
         c.optimization.execution_accelerators.gpu_execution_accelerator.add(name=accelerator)
     return (f"# fastsam2 graph {spec.name}: called by {protocol.MODEL} through BLS (docs/serving.md)\n"
+            "# max_batch_size 0 (the default, so not written): Triton does not batch streams together\n"
             + text_format.MessageToString(c))
 
 
