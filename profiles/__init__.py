@@ -1,8 +1,10 @@
 """Target profiles: one TOML per device class, read into a frozen `Profile`.
 
-A profile says how to build for a target (precision, workspace, builder level, DLA core), which
-keep ratios its TensorRT optimisation profiles cover, and which ONNX Runtime providers the
-fallback tries. `--target` names one; a path to a .toml file works too, for custom devices.
+A profile says how to build for a target (precision, workspace, builder level, DLA core) and
+which keep ratios its TensorRT optimisation profiles cover. `--target` names one; a path to a
+.toml file works too, for custom devices. `opset` and `ort_providers` are checked and kept on
+the Profile, but nothing reads them: fastsam2-export's --opset sets the opset and fastsam2-run's
+--backend the ONNX Runtime providers.
 
 CPU targets also say which reduced precisions each graph may run in on CPU backends
 (`cpu_precisions`, tried by export's agreement gate, fastest passing one wins) and, for
@@ -44,8 +46,8 @@ class Profile:
     dla_core: int  # -1: none
     keep_min: float
     keep_max: float
-    opset: int
-    ort_providers: tuple
+    opset: int  # informational: export's --opset sets the graphs' opset
+    ort_providers: tuple  # informational: the runtime's --backend chooses the providers
     max_points: int  # prompt points per call: P in 1..max_points
     # {graph: candidate CPU precisions, preferred first}; empty: fp32 everywhere
     cpu_precisions: dict = field(default_factory=dict)

@@ -3,13 +3,12 @@ from the dict `fastsam2.runtime.profiling.profile_bundle` returns."""
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 
 from fastsam2.runtime.contract import GRAPH_ORDER
+
 
 def _fmt(v, nd=1) -> str:
     return "–" if v is None else f"{v:.{nd}f}"
@@ -149,7 +148,3 @@ def write_report(report: dict, out_dir, log=None, plot: bool = True) -> list:
     plot_latency(report, tmp)
     os.replace(tmp, out / "latency.png")
     return written + [out / "latency.png"]
-
-
-def load_report(path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -48,8 +48,7 @@ parameters { key: "info" value { string_value: "{\"a\": [1]}" } }
 TRACKER_PARAMS = {"bundle": "bundle", "note": 'say "hi"\\ \n', "info": '{"a": [1]}'}
 ACCEL = 'optimization { execution_accelerators { gpu_execution_accelerator : [ { name : "tensorrt" } ] } }'
 OLD_GRAPHS = {  # graph: ((platform, kind, count, accelerator), config.pbtxt)
-    "image_encoder": (("tensorrt_plan", "KIND_GPU", 1, ""), '''name: "image_encoder" platform: "tensorrt_plan"
-max_batch_size: 0
+    "image_encoder": (("tensorrt_plan", "KIND_GPU", 1, ""), '''name: "image_encoder" platform: "tensorrt_plan" max_batch_size: 0
 input [ { name: "image" data_type: TYPE_FP32 dims: [ 1, 3, 256, 256 ] } ]
 output [
   { name: "feat" data_type: TYPE_FP32 dims: [ 1, 256, 16, 16 ] },
@@ -57,8 +56,7 @@ output [
   { name: "high_res_1" data_type: TYPE_FP32 dims: [ 1, 64, 32, 32 ] }
 ]
 instance_group [ { count: 1 kind: KIND_GPU } ]'''),
-    "router": (("onnxruntime_onnx", "KIND_CPU", 2, ""), '''name: "router" platform: "onnxruntime_onnx"
-max_batch_size: 0
+    "router": (("onnxruntime_onnx", "KIND_CPU", 2, ""), '''name: "router" platform: "onnxruntime_onnx" max_batch_size: 0
 input [
   { name: "feat" data_type: TYPE_FP32 dims: [ 1, 256, 16, 16 ] },
   { name: "text_emb" data_type: TYPE_FP32 dims: [ 1, 512 ] },
@@ -69,9 +67,7 @@ output [
   { name: "relevance" data_type: TYPE_FP32 dims: [ 1, 256 ] }
 ]
 instance_group [ { count: 2 kind: KIND_CPU } ]'''),
-    "memory_attention": (("onnxruntime_onnx", "KIND_GPU", 3, "tensorrt"), '''name: "memory_attention"
-platform: "onnxruntime_onnx"
-max_batch_size: 0
+    "memory_attention": (("onnxruntime_onnx", "KIND_GPU", 3, "tensorrt"), '''name: "memory_attention" platform: "onnxruntime_onnx" max_batch_size: 0
 input [
   { name: "curr" data_type: TYPE_FP32 dims: [ -1, 256 ] },
   { name: "curr_pos" data_type: TYPE_FP32 dims: [ -1, 256 ] },
@@ -83,9 +79,7 @@ input [
 output [ { name: "conditioned" data_type: TYPE_FP32 dims: [ -1, 256 ] } ]
 instance_group [ { count: 3 kind: KIND_GPU } ]
 ''' + ACCEL),
-    "memory_encoder": (("onnxruntime_onnx", "KIND_GPU", 1, ""), '''name: "memory_encoder"
-platform: "onnxruntime_onnx"
-max_batch_size: 0
+    "memory_encoder": (("onnxruntime_onnx", "KIND_GPU", 1, ""), '''name: "memory_encoder" platform: "onnxruntime_onnx" max_batch_size: 0
 input [
   { name: "feat" data_type: TYPE_FP32 dims: [ 1, 256, 16, 16 ] },
   { name: "mask_logits" data_type: TYPE_FP32 dims: [ 1, 1, 64, 64 ] },
@@ -94,9 +88,7 @@ input [
 ]
 output [ { name: "maskmem" data_type: TYPE_FP32 dims: [ 1, 64, 16, 16 ] } ]
 instance_group [ { count: 1 kind: KIND_GPU } ]'''),
-    "mask_decoder": (("onnxruntime_onnx", "KIND_GPU", 2, "tensorrt"), '''name: "mask_decoder"
-platform: "onnxruntime_onnx"
-max_batch_size: 0
+    "mask_decoder": (("onnxruntime_onnx", "KIND_GPU", 2, "tensorrt"), '''name: "mask_decoder" platform: "onnxruntime_onnx" max_batch_size: 0
 input [
   { name: "feat" data_type: TYPE_FP32 dims: [ 1, 256, 16, 16 ] },
   { name: "high_res_0" data_type: TYPE_FP32 dims: [ 1, 32, 64, 64 ] },
