@@ -53,7 +53,7 @@ class _Bars:
 @click.option("--force", is_flag=True, help="Replace an earlier report in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar or warnings; only the summary lines.")
 def main(bundle, backend, keep, memory_frames, warmup, iters, threads, out, force, quiet):
-    """Time image encoder, router, memory attention, memory encoder and mask decoder separately
+    """Time image encoder, router, memory attention, mask decoder and memory encoder separately
     on synthetic inputs with a full memory bank, at each keep ratio. Ctrl-C keeps the keeps
     already measured (report status "interrupted")."""
     from fastsam2.runtime.profile_report import write_report
