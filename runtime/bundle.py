@@ -97,12 +97,10 @@ class Bundle:
         if info.get("built") or not info.get("target"):
             return info
         record = self.file(f"engines/{info['target']}/{ENGINES_RECORD}")
-        stamp = _stamp(record)
-        if self._engines_seen is None or self._engines_seen[0] != stamp:
-            if stamp is not None:
-                info = self._with_record(info, record)
-            self._engines_seen = (stamp, info)
-        return dict(self._engines_seen[1])
+        stamp, seen = _stamp(record), self._engines_seen
+        if seen is None or seen[0] != stamp:
+            seen = self._engines_seen = (stamp, self._with_record(info, record) if stamp is not None else info)
+        return dict(seen[1])
 
     def _with_record(self, info: dict, record: Path) -> dict:
         rec = parse_json(_read_limited(record, MAX_RECORD_BYTES), str(record), MAX_RECORD_BYTES)
