@@ -5,6 +5,7 @@ variant's outputs and tracked masks are from fp32's."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -85,6 +86,30 @@ def _ov(path: Path, threads: int | None, precision: str):
     session = OpenVINOSession(path, "CPU", threads, precision)
     ship_compiled(session, path)
     return session
+
+
+def drop_unpicked_compiles(root, picks: dict, manifest: dict) -> list:
+    """Remove from the bundle folder `root` the OpenVINO compiles the gate shipped (_ov) for a
+    graph whose picked precision is another: a bf16 Hiera blob is ~110 MB. Returns the names
+    removed."""
+    from fastsam2.runtime.openvino_backend import SHIPPED_DIR, read_shipped_index, shipped_index
+
+    root = Path(root)
+    index = shipped_index(root)
+    if not index.exists():
+        return []
+    wanted = {(manifest["graphs"][g]["file"], p) for g, p in picks.items() if g in manifest["graphs"]}
+    entries = read_shipped_index(root)
+    keep = [e for e in entries if (e.get("graph_file"), e.get("precision")) in wanted]
+    gone = [e["file"] for e in entries if e not in keep]
+    for name in gone:
+        (root / SHIPPED_DIR / name).unlink(missing_ok=True)
+    if keep:
+        index.write_text(json.dumps({"format": 1, "compiled": keep}, indent=2) + "\n")
+    else:
+        index.unlink()
+        (root / SHIPPED_DIR).rmdir()
+    return gone
 
 
 def output_agreement(ref_session, session, feeds: list) -> dict:

@@ -81,7 +81,10 @@ def seal_digest(manifest: dict, files: dict) -> str:
 def sealed_names(root) -> list:
     """The files a seal covers: everything export wrote outside engines/, plus each target's
     build_plan.sh. engines/ is the device's workspace: engines, their engines.json, timing and
-    calibration caches are written there after export and checked by their own hashes."""
+    calibration caches are written there after export and checked by their own hashes.
+    openvino_cache/ (the precision gate's OpenVINO compiles, for the exporting CPU) is export's
+    and sealed: a changed blob is a changed bundle. The runtime still treats a blob as input it
+    may refuse (another OpenVINO or CPU, OpenVINO's own refusal): then it compiles, one line."""
     root = Path(root)
     names = []
     for dirpath, dirnames, filenames in os.walk(root):

@@ -123,18 +123,19 @@ def openvino_version() -> str:
     return str(import_openvino().get_version())
 
 
-def _index_path(graph_path: Path) -> Path:
-    return Path(graph_path).parent / SHIPPED_DIR / SHIPPED_INDEX
+def shipped_index(root) -> Path:
+    """The bundle's index of shipped compiles (the graphs sit at the bundle's top level)."""
+    return Path(root) / SHIPPED_DIR / SHIPPED_INDEX
 
 
-def _read_index(graph_path: Path) -> list:
+def read_shipped_index(root) -> list:
     """The index's entries (a list of dicts); BundleError where it is not one fastsam2 wrote."""
-    root = Path(graph_path).parent
     f = regular_file(root, f"{SHIPPED_DIR}/{SHIPPED_INDEX}", "OpenVINO index")
     with open(f, "rb") as fh:
         data = parse_json(fh.read(_MAX_INDEX_BYTES + 1), str(f), _MAX_INDEX_BYTES)
     entries = data.get("compiled") if isinstance(data, dict) else None
-    if not isinstance(data, dict) or data.get("format") != 1 or not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+    if (not isinstance(data, dict) or data.get("format") != 1 or not isinstance(entries, list)
+            or not all(isinstance(e, dict) for e in entries)):
         raise BundleError(f"{f} is not an index of compiled graphs")
     return entries
 
@@ -144,7 +145,8 @@ def ship_compiled(session, graph_path) -> Path:
     `graph_path`) into the bundle's openvino_cache/, with its index entry: the precision gate's
     compile, kept for the user's first run. Returns the blob's path."""
     graph_path = Path(graph_path)
-    folder = graph_path.parent / SHIPPED_DIR
+    root = graph_path.parent
+    folder = root / SHIPPED_DIR
     folder.mkdir(exist_ok=True)
     name = f"{graph_path.stem}.{session.device}.{session.precision}.blob"
     tmp = folder / f".{name}.tmp"
@@ -155,10 +157,10 @@ def ship_compiled(session, graph_path) -> Path:
              "precision": session.precision, "file": name, "bytes": (folder / name).stat().st_size,
              "sha256": sha256_file(folder / name), "openvino": openvino_version(), "cpu_model": host.cpu_model(),
              "cpu_features": host.cpu_features()}
-    entries = _read_index(graph_path) if _index_path(graph_path).exists() else []
+    entries = read_shipped_index(root) if shipped_index(root).exists() else []
     entries = [e for e in entries if (e.get("graph_file"), e.get("device"), e.get("precision"))
                != (entry["graph_file"], entry["device"], entry["precision"])] + [entry]
-    _index_path(graph_path).write_text(json.dumps({"format": 1, "compiled": entries}, indent=2) + "\n")
+    shipped_index(root).write_text(json.dumps({"format": 1, "compiled": entries}, indent=2) + "\n")
     return folder / name
 
 
@@ -168,11 +170,11 @@ def shipped_blob(graph_path, device: str, precision: str, graph_sha256: str | No
     fit here; (None, None) where it ships none. The bundle is untrusted input here: a bad index
     or blob is a reason, never an exception."""
     graph_path = Path(graph_path)
-    if not _index_path(graph_path).exists():
+    if not shipped_index(graph_path.parent).exists():
         return None, None
     try:
         key = (graph_path.name, device, precision)
-        e = next((e for e in _read_index(graph_path)
+        e = next((e for e in read_shipped_index(graph_path.parent)
                   if (e.get("graph_file"), e.get("device"), e.get("precision")) == key), None)
         if e is None:
             return None, None

@@ -205,3 +205,18 @@ def test_a_damaged_blob_or_index_is_survived_with_one_line(bundle_dir, tmp_path,
     ref = openvino_backend.OpenVINOSession(root / "router.onnx", "CPU", THREADS, "fp32")
     got, want = outputs(s), outputs(ref)
     assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_compiles_of_precisions_the_gate_did_not_pick_leave_the_bundle(bundle_dir, tmp_path):
+    """A bf16 Hiera blob is ~110 MB: a compile the gate made for a candidate it then dropped
+    (precision_variants.drop_unpicked_compiles) is removed with its index entry."""
+    root = shipped_router(bundle_dir, tmp_path)
+    precision_variants._ov(root / "memory_encoder.onnx", THREADS, "fp32")
+    manifest = json.loads((root / "manifest.json").read_text())
+    picks = {"router": "fp32", "memory_encoder": "int8", "image_encoder": "bf16"}
+    assert precision_variants.drop_unpicked_compiles(root, picks, manifest) == ["memory_encoder.CPU.fp32.blob"]
+    assert sorted(p.name for p in (root / "openvino_cache").iterdir()) == ["index.json", "router.CPU.fp32.blob"]
+    assert [e["graph_file"] for e in openvino_backend.read_shipped_index(root)] == ["router.onnx"]
+    assert precision_variants.drop_unpicked_compiles(root, {"router": "int8"}, manifest) == ["router.CPU.fp32.blob"]
+    assert not (root / "openvino_cache").exists()
+    assert precision_variants.drop_unpicked_compiles(root, {"router": "int8"}, manifest) == []
