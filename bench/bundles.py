@@ -52,6 +52,12 @@ def differences(manifest: dict, want: dict, gate: str | None = None) -> list:
         diff.append("it holds gated precision variants (an fp32 bundle was asked for)")
     if want["gated"] and not have["gated"]:
         diff.append("it holds no gated precision variants")
+    try:  # the objects batch axis (fastsam2 with batched objects): older bundles lack it
+        from fastsam2.runtime.batched import bundle_batchable
+    except ImportError:
+        bundle_batchable = None
+    if bundle_batchable is not None and not bundle_batchable(manifest):
+        diff.append("its graphs have no objects batch axis (exported by an older fastsam2)")
     return diff
 
 

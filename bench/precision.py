@@ -41,7 +41,7 @@ import numpy as np
 from bundles import add_variants, ensure_bundle
 from precision_docs import write_fidelity_section
 from precision_runs import (Official, Ours, batch_objects_supported, config_name, configs, parse_objects,
-                            parse_prefixes, selected)
+                            parse_prefixes, selected, why_not_batched)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEADY_FROM = 7  # frames 0..6 fill the memory bank (num_maskmem = 7)
@@ -155,10 +155,10 @@ def main(argv=None) -> int:
 def make_runs(args, bundle, rows, keeps, counts, points, videos, prefixes, skipped, log) -> dict:
     """{config name: (row spec, tracker)}: per object count its official predictor, then every
     (backend, precision) x keep, per object and (objects > 1, where fastsam2 has it) batched."""
-    several, batch = len(counts) > 1, batch_objects_supported()
-    if not batch and counts[-1] > 1:
-        skipped["batched"] = ("this fastsam2's Session.open has no batch_objects parameter "
-                              "(objects of a frame run one graph call each)")
+    several, why_not = len(counts) > 1, why_not_batched(bundle.manifest)
+    batch = why_not is None
+    if why_not and counts[-1] > 1:
+        skipped["batched"] = why_not
     runs = {}
     for n in counts:
         ours = {}

@@ -74,6 +74,19 @@ def batch_objects_supported() -> bool:
     return "batch_objects" in inspect.signature(Session.open).parameters
 
 
+def why_not_batched(manifest: dict) -> str | None:
+    """Why rows with batch_objects=True cannot run here (None: they can). Session.open runs a
+    bundle without the objects batch axis one object at a time, with only a warning: such rows
+    would be per-object rows under another name."""
+    if not batch_objects_supported():
+        return "this fastsam2's Session.open has no batch_objects parameter (objects of a frame run one graph call each)"
+    from fastsam2.runtime.batched import bundle_batchable
+
+    if not bundle_batchable(manifest):
+        return "this bundle's graphs have no objects batch axis (exported by an older fastsam2): export it again"
+    return None
+
+
 def config_name(backend: str, precision: str, keep: float, objects: int, batched: bool, several: bool) -> str:
     """backend:precision:keepK[:objN][:batched]; objN only where the run has several object
     counts (a one-count run keeps the names it always had)."""

@@ -19,7 +19,8 @@ import bundles  # noqa: E402
 # --image-size 256 --precision fp32` writes it (the fields bundles.py matches on)
 FP32 = {"config": "sam2.1_hiera_t", "image_size": 256, "target": "cpu", "keep": 1.0, "prompts": ["cyclist"],
         "checkpoint": {"file": None, "sha256": "random", "seed": 0}, "text": {"random": True},
-        "precision": None, "precision_gate": {}}
+        "precision": None, "precision_gate": {},
+        "graphs": {g: {"outputs": [{"shape": ["B", 1]}]} for g in ("router", "mask_decoder", "memory_encoder")}}
 GATED = {**FP32, "precision": {"image_encoder": "int8"}, "precision_gate": {"graphs": {"image_encoder": {}}}}
 
 
@@ -56,6 +57,13 @@ def test_a_matching_manifest_has_no_differences():
 def test_each_setting_that_differs_is_named(change, word):
     diff = bundles.differences({**FP32, **change}, bundles.request(256, prompts="cyclist"))
     assert len(diff) == 1 and diff[0].startswith(word), diff
+
+
+def test_a_bundle_without_the_objects_batch_axis_is_stale():
+    pytest.importorskip("fastsam2.runtime.batched")
+    old = {**FP32, "graphs": {g: {"outputs": [{"shape": [1, 1]}]} for g in FP32["graphs"]}}
+    assert bundles.differences(old, bundles.request(256, prompts="cyclist")) == [
+        "its graphs have no objects batch axis (exported by an older fastsam2)"]
 
 
 def test_gated_bundles_match_only_requests_that_gate():

@@ -55,12 +55,12 @@ def fake_trackers(monkeypatch):
 
 
 def runs_for(counts, configs=None, batch=True, monkeypatch=None):
-    monkeypatch.setattr(precision, "batch_objects_supported", lambda: batch)
+    monkeypatch.setattr(precision, "why_not_batched", lambda m: None if batch else "no batch_objects parameter")
     args = SimpleNamespace(frames=9, configs=configs)
     rows = {("ort-cpu", "fp32"): (None, {}, []), ("ort-cpu+openvino", "picked"): (None, {}, [])}
     videos = {n: SimpleNamespace(frames_dir_or_file=f"v{n}") for n in counts}
     skipped = {}
-    runs = precision.make_runs(args, None, rows, [1.0, 0.3], counts, {n: {} for n in counts}, videos,
+    runs = precision.make_runs(args, SimpleNamespace(manifest={}), rows, [1.0, 0.3], counts, {n: {} for n in counts}, videos,
                                precision_runs.parse_prefixes(configs), skipped, lambda m: None)
     return runs, skipped
 
@@ -83,6 +83,17 @@ def test_without_batch_objects_the_batched_rows_are_skipped_with_the_reason(fake
     assert "batch_objects" in skipped["batched"]
     _, skipped = runs_for([1], batch=False, monkeypatch=monkeypatch)
     assert "batched" not in skipped  # one object: nothing to batch
+
+
+def test_batched_rows_need_batch_objects_and_a_bundle_with_the_batch_axis(monkeypatch):
+    monkeypatch.setattr(precision_runs, "batch_objects_supported", lambda: False)
+    assert "no batch_objects parameter" in precision_runs.why_not_batched({})
+    monkeypatch.setattr(precision_runs, "batch_objects_supported", lambda: True)
+    pytest.importorskip("fastsam2.runtime.batched")
+    graphs = ("router", "mask_decoder", "memory_encoder")
+    old = {"graphs": {g: {"outputs": [{"shape": [1, 4]}]} for g in graphs}}
+    assert "no objects batch axis" in precision_runs.why_not_batched(old)
+    assert precision_runs.why_not_batched({"graphs": {g: {"outputs": [{"shape": ["B", 4]}]} for g in graphs}}) is None
 
 
 def test_one_count_keeps_the_names_it_always_had(fake_trackers, monkeypatch):
