@@ -14,6 +14,7 @@ import click
 from fastsam2.runtime.errors import InputError, OutputError
 from fastsam2.export.cli import echo_random_warnings, require_export_extra
 from fastsam2.runtime.cli_edge import cli_errors, command_class, group_class
+from fastsam2.runtime.console import messages
 
 
 def _point(text: str) -> tuple:
@@ -56,11 +57,11 @@ def router_cmd(frames, prompts, points, config, checkpoint, image_size, text_mod
     # user errors: one line (without torch's weights_only advice), whatever the message held
     with cli_errors(_echo_err):
         require_export_extra("fastsam2-calibrate router")
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, messages(err=True):
             warnings.simplefilter("always")
             meta = calibrate_router(frames, prompts, points, config, checkpoint, image_size, text_model,
                                     text_pretrained, text_checkpoint, steps, lr, batch, max_frames, seed,
-                                    out, force, log=_echo_err)
+                                    out, force)
         echo_random_warnings(caught)
         f = meta["final"]
         click.echo(f"wrote {out}: loss {meta['initial']['loss']:.4f} -> {f['loss']:.4f}, "
@@ -70,7 +71,7 @@ def router_cmd(frames, prompts, points, config, checkpoint, image_size, text_mod
 def calibrate_router(frames, prompts, points=(), config="sam2.1_hiera_t", checkpoint=None,
                      image_size=1024, text_model="ViT-B-32", text_pretrained="laion2b_s34b_b79k",
                      text_checkpoint=None, steps=300, lr=5e-3, batch=8, max_frames=32, seed=0,
-                     out="router.pt", force=False, log=print) -> dict:
+                     out="router.pt", force=False) -> dict:
     """Everything `fastsam2-calibrate router` does; returns the saved meta."""
     from fastsam2.runtime.video import open_frames
 
@@ -107,7 +108,7 @@ def calibrate_router(frames, prompts, points=(), config="sam2.1_hiera_t", checkp
         pruned = PrunedSAM2(loaded, router=Router(feat_dim=loaded.model.hidden_dim, text_dim=dim, seed=seed),
                             text_dim=dim)
         router, hist = train_router(pruned, encoder, sources, list(prompts), pts, steps=steps, lr=lr,
-                                    seed=seed, log=log, max_frames=max_frames, batch=batch)
+                                    seed=seed, max_frames=max_frames, batch=batch)
     finally:
         for s in sources:
             s.close()
@@ -169,12 +170,12 @@ def int8_cmd(bundle_dir, frames, max_frames, target, prompt, point, keep, thread
     recorded on ONNX Runtime's CPU provider: the graphs' own numbers, whatever runs them later)."""
     from fastsam2.calibration.int8 import write_int8_calibration
 
-    with cli_errors(_echo_err):
+    with cli_errors(_echo_err), messages(err=True):
         keep, manifest = int8_keep(keep, bundle_dir, target)
         target = target or bundle_target(manifest)
         summary = write_int8_calibration(bundle_dir, frames, max_frames=max_frames, target=target,
                                          prompt=prompt, point=_point(point) if point else None,
-                                         keep=keep, threads=threads, log=_echo_err)
+                                         keep=keep, threads=threads)
         n = sum(g["batches"] for g in summary["graphs"].values())
         caches = ", ".join(summary["caches"]) or "no TensorRT here: build caches on the device"
         click.echo(f"wrote {len(summary['graphs'])} calibration files ({n} batches) to "

@@ -5,6 +5,7 @@ A thin layer over fastsam2.calibration.davis; user errors become one `error:` li
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
@@ -12,8 +13,11 @@ import click
 from fastsam2.calibration import davis
 from fastsam2.runtime.backends import BACKENDS
 from fastsam2.runtime.cli_edge import cli_errors, command_class
+from fastsam2.runtime.console import messages
 from fastsam2.runtime.errors import InputError
 from fastsam2.runtime.outputs import RunFolder
+
+log = logging.getLogger(__name__)
 
 
 def run_outputs(names, split) -> dict:
@@ -24,10 +28,10 @@ def run_outputs(names, split) -> dict:
 
 
 def track_davis(davis_root, split, bundle_dir, out_dir, keep=None, backend="auto", sequences=None,
-                threads=None, log=None):
+                threads=None):
     """Run the bundle on each sequence from its first annotation, writing <out>/<seq>/<frame>.png.
-    keep None: the bundle's; "auto": the per-frame budget, as fastsam2-run. `log` gets one line
-    per sequence tracked."""
+    keep None: the bundle's; "auto": the per-frame budget, as fastsam2-run. Logs one line per
+    sequence tracked."""
     try:
         # imported here so scoring never needs the runtime's backends installed
         from fastsam2.runtime.backends import check_threads
@@ -44,9 +48,8 @@ def track_davis(davis_root, split, bundle_dir, out_dir, keep=None, backend="auto
         images, annotations = davis.sequence_files(davis_root, seq)
         r = track_davis_sequence(bundle_dir, images[0].parent, annotations[0], Path(out_dir) / seq,
                                  keep=keep, backend=backend, threads=threads, bundle=bundle)
-        if log:
-            log(f"[{n}/{len(names)}] {seq}: {r['frames']} frames, {len(r['objects'])} objects, "
-                f"{r['seconds']:.1f} s")
+        log.info(f"[{n}/{len(names)}] {seq}: {r['frames']} frames, {len(r['objects'])} objects, "
+                 f"{r['seconds']:.1f} s")
 
 
 def _score(davis_root, split, results_dir, sequences):
@@ -76,7 +79,7 @@ def main(davis_root, split, results_dir, sequences, bundle_dir, keep, out_dir, f
     """Score DAVIS 2017 semi-supervised results with the official J&F definitions."""
     seqs = [s.strip() for s in sequences.split(",") if s.strip()] if sequences else None
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
-    with cli_errors(echo):
+    with cli_errors(echo), messages(err=True, quiet=quiet):
         if bundle_dir is not None:
             if results_dir is not None:
                 raise InputError("give either --results (score) or --bundle (run then score), not both")
@@ -87,8 +90,7 @@ def main(davis_root, split, results_dir, sequences, bundle_dir, keep, out_dir, f
             # masks (any sequence of the split) refused without --force, replaced with it; masks
             # and CSVs the folder's record does not list are the user's: refused, force or not
             with RunFolder(out_dir, force=force, outputs=run_outputs(names, split), record=True):
-                track_davis(davis_root, split, bundle_dir, out_dir, keep, backend, seqs or names, threads,
-                            log=None if quiet else echo)
+                track_davis(davis_root, split, bundle_dir, out_dir, keep, backend, seqs or names, threads)
                 _score(davis_root, split, out_dir, seqs)
         elif results_dir is None:
             raise InputError("give --results to score, or --bundle and --out to run then score")

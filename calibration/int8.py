@@ -19,6 +19,7 @@ exporter names like `/Add_output_0` repeat), so a shared cache would mix ranges.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +29,8 @@ import numpy as np
 # calibration sits above export. load_feeds stays importable from here (int8_README.txt names it)
 from fastsam2.export.feeds import load_feeds, record_feeds, save_feeds  # noqa: F401
 from fastsam2.runtime.errors import InputError, OutputError
+
+log = logging.getLogger(__name__)
 
 
 def _readme(target: str, precision: str, caches: list) -> str:
@@ -67,7 +70,7 @@ state, which is also the build profile's opt shape, gets several batches.
 
 def write_int8_calibration(bundle_dir, frames, max_frames: int = 32, target: str | None = None,
                            prompt: str | None = None, point=None, keep: float | None = None,
-                           threads: int | None = None, log=print) -> dict:
+                           threads: int | None = None) -> dict:
     """The library behind `fastsam2-calibrate int8`; returns a summary of what was written."""
     from fastsam2.profiles import load_profile
     from fastsam2.runtime.bundle import load_bundle
@@ -81,9 +84,9 @@ def write_int8_calibration(bundle_dir, frames, max_frames: int = 32, target: str
     out = Path(bundle_dir) / "engines" / profile.name
     with open_frames(frames) as source:
         store = record_feeds(bundle, source, max_frames, prompt, point, keep, threads,
-                             num_frames=source.num_frames, log=log)
+                             num_frames=source.num_frames)
     if profile.precision != "int8":
-        log(f"note: target {profile.name} builds in {profile.precision}; the data serves an int8 profile")
+        log.info(f"note: target {profile.name} builds in {profile.precision}; the data serves an int8 profile")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -93,7 +96,7 @@ def write_int8_calibration(bundle_dir, frames, max_frames: int = 32, target: str
         path = out / f"calib_{graph}.npz"
         shapes = save_feeds(path, graph, feeds)
         summary["graphs"][graph] = {"file": path.name, "batches": len(feeds), "inputs": shapes}
-    caches = build_calibration_caches(bundle, out, store, log)
+    caches = build_calibration_caches(bundle, out, store)
     summary["caches"] = caches
     (out / "int8_README.txt").write_text(_readme(profile.name, profile.precision, caches))
     return summary
@@ -108,7 +111,7 @@ def _modal_batches(feeds: list) -> list:
     return [f for f, s in zip(feeds, sig) if s == best]
 
 
-def build_calibration_caches(bundle, out: Path, store: dict, log=print) -> list:
+def build_calibration_caches(bundle, out: Path, store: dict) -> list:
     """calibration_<graph>.cache per graph via IInt8EntropyCalibrator2; [] where TensorRT is absent."""
     try:
         import tensorrt as trt
@@ -138,5 +141,5 @@ def build_calibration_caches(bundle, out: Path, store: dict, log=print) -> list:
         EngineBytesFromNetwork((builder, network, parser), config=config)()
         if cache.is_file():
             written.append(cache.name)
-            log(f"{graph}: calibrated on {len(batches)} of {len(feeds)} batches -> {cache.name}")
+            log.info(f"{graph}: calibrated on {len(batches)} of {len(feeds)} batches -> {cache.name}")
     return written

@@ -17,6 +17,7 @@ a step is one router forward on a few frames: thousands of steps cost seconds.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -28,6 +29,8 @@ from fastsam2.export.graphs.router import PRIOR_BONUS, Router, _standardise
 # the weights file lives in export, which reads it; calibrate_cli saves through this module
 from fastsam2.export.router_weights import load_router, save_router  # noqa: F401
 from fastsam2.runtime.errors import InputError
+
+log = logging.getLogger(__name__)
 
 DILATION = 1  # tokens around the mask count as important: the decoder needs the boundary
 MAX_PAIRS_SIDE = 256  # positives and negatives sampled per frame and step for the ranking loss
@@ -149,7 +152,7 @@ class LastOutputs:
 
 @torch.no_grad()
 def collect_teachers(pruned, text_encoder, frames_iterable, prompts, points=None,
-                     max_frames: int = 32, dilation: int = DILATION, log=print) -> TeacherData:
+                     max_frames: int = 32, dilation: int = DILATION) -> TeacherData:
     """Run both frozen teachers over every sequence; `points` are (x, y) input pixels or None
     per sequence (None: the CLIP relevance argmax of the first frame starts the track)."""
     from fastsam2.export.torch_backend import torch_sessions
@@ -207,7 +210,7 @@ def collect_teachers(pruned, text_encoder, frames_iterable, prompts, points=None
             n += 1
         if n == 0:
             raise InputError(f"sequence {si} has no frames")
-        log(f"sequence {si}: {n} frames, prompt {prompt!r}, start point {starts[-1]}")
+        log.info(f"sequence {si}: {n} frames, prompt {prompt!r}, start point {starts[-1]}")
     feat, prev = torch.stack(rows["feat"]), torch.stack(rows["prev"])
     text = torch.stack(rows["text"])
     prior = router.terms(feat, text, prev)[3]
@@ -272,7 +275,7 @@ def _evaluate(router, data, text_weight, rank_weight) -> dict:
 # -- training --------------------------------------------------------------------------------
 
 def fit_router(router: Router, data: TeacherData, steps: int = 200, lr: float = 5e-3, seed: int = 0,
-               batch: int = 8, text_weight: float = 1.0, rank_weight: float = 1.0, log=print) -> dict:
+               batch: int = 8, text_weight: float = 1.0, rank_weight: float = 1.0) -> dict:
     """Adam on the router's parameters only; returns the history."""
     if steps < 1:
         raise InputError(f"--steps must be >= 1, got {steps}")
@@ -299,8 +302,8 @@ def fit_router(router: Router, data: TeacherData, steps: int = 200, lr: float = 
         for key, v in (("step", step), ("loss", loss.item()), ("text", text.item()), ("rank", rank.item())):
             history[key].append(v)
         if step % max(1, steps // 10) == 0 or step == steps - 1:
-            log(f"step {step + 1}/{steps}: loss {history['loss'][-1]:.4f} "
-                f"(text {history['text'][-1]:.4f}, rank {history['rank'][-1]:.4f})")
+            log.info(f"step {step + 1}/{steps}: loss {history['loss'][-1]:.4f} "
+                     f"(text {history['text'][-1]:.4f}, rank {history['rank'][-1]:.4f})")
     router.eval()
     with torch.no_grad():
         router.trained.fill_(True)
@@ -314,7 +317,7 @@ def fit_router(router: Router, data: TeacherData, steps: int = 200, lr: float = 
 
 
 def train_router(pruned, text_encoder, frames_iterable, prompts, points=None, steps: int = 200,
-                 lr: float = 5e-3, seed: int = 0, log=print, max_frames: int = 32, batch: int = 8,
+                 lr: float = 5e-3, seed: int = 0, max_frames: int = 32, batch: int = 8,
                  dilation: int = DILATION, text_weight: float = 1.0, rank_weight: float = 1.0):
     """Teachers + training on a copy of `pruned.router` (pruned is left unchanged).
 
@@ -325,7 +328,7 @@ def train_router(pruned, text_encoder, frames_iterable, prompts, points=None, st
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         data = collect_teachers(pruned, text_encoder, frames_iterable, prompts, points,
-                                max_frames=max_frames, dilation=dilation, log=log)
+                                max_frames=max_frames, dilation=dilation)
         router = copy.deepcopy(pruned.router)
-        history = fit_router(router, data, steps, lr, seed, batch, text_weight, rank_weight, log)
+        history = fit_router(router, data, steps, lr, seed, batch, text_weight, rank_weight)
     return router, history

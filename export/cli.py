@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from fastsam2.runtime.cli_edge import cli_errors, command_class
+from fastsam2.runtime.console import messages
 from fastsam2.runtime.errors import FastSam2Error, InputError
 
 from .engines_step import engines_step
@@ -60,10 +61,11 @@ def random_warnings_echoed():
 def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0.5, prompts=None,
                   prompts_file=None, text_model="ViT-B-32", text_pretrained="laion2b_s34b_b79k",
                   text_checkpoint=None, image_size=1024, opset=17, out="bundle", force=False,
-                  seed=0, router_weights=None, precision="auto", calibration=None, log=print) -> dict:
+                  seed=0, router_weights=None, precision="auto", calibration=None, log=None) -> dict:
     """The library function behind the command (tests call it directly). Every argument is
     checked, and the output folder, before any model is built; without a checkpoint the
-    random-weights warning is raised then, before the work."""
+    random-weights warning is raised then, before the work. Progress goes to the
+    fastsam2.export.* loggers; `log` is ignored (tests/conftest.py and bench/ still pass one)."""
     from fastsam2.export.out_dir import prepare_out_dir
     from fastsam2.export.sam2_loader import check_sam2_args, load_sam2, random_weights_warning
     from fastsam2.profiles import load_profile
@@ -103,8 +105,10 @@ def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0
     pruned = PrunedSAM2(loaded, router=router, text_dim=text_info["dim"])
     return write_bundle(pruned, out, keep=keep, target=target, opset=opset, text_embeddings=emb,
                         text_info=text_info, force=force, profile=profile,
-                        engines_hook=engines_step(profile, keep, log), precision_plan=plan,
-                        calibration_frames=calibration, log=log)
+                        engines_hook=engines_step(profile, keep), precision_plan=plan,
+                        calibration_frames=calibration,
+                        # write_bundle still takes a callback: its lines go to its module's logger
+                        log=logging.getLogger("fastsam2.export.onnx_export").info)
 
 
 def _list_targets(ctx, param, value) -> None:
@@ -158,11 +162,10 @@ def main(config, checkpoint, target, keep, prompts, prompts_file, text_model, te
         # open_clip logs "No pretrained weights loaded" on the root logger for random inits;
         # the one warning line it raises says it in our words
         logging.getLogger().setLevel(logging.ERROR)
-        with random_warnings_echoed():
+        with random_warnings_echoed(), messages(err=True):
             manifest = export_bundle(config, checkpoint, target, keep, prompts, prompts_file, text_model,
                                      text_pretrained, text_checkpoint, image_size, opset, out, force, seed,
-                                     router_weights, precision=precision, calibration=calibration,
-                                     log=lambda m: click.echo(m, err=True))
+                                     router_weights, precision=precision, calibration=calibration)
         sizes = sum(g["bytes"] for g in manifest["graphs"].values()) / 1e6
         reduced = {g: p for g, p in (manifest.get("precision") or {}).items() if p != "fp32"}
         click.echo(f"wrote bundle {out} ({sizes:.1f} MB of ONNX, {manifest['export_seconds']:.1f} s, "

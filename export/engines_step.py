@@ -4,13 +4,16 @@ inside the temporary bundle, before the bundle is sealed."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 
-def engines_step(profile, keep, log):
+
+def engines_step(profile, keep, _log=None):
     """export's engines step for `profile`, as write_bundle's engines_hook(tmp, manifest) -> the
     manifest's `engines`: build engines when the target's GPU is this machine's; otherwise write
-    the build plan."""
+    the build plan. The third argument is ignored (tests/conftest.py still passes a callback)."""
 
     def hook(tmp: Path, manifest: dict) -> dict:
         if not profile.tensorrt:
@@ -35,7 +38,7 @@ def engines_step(profile, keep, log):
                 "build_plan": str(plan.relative_to(tmp)), "built": False}
         gpu = current_gpu() if tensorrt_available() else None
         if gpu and gpu.get("compute_capability") == profile.compute_capability:
-            built = build_engines(tmp, profile, shapes, log=log)
+            built = build_engines(tmp, profile, shapes)
             built["checks"] = _finite_checks(check_engines(tmp, built, shapes, profile.precision))
             bad = [g for g, r in built["checks"].items() if not r["passed"]]
             for g in bad:
@@ -44,19 +47,19 @@ def engines_step(profile, keep, log):
                             key=lambda kv: float("inf") if kv[1]["max_abs_err"] is None or not kv[1]["tol"]
                             else kv[1]["max_abs_err"] / kv[1]["tol"])
                 err, tol = worst[1]["max_abs_err"], worst[1]["tol"]
-                log(f"warning: {g} engine differs from ONNX Runtime beyond tolerance ({worst[0]}: max abs "
-                    f"error {'non-finite' if err is None else format(err, '.3g')} > "
-                    f"{'?' if tol is None else format(tol, '.3g')})")
-            log(f"engine checks vs ONNX Runtime: {len(built['checks']) - len(bad)}/{len(built['checks'])} "
-                "within tolerance")
+                log.warning(f"warning: {g} engine differs from ONNX Runtime beyond tolerance ({worst[0]}: max abs "
+                            f"error {'non-finite' if err is None else format(err, '.3g')} > "
+                            f"{'?' if tol is None else format(tol, '.3g')})")
+            log.info(f"engine checks vs ONNX Runtime: {len(built['checks']) - len(bad)}/{len(built['checks'])} "
+                     "within tolerance")
             prefix = f"engines/{profile.name}/"
             built["graphs"] = {g: {**v, "file": prefix + Path(v["file"]).name} for g, v in built["graphs"].items()}
             info.update(built, built=True)
-            log(f"built {len(built['graphs'])} TensorRT engines for {gpu['gpu_name']}")
+            log.info(f"built {len(built['graphs'])} TensorRT engines for {gpu['gpu_name']}")
         else:
             where = f"a {gpu['gpu_name']}" if gpu else "no NVIDIA GPU with TensorRT"
-            log(f"target {profile.name} ({profile.device}) is not this machine ({where}): "
-                f"wrote {info['build_plan']} to run on the device")
+            log.info(f"target {profile.name} ({profile.device}) is not this machine ({where}): "
+                     f"wrote {info['build_plan']} to run on the device")
         return info
 
     return hook

@@ -5,12 +5,15 @@ static int8 variants from them (or records its own)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, keep_to_k
 from fastsam2.runtime.errors import InputError, OutputError
+
+log = logging.getLogger(__name__)
 
 
 class RecordingSession:
@@ -29,9 +32,10 @@ class RecordingSession:
 
 def record_feeds(bundle, frames, max_frames: int = 32, prompt: str | None = None,
                  point=None, keep: float | None = None, threads: int | None = None,
-                 num_frames: int | None = None, log=print) -> dict:
+                 num_frames: int | None = None, level: int = logging.INFO) -> dict:
     """{graph: [feed dict per call]} over the first `max_frames` frames, ONNX Runtime CPU: the
-    streaming session's own loop on recording graph sessions."""
+    streaming session's own loop on recording graph sessions. `level`: of the line saying what
+    was recorded (the precision gate, which records for itself, logs it at DEBUG)."""
     from fastsam2.runtime.backends import create_sessions
     from fastsam2.runtime.session import Session
 
@@ -75,8 +79,7 @@ def record_feeds(bundle, frames, max_frames: int = 32, prompt: str | None = None
     if n == 0:
         raise InputError("no frames to calibrate on")
     k = keep_to_k(keep, session.T, m.get("keep_floor", 64))
-    log(f"recorded {n} frames at keep {keep} (k = {k} of {session.T} tokens), "
-        f"prompt {prompt!r}")
+    log.log(level, f"recorded {n} frames at keep {keep} (k = {k} of {session.T} tokens), prompt {prompt!r}")
     return store
 
 

@@ -24,19 +24,26 @@ an explicit --precision takes the asked one whenever it passes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 
+from fastsam2.runtime.cli_edge import cli_errors, command_class
+from fastsam2.runtime.console import messages
 from fastsam2.runtime.contract import GRAPH_ORDER
 from fastsam2.runtime.errors import InputError
 from fastsam2.runtime import host
 from fastsam2.runtime.precision import CPU_PRECISIONS
 
 from .precision_variants import _ort, _ov, _time_fp32, mask_agreement, output_agreement, quantize_int8, track_masks
+
+# named, not __name__: run as `python -m fastsam2.export.precision` this file is __main__
+log = logging.getLogger("fastsam2.export.precision")
 
 MIN_MASK_IOU = 0.97  # the issue's gate: tracked masks at keep 1.0 vs fp32, mean over frames
 QUANTISABLE = ("image_encoder", "memory_attention")  # where a CPU frame's time goes
@@ -80,7 +87,7 @@ def _bundle_view(root: Path, manifest: dict):
     return Bundle(root, manifest, constants, read_text_embeddings(root / manifest["text"]["file"]))
 
 
-def calibration_feeds(bundle, source, work: Path, frames: int, threads, log) -> tuple:
+def calibration_feeds(bundle, source, work: Path, frames: int, threads) -> tuple:
     """({graph: [feeds]}, description): what each graph receives while tracking calibration
     frames at keep 1.0. `source`: None (a generated video), a video or frames folder, or a
     folder of `fastsam2-calibrate int8` files (calib_<graph>.npz)."""
@@ -101,7 +108,7 @@ def calibration_feeds(bundle, source, work: Path, frames: int, threads, log) -> 
     with open_frames(src) as frames_in:
         point = point or (frames_in.width / 2, frames_in.height / 2)
         store = record_feeds(bundle, frames_in, frames, point=point, keep=1.0, threads=threads,
-                             num_frames=frames_in.num_frames, log=lambda m: None)
+                             num_frames=frames_in.num_frames, level=logging.DEBUG)
     return store, what
 
 
@@ -124,12 +131,13 @@ def _gate_one(bundle, g, precision, method, base, ref_masks, videos, feeds, thre
     return {**entry, **how, "outputs": outputs, "masks": masks, "passed": passed, "session": session}
 
 
-def add_precision_variants(tmp_dir, manifest: dict, plan: dict, calibration_frames=None, log=print, *,
+def add_precision_variants(tmp_dir, manifest: dict, plan: dict, calibration_frames=None, _log=None, *,
                            threads: int | None = None, calib_frames: int = 8, gate_videos: int = 2,
                            gate_frames: int = 8) -> dict:
     """Write the plan's variants into the bundle folder `tmp_dir`, gate them, and record the
     result in `manifest` (variants, precision, precision_gate, openvino). Returns
-    manifest["precision"]. See the module docstring."""
+    manifest["precision"]. See the module docstring. `_log` is ignored (export/onnx_export.py
+    still passes its callback); the gate's lines go to this module's logger."""
     from fastsam2.runtime.synthetic import make_video
     from fastsam2.runtime.backends import create_sessions
 
@@ -149,11 +157,11 @@ def add_precision_variants(tmp_dir, manifest: dict, plan: dict, calibration_fram
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fastsam2-precision-") as work:
         work = Path(work)
-        feeds, source = calibration_feeds(bundle, calibration_frames, work, calib_frames, threads, log)
+        feeds, source = calibration_feeds(bundle, calibration_frames, work, calib_frames, threads)
         gate.update(calibration=source, gate_set=f"{gate_videos} generated videos x {gate_frames} frames, keep 1.0")
         videos = [make_video(work / f"gate{i}", num_frames=gate_frames, size=(240, 320), seed=1000 + i)
                   for i in range(gate_videos)]
-        base = create_sessions(bundle, "ort-cpu", threads, precision="fp32", warn=log)
+        base = create_sessions(bundle, "ort-cpu", threads, precision="fp32", warn=log.warning)
         ref_masks = track_masks(bundle, base, videos)
         kept = {}
         for g, cands in todo.items():
@@ -162,14 +170,14 @@ def add_precision_variants(tmp_dir, manifest: dict, plan: dict, calibration_fram
                 why = _bf16_unavailable() if p == "bf16" else None
                 if why:
                     tried[p] = {"skipped": why}
-                    log(f"{g}: bf16 skipped: {tried[p]['skipped']}")
+                    log.info(f"{g}: bf16 skipped: {tried[p]['skipped']}")
                     continue
                 methods = ("static", "dynamic") if p == "int8" and g == "image_encoder" else ("dynamic",)
                 for m in (methods if p == "int8" else ("hint",)):
                     r = _gate_one(bundle, g, p, m, base, ref_masks, videos, feeds, threads, root)
                     name = f"{p}/{m}" if p == "int8" else p
                     tried[name] = {k: v for k, v in r.items() if k not in ("session", "file", "sha256")}
-                    _say(log, g, name, r)
+                    _report(g, name, r)
                     best = kept.get((g, p))
                     if r["passed"] and (best is None or r["outputs"]["ms_per_call"] < best["outputs"]["ms_per_call"]):
                         if best is not None and best["format"] != "hint":
@@ -186,14 +194,14 @@ def add_precision_variants(tmp_dir, manifest: dict, plan: dict, calibration_fram
             manifest["graphs"][g].setdefault("variants", {})[p] = {
                 k: v for k, v in r.items() if k not in ("session", "passed")}
         for g, cands in todo.items():
-            picks[g] = _pick(g, cands, kept, gate["graphs"][g]["tried"], plan.get("explicit", False), log)
-        _combined_check(bundle, picks, kept, base, ref_masks, videos, gate, log)
+            picks[g] = _pick(g, cands, kept, gate["graphs"][g]["tried"], plan.get("explicit", False))
+        _combined_check(bundle, picks, kept, base, ref_masks, videos, gate)
     gate["seconds"] = round(time.perf_counter() - t_all, 1)
     gate["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     for (g, p), r in kept.items():
         manifest["graphs"][g]["variants"][p].pop("session", None)
-    log("precision: " + ", ".join(f"{g} {p}" for g, p in picks.items() if p != "fp32") if
-        any(p != "fp32" for p in picks.values()) else "precision: fp32 for every graph")
+    log.info("precision: " + ", ".join(f"{g} {p}" for g, p in picks.items() if p != "fp32") if
+             any(p != "fp32" for p in picks.values()) else "precision: fp32 for every graph")
     return picks
 
 
@@ -212,36 +220,36 @@ def _bf16_unavailable() -> str | None:
     return None
 
 
-def _say(log, g, name, r) -> None:
+def _report(g, name, r) -> None:
     worst = max(r["outputs"]["rel_max_abs_err"].items(), key=lambda kv: kv[1], default=("-", 0.0))
     masks = r["masks"]
-    log(f"{g} {name}: {r['outputs']['ms_per_call']} ms/call, worst output error {worst[1]:.3g} of range "
-        f"({worst[0]}), tracked masks vs fp32 IoU {masks['mean_iou'] if masks else 'n/a (non-finite)'}"
-        f" -> {'passes' if r['passed'] else 'FAILS'} the gate (>= {MIN_MASK_IOU})")
+    log.info(f"{g} {name}: {r['outputs']['ms_per_call']} ms/call, worst output error {worst[1]:.3g} of range "
+             f"({worst[0]}), tracked masks vs fp32 IoU {masks['mean_iou'] if masks else 'n/a (non-finite)'}"
+             f" -> {'passes' if r['passed'] else 'FAILS'} the gate (>= {MIN_MASK_IOU})")
 
 
-def _pick(g, cands, kept, tried, explicit, log) -> str:
+def _pick(g, cands, kept, tried, explicit) -> str:
     """The asked precision (explicit) or the fastest passing one, fp32 included (auto)."""
     wanted = [p for p in cands if p != "fp32"]
     if explicit:
         p = wanted[0]
         if (g, p) in kept:
             return p
-        log(f"warning: {g} stays fp32: its {p} variant " +
-            ("is not available here" if all("skipped" in v for k, v in tried.items() if k.startswith(p))
-             else "failed the agreement gate"))
+        log.warning(f"warning: {g} stays fp32: its {p} variant " +
+                    ("is not available here" if all("skipped" in v for k, v in tried.items() if k.startswith(p))
+                     else "failed the agreement gate"))
         return "fp32"
     options = {"fp32": tried["fp32"]["ms_per_call"]}
     options.update({p: kept[(g, p)]["outputs"]["ms_per_call"] for p in wanted if (g, p) in kept})
     best = min(options, key=lambda p: options[p] if options[p] is not None else float("inf"))
     for p in wanted:
         if (g, p) in kept and p != best:
-            log(f"note: {g} {p} passes the gate but is not the fastest here ({options[p]} vs "
-                f"{options[best]} ms/call for {best})")
+            log.info(f"note: {g} {p} passes the gate but is not the fastest here ({options[p]} vs "
+                     f"{options[best]} ms/call for {best})")
     return best
 
 
-def _combined_check(bundle, picks, kept, base, ref_masks, videos, gate, log) -> None:
+def _combined_check(bundle, picks, kept, base, ref_masks, videos, gate) -> None:
     """All picked variants together must pass too; else the weakest goes back to fp32."""
     while sum(p != "fp32" for p in picks.values()) > 1:
         sessions = {**base, **{g: kept[(g, p)]["session"] for g, p in picks.items() if p != "fp32"}}
@@ -250,13 +258,13 @@ def _combined_check(bundle, picks, kept, base, ref_masks, videos, gate, log) -> 
         if m["mean_iou"] >= MIN_MASK_IOU:
             return
         worst = min((g for g, p in picks.items() if p != "fp32"), key=lambda g: kept[(g, picks[g])]["masks"]["mean_iou"])
-        log(f"warning: the picked precisions together give tracked-mask IoU {m['mean_iou']} < {MIN_MASK_IOU}: "
-            f"{worst} goes back to fp32")
+        log.warning(f"warning: the picked precisions together give tracked-mask IoU {m['mean_iou']} < "
+                    f"{MIN_MASK_IOU}: {worst} goes back to fp32")
         picks[worst] = "fp32"
 
 
 def upgrade_bundle(bundle_dir, requested: str = "auto", target: str | None = None, calibration_frames=None,
-                   log=print, **gate_options) -> dict:
+                   **gate_options) -> dict:
     """add_precision_variants on an existing bundle (written by an export without them), then
     manifest.json rewritten and the bundle resealed. Returns the manifest."""
     from fastsam2.profiles import load_profile
@@ -270,7 +278,7 @@ def upgrade_bundle(bundle_dir, requested: str = "auto", target: str | None = Non
             if v["file"] != g["file"]:
                 (root / v["file"]).unlink(missing_ok=True)
     plan = precision_plan(load_profile(target or manifest["target"]), requested)
-    add_precision_variants(root, manifest, plan, calibration_frames, log, **gate_options)
+    add_precision_variants(root, manifest, plan, calibration_frames, **gate_options)
     from fastsam2.runtime.outputs import atomic_write_bytes
 
     atomic_write_bytes(root / "manifest.json", (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
@@ -279,31 +287,21 @@ def upgrade_bundle(bundle_dir, requested: str = "auto", target: str | None = Non
     return manifest
 
 
-def main(argv=None) -> int:
-    """python -m fastsam2.export.precision BUNDLE [--precision auto|fp32|int8|bf16|g=p,...]"""
-    import argparse
-    import sys
-
-    from fastsam2.runtime.errors import FastSam2Error
-
-    ap = argparse.ArgumentParser(description="Add gated reduced-precision variants to a bundle.")
-    ap.add_argument("bundle")
-    ap.add_argument("--precision", default="auto")
-    ap.add_argument("--target", default=None, help="profile whose cpu_precisions 'auto' uses (default: the bundle's)")
-    ap.add_argument("--calibration", default=None, help="video, frames folder, or engines/<target>/ of calib_*.npz")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--gate-videos", type=int, default=2)
-    ap.add_argument("--gate-frames", type=int, default=8)
-    a = ap.parse_args(argv)
-    try:
-        m = upgrade_bundle(a.bundle, a.precision, a.target, a.calibration, log=lambda s: print(s, file=sys.stderr),
-                           threads=a.threads, gate_videos=a.gate_videos, gate_frames=a.gate_frames)
-    except FastSam2Error as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return e.exit_code
-    print(json.dumps({"precision": m["precision"], "precision_gate": m["precision_gate"]}, indent=1))
-    return 0
+@click.command(cls=command_class(), context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("bundle")
+@click.option("--precision", default="auto")
+@click.option("--target", default=None, help="profile whose cpu_precisions 'auto' uses (default: the bundle's)")
+@click.option("--calibration", default=None, help="video, frames folder, or engines/<target>/ of calib_*.npz")
+@click.option("--threads", type=int, default=None)
+@click.option("--gate-videos", type=int, default=2)
+@click.option("--gate-frames", type=int, default=8)
+def main(bundle, precision, target, calibration, threads, gate_videos, gate_frames):
+    """Add gated reduced-precision variants to a bundle."""
+    with cli_errors(), messages(err=True):
+        m = upgrade_bundle(bundle, precision, target, calibration, threads=threads, gate_videos=gate_videos,
+                           gate_frames=gate_frames)
+    click.echo(json.dumps({"precision": m["precision"], "precision_gate": m["precision_gate"]}, indent=1))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main(prog_name="python -m fastsam2.export.precision")

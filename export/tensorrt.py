@@ -14,6 +14,8 @@ T = 4096 at 1024² input, so nothing here has to respect that limit.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import stat
 import time
@@ -23,6 +25,8 @@ from fastsam2.runtime.contract import ENGINE_RTOL, GRAPHS, dynamic_inputs, geome
 from fastsam2.runtime.errors import BackendError, BundleError, InputError
 from fastsam2.runtime import trt_backend
 from fastsam2.runtime.bundle import sha256_file
+
+log = logging.getLogger(__name__)
 
 TIMING_CACHE = "timing.cache"
 # one int8 cache per graph (fastsam2-calibrate int8): a cache maps tensor names to scales and the
@@ -157,11 +161,18 @@ def write_build_plan(bundle_dir, profile, shapes: dict) -> Path:
     return path
 
 
-def build_engines(bundle_dir, profile, shapes: dict, log=print) -> dict:
+def _note(log_file, msg: str) -> None:
+    """A line of ours in build.log, and in the log."""
+    log_file.write(msg + "\n")
+    log.info(msg)
+
+
+def build_engines(bundle_dir, profile, shapes: dict, log=None) -> dict:
     """Build every graph's engine here with the TensorRT Python API; return what the manifest records.
 
     Needs tensorrt, polygraphy (for the GPU query) and a GPU. Writes `<graph>.engine`,
-    `timing.cache` and `build.log` under `engines/<target>/`.
+    `timing.cache` and `build.log` under `engines/<target>/`; our own lines in build.log are
+    logged too. `log` is ignored (tests/export/test_build_plan.py still passes one).
     """
     # not Polygraphy's NetworkFromOnnxPath -> CreateConfig -> EngineBytesFromNetwork: CreateConfig pins DLA_core = 0 (a profile names its core), drops a mismatched timing cache silently and logs to G_LOGGER, not build.log; and one build on tests' stand-in TensorRT needed 9 APIs more (measured: Logger severities, init_libnvinfer_plugins, ITensor.dtype/is_shape_tensor, layer iteration, enum flags, get_flag, num_optimization_profiles)
     try:
@@ -200,10 +211,7 @@ def build_engines(bundle_dir, profile, shapes: dict, log=print) -> dict:
             if severity != trt.ILogger.Severity.VERBOSE and not log_file.closed:
                 log_file.write(f"[trt {getattr(severity, 'name', severity)}] {msg}\n")
 
-    def note(msg):
-        log_file.write(msg + "\n")
-        log(msg)
-
+    note = functools.partial(_note, log_file)
     logger = _Logger()
     builder = trt.Builder(logger)
     # 8.x needs explicit batch asked for; 10 made it the only mode and deprecated the flag

@@ -12,6 +12,7 @@ The runtime follows the manifest; `precision=` or $FASTSAM2_PRECISION overrides 
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 from pathlib import Path
@@ -20,6 +21,8 @@ from fastsam2.runtime import host
 from fastsam2.runtime.bundle import sha256_file
 from fastsam2.runtime.contract import GRAPH_ORDER
 from fastsam2.runtime.errors import BackendError, BundleError, InputError
+
+log = logging.getLogger(__name__)
 
 CPU_BACKENDS = ("ort-cpu", "openvino")  # where the bundle's CPU precisions apply
 CPU_PRECISIONS = ("fp32", "bf16", "int8")
@@ -41,9 +44,11 @@ def parse_precision(text: str | None) -> dict:
     return out
 
 
-def graph_precisions(bundle, backend: str, override: str | None = None, warn=print) -> dict:
+def graph_precisions(bundle, backend: str, override: str | None = None, warn=None) -> dict:
     """{graph: precision} this backend runs: the bundle's pick, or the override (argument, else
-    $FASTSAM2_PRECISION). A precision the backend or CPU cannot run falls back to fp32, said once."""
+    $FASTSAM2_PRECISION). A precision the backend or CPU cannot run falls back to fp32, said once
+    (to `warn`, the callback runtime/backends.py passes; by default this module's logger)."""
+    warn = warn or log.warning
     picked = {g: p for g, p in (bundle.manifest.get("precision") or {}).items() if g in GRAPH_ORDER}
     asked = parse_precision(override if override is not None else os.environ.get(PRECISION_ENV))
     if backend not in CPU_BACKENDS:  # GPU backends: fp32 graphs, the engines' own precision

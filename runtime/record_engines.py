@@ -10,6 +10,7 @@ import click
 
 from fastsam2.runtime import trt_backend
 from fastsam2.runtime.cli_edge import cli_errors, command_class
+from fastsam2.runtime.console import messages
 
 
 @click.command(cls=command_class(), context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,8 +18,8 @@ from fastsam2.runtime.cli_edge import cli_errors, command_class
 def main(bundle) -> None:
     """Record the engines build_plan.sh built into BUNDLE (engines/<target>/engines.json)."""
     # engines.json is written atomically; a signal on the way leaves the old one or none
-    with cli_errors(lambda m: click.echo(m, err=True)):
-        trt_backend.record_engines(bundle, log=click.echo)
+    with cli_errors(lambda m: click.echo(m, err=True)), messages(err=False):  # its line on stdout, as before
+        trt_backend.record_engines(bundle)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import click
 from fastsam2.runtime.backends import BACKENDS
 from fastsam2.runtime.bank import MAX_COND_FRAMES
 from fastsam2.runtime.cli_edge import cli_errors, command_class
+from fastsam2.runtime.console import messages
 from fastsam2.runtime.errors import InputError
 from fastsam2.runtime.resume import CHECKPOINT_NAME
 
@@ -66,8 +67,6 @@ def main(input_path, bundle, server, prompts, points, neg_points, boxes, removes
     bar = None
 
     def say(message):
-        if quiet:
-            return
         if bar is not None:
             bar.clear()
             click.echo(message, err=True)
@@ -90,7 +89,8 @@ def main(input_path, bundle, server, prompts, points, neg_points, boxes, removes
         if bar is not None:
             bar.close()
 
-    with cli_errors(echo=lambda m: (stop_bar(), click.echo(m, err=True))):
+    # warnings and notes from the libraries: lines on stderr around the progress bar
+    with cli_errors(echo=lambda m: (stop_bar(), click.echo(m, err=True))), messages(quiet=quiet, echo=say):
         if (bundle is None) == (server is None):
             raise InputError("give exactly one of --bundle (run here) or --server HOST:PORT (run on a Triton server)")
         b = schedule_from_flags(prompts, points, neg_points, boxes, removes)
@@ -102,7 +102,7 @@ def main(input_path, bundle, server, prompts, points, neg_points, boxes, removes
             bundle = RemoteModel(server)
         res = track(input_path, bundle, b.schedule(), out, keep=keep, backend=backend,
                     overlay=overlay, max_frames=max_frames, fill=fill, threads=threads,
-                    progress=progress, warn=say, realtime=realtime, duration=duration,
+                    progress=progress, realtime=realtime, duration=duration,
                     max_cond_frames=max_cond_frames, force=force, timeout=timeout,
                     checkpoint_every=checkpoint_every, resume=resume)
     stop_bar()

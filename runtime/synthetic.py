@@ -13,14 +13,17 @@ Python API takes size=(H, W), numpy's order.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import numpy as np
 
+from .cli_edge import cli_errors, command_class
+from .console import messages
+from .errors import InputError
 from .outputs import Mp4Writer, read_palette_png, write_palette_png
 
 SHAPES = ("circle", "square", "triangle")
@@ -254,9 +257,9 @@ def make_video(
     if fmt == "mp4" and (size[0] % 2 or size[1] % 2):
         # yuv420p would crop the last row/column and the masks would no longer line up.
         raise ValueError("mp4 needs an even height and width")
+    scene = _Scene(num_frames, size, seed, objects, distractors, occlusion)  # checks the counts first
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scene = _Scene(num_frames, size, seed, objects, distractors, occlusion)
     target = out / "video.mp4" if fmt == "mp4" else out / "frames"
     points, boxes = _write_sequence(scene, target, out / "masks", fmt)
     return SyntheticVideo(out, target, out / "masks", points, boxes, scene.n, scene.h, scene.w)
@@ -291,41 +294,48 @@ def make_davis_layout(
     return result
 
 
-def _parse_size(text: str) -> tuple[int, int]:
+class _Size(click.ParamType):
     """WIDTHxHEIGHT on the command line (video tools' order) -> (H, W) for make_video."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"size must be WIDTHxHEIGHT, e.g. 640x480, not {text[:40]!r}") from None
-    return h, w
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        try:
+            w, h = (int(v) for v in value.lower().split("x"))
+        except ValueError:
+            self.fail(f"size must be WIDTHxHEIGHT, e.g. 640x480, not {value[:40]!r}", param, ctx)
+        return h, w
+
+
+@click.command(cls=command_class(), context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--frames", type=int, default=48, help="number of frames (default 48)")
+@click.option("--size", type=_Size(), default="640x480", metavar="WIDTHxHEIGHT", help="WIDTHxHEIGHT in pixels (default 640x480)")
+@click.option("--mp4", is_flag=True, help="write video.mp4 instead of JPEG frames")
+@click.option("--seed", type=int, default=0)
+@click.option("--objects", type=int, default=1)
+@click.option("--distractors", type=int, default=1)
+@click.option("--occlusion", is_flag=True, help="add a bar crossing the objects")
+def _command(out, frames, size, mp4, seed, objects, distractors, occlusion):
+    """Write a synthetic demo video with ground-truth masks.
+
+    OUT: output folder."""
+    with cli_errors(), messages(err=True):
+        try:
+            v = make_video(out, frames, size, seed, objects, distractors, "mp4" if mp4 else "jpg", occlusion)
+        except ValueError as e:  # a size or count make_video cannot draw: the user's value
+            raise InputError(str(e)) from None
+    click.echo(f"wrote {v.num_frames} frames ({v.width}x{v.height}: width x height) to {v.frames_dir_or_file}")
+    click.echo(f"ground-truth masks in {v.masks}")
+    for obj_id, (x, y) in v.first_frame_points.items():
+        x0, y0, x1, y1 = v.first_frame_boxes[obj_id]
+        click.echo(f"object {obj_id}: point {x},{y}  box {x0},{y0},{x1},{y1}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m fastsam2.calibration.synthetic",
-        description="Write a synthetic demo video with ground-truth masks.",
-    )
-    ap.add_argument("out", type=Path, help="output folder")
-    ap.add_argument("--frames", type=int, default=48, help="number of frames (default 48)")
-    ap.add_argument("--size", type=_parse_size, default=(480, 640),
-                    help="WIDTHxHEIGHT in pixels (default 640x480)")
-    ap.add_argument("--mp4", action="store_true", help="write video.mp4 instead of JPEG frames")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--objects", type=int, default=1)
-    ap.add_argument("--distractors", type=int, default=1)
-    ap.add_argument("--occlusion", action="store_true", help="add a bar crossing the objects")
-    a = ap.parse_args(argv)
-    try:
-        v = make_video(a.out, a.frames, a.size, a.seed, a.objects, a.distractors,
-                       "mp4" if a.mp4 else "jpg", a.occlusion)
-    except ValueError as e:
-        ap.error(str(e))
-    print(f"wrote {v.num_frames} frames ({v.width}x{v.height}: width x height) to {v.frames_dir_or_file}")
-    print(f"ground-truth masks in {v.masks}")
-    for obj_id, (x, y) in v.first_frame_points.items():
-        x0, y0, x1, y1 = v.first_frame_boxes[obj_id]
-        print(f"object {obj_id}: point {x},{y}  box {x0},{y0},{x1},{y1}")
+    """`python -m fastsam2.calibration.synthetic`: 0 once written; a bad value is one `error:`
+    line and SystemExit(2)."""
+    _command.main(argv, prog_name="python -m fastsam2.calibration.synthetic", standalone_mode=False)
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import numbers
 import time
@@ -23,6 +24,8 @@ from fastsam2.runtime.bundle import load_bundle
 from fastsam2.runtime.contract import keep_to_k
 from fastsam2.runtime.errors import FastSam2Error, InputError, quoted
 from fastsam2.runtime.session import PromptSpec, Session, check_object_id, model_prompt, validate_keep  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 RESULTS_SCHEMA = 2
 UNTRAINED_ROUTER = ("the bundle's router is untrained: its text term is noise, so pruning and "
@@ -137,7 +140,7 @@ def _frame_record(res, index: int) -> dict:
 
 def track(input_path, bundle_dir, prompt, out, keep: float | None = None,
           backend: str = "auto", overlay: bool = True, max_frames: int | None = None,
-          fill: str = "no_mem", threads: int | None = None, progress=None, warn=print,
+          fill: str = "no_mem", threads: int | None = None, progress=None, warn=None,
           removals=(), realtime: bool = False, duration: float | None = None,
           max_cond_frames: int | None = None, force: bool = False,
           timeout: float = 10.0, checkpoint_every: int | None = None, resume: bool = False) -> dict:
@@ -151,7 +154,9 @@ def track(input_path, bundle_dir, prompt, out, keep: float | None = None,
     With `realtime`, a live source hands over its newest frame and drops the ones that arrived
     meanwhile; a prompt for a dropped frame is applied on the next frame processed. `timeout`:
     seconds a live source may take to open or to deliver the next frame. `checkpoint_every`: a
-    checkpoint in `out` every N frames; `resume`: go on from it (runtime/resume.py).
+    checkpoint in `out` every N frames; `resume`: go on from it (runtime/resume.py). Warnings
+    and the backend picked go to this module's logger, or all to `warn(line)` where one is given
+    (tests still pass one).
     """
     from fastsam2.runtime import resume as ck
     from fastsam2.runtime.run_folder import RunFolder
@@ -172,6 +177,8 @@ def track(input_path, bundle_dir, prompt, out, keep: float | None = None,
         check_threads(threads)
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {quoted(backend, 24)}; choose from {', '.join(BACKENDS)}")
+    say = warn or log.info
+    warn = warn or log.warning  # the backends and the session still take a callback
     _warn_about_bundle(bundle, warn)
     source = open_frames(input_path, realtime=realtime, open_timeout=timeout)
     with source:
@@ -192,7 +199,7 @@ def track(input_path, bundle_dir, prompt, out, keep: float | None = None,
                          num_frames=None if source.live else source.num_frames,
                          frame_size=(source.width, source.height), warn=warn, **kwargs)
         if backend == "auto":
-            warn(f"backend: {session.backend} (auto)")
+            say(f"backend: {session.backend} (auto)")
         # record=True: --force replaces only the files the last run recorded as its own
         with RunFolder(out, force=force, record=True, resume=resume) as run, contextlib.closing(session):
             checkpoints = None if run_id is None else ck.Checkpoints(run, checkpoint_every, run_id, start)

@@ -12,6 +12,7 @@ The engine API is TensorRT's name-based tensor API (`num_io_tensors`, `set_input
 from __future__ import annotations
 
 import ctypes
+import logging
 import subprocess
 from pathlib import Path
 
@@ -246,10 +247,11 @@ class TensorRTSession:
         self.close()
 
 
-def record_engines(bundle_dir, log=print) -> dict:
+def record_engines(bundle_dir, log=None) -> dict:
     """After build_plan.sh built the engines on the device: write engines/<target>/engines.json
     (GPU, compute capability, TensorRT version, engine sha256s), which the runtime reads as it
-    reads engines built at export. Returns what it wrote."""
+    reads engines built at export. Returns what it wrote. `log` is ignored (the line goes to this
+    module's logger; tests/runtime/test_trt_emulated.py still passes one)."""
     from fastsam2.runtime.bundle import ENGINES_RECORD, load_bundle, sha256_file
     from fastsam2.runtime.contract import GRAPH_ORDER
     from fastsam2.runtime.outputs import atomic_write_json
@@ -272,6 +274,7 @@ def record_engines(bundle_dir, log=print) -> dict:
               "graphs": {g: {"file": f"engines/{target}/{g}.engine",
                              "sha256": sha256_file(folder / f"{g}.engine")} for g in GRAPH_ORDER}}
     atomic_write_json(folder / ENGINES_RECORD, record)
-    log(f"recorded {len(GRAPH_ORDER)} engines for {env['gpu_name']} (sm {env['compute_capability']}, "
+    logging.getLogger(__name__).info(
+        f"recorded {len(GRAPH_ORDER)} engines for {env['gpu_name']} (sm {env['compute_capability']}, "
         f"TensorRT {env['tensorrt_version']}) in {folder / ENGINES_RECORD}")
     return record

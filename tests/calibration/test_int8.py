@@ -68,8 +68,7 @@ def test_keep_below_one_records_pruned_memory_attention(bundle_dir, frames, tmp_
     from fastsam2.calibration.int8 import write_int8_calibration
 
     b = own_bundle(bundle_dir, tmp_path / "b")
-    summary = write_int8_calibration(b, frames, max_frames=FRAMES, keep=0.5, point=(80, 60),
-                                     threads=1, log=lambda m: None)
+    summary = write_int8_calibration(b, frames, max_frames=FRAMES, keep=0.5, point=(80, 60), threads=1)
     ma = load_feeds(b / "engines" / "cpu" / "calib_memory_attention.npz")
     assert all(f["curr"].shape == (keep_to_k(0.5, T), 256) for f in ma)
     assert summary["graphs"]["router"]["batches"] == FRAMES and summary["caches"] == []
@@ -103,7 +102,7 @@ def test_cpu_int8_reads_the_calibration_data(calibrated, bundle_dir, tmp_path):
     from fastsam2.runtime.bundle import load_bundle
 
     out, _ = calibrated
-    feeds, what = calibration_feeds(load_bundle(bundle_dir), out, tmp_path, 8, 1, print)
+    feeds, what = calibration_feeds(load_bundle(bundle_dir), out, tmp_path, 8, 1)
     assert "fastsam2-calibrate int8 data" in what and set(feeds) == set(GRAPH_ORDER)
     assert len(feeds["image_encoder"]) == FRAMES and feeds["image_encoder"][0]["image"].shape == (1, 3, S, S)
     assert "python -m fastsam2.export.precision" in (out / "int8_README.txt").read_text()

@@ -54,8 +54,7 @@ def trained(pruned, clip, synth):
     before = {k: v.clone() for k, v in fresh.router.state_dict().items()}
     with open_frames(synth.frames_dir_or_file) as src, one_thread():
         router, hist = train_router(fresh, clip, src, "red ball", [synth.first_frame_points[1]],
-                                    steps=STEPS, lr=5e-3, seed=0, log=lambda m: None,
-                                    max_frames=FRAMES, dilation=0)
+                                    steps=STEPS, lr=5e-3, seed=0, max_frames=FRAMES, dilation=0)
     return router, hist, fresh, before
 
 
@@ -130,7 +129,7 @@ def test_text_model_of_another_width_is_refused_before_any_work(pruned, clip, sy
 
     wide = PrunedSAM2(pruned.loaded, router=Router(text_dim=768), text_dim=768)
     with pytest.raises(InputError, match="embeds in 512 dims but the router expects 768"):
-        train_router(wide, clip, [np.zeros((32, 32, 3), np.uint8)], "x", steps=1, log=lambda m: None)
+        train_router(wide, clip, [np.zeros((32, 32, 3), np.uint8)], "x", steps=1)
 
 
 def test_cli_writes_a_trained_router(synth, tmp_path, torch_threads):

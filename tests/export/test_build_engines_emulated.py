@@ -10,6 +10,7 @@ a copy of the session's bundle through the same export hook, which is what varie
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 
 import numpy as np
@@ -27,11 +28,11 @@ from fastsam2.runtime.errors import BackendError, BundleError  # noqa: E402
 from fastsam2.runtime.track import PromptSpec, track  # noqa: E402
 
 
-def export_hook(bundle_dir, tmp_path, target, keep=0.5, log=None):
+def export_hook(bundle_dir, tmp_path, target, keep=0.5):
     """What fastsam2-export does about engines for `target` (the session's bundle retargeted):
     plan, and build + check where the GPU fits. Returns (bundle folder, manifest's engines)."""
     b = tmp_path / "b"
-    return b, retarget_bundle(bundle_dir, b, target, keep=keep, log=log)["engines"]
+    return b, retarget_bundle(bundle_dir, b, target, keep=keep)["engines"]
 
 
 def test_export_builds_engines_for_this_gpu_and_run_uses_them(monkeypatch, tmp_path, synth, bundle_dir):
@@ -145,13 +146,14 @@ def test_int8_without_calibration_cache_fails_cleanly(monkeypatch, tmp_path):
     assert not out.exists() and not list(tmp_path.glob("b*"))  # nothing half-written
 
 
-def test_engine_that_differs_from_onnx_is_reported(monkeypatch, tmp_path, bundle_dir):
+def test_engine_that_differs_from_onnx_is_reported(monkeypatch, tmp_path, bundle_dir, caplog):
     """An engine whose numbers drift (here: the emulated router engine adds 0.5 to its outputs)
     is built and recorded, with a failed check and one warning line."""
     emu.install(monkeypatch)
     monkeypatch.setattr(emu, "PERTURB", {"router": 0.5})
-    said = []
-    _, info = export_hook(bundle_dir, tmp_path, "hopper", log=said.append)
+    caplog.set_level(logging.INFO, logger="fastsam2")
+    _, info = export_hook(bundle_dir, tmp_path, "hopper")
+    said = caplog.messages
     checks = info["checks"]
     assert info["built"] is True and checks["router"]["passed"] is False
     assert all(checks[g]["passed"] for g in GRAPH_ORDER if g != "router")

@@ -4,10 +4,13 @@ variant which fails the gate never reaches the manifest."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
 from conftest import THREADS, own_bundle
+from fastsam2.runtime.console import messages
 from fastsam2.export import precision as prec
 from fastsam2.profiles import load_profile
 from fastsam2.runtime import host, openvino_backend
@@ -29,7 +32,8 @@ MASKS_IOU = 0.97
 def int8_bundle(bundle_dir, tmp_path_factory):
     b = own_bundle(bundle_dir, tmp_path_factory.mktemp("prec") / "b")
     said = []
-    m = prec.upgrade_bundle(b, "int8", log=said.append, **GATE)
+    with messages(echo=said.append):  # module-scoped: caplog is per test
+        m = prec.upgrade_bundle(b, "int8", **GATE)
     return b, m, said
 
 
@@ -125,12 +129,13 @@ def test_changed_variant_file_is_refused(int8_bundle, tmp_path):
         load_bundle(c)
 
 
-def test_failing_gate_falls_back_to_fp32(bundle_dir, tmp_path, monkeypatch):
+def test_failing_gate_falls_back_to_fp32(bundle_dir, tmp_path, monkeypatch, caplog):
     """An unreachable gate: every candidate fails, the manifest keeps fp32 and no file stays."""
     monkeypatch.setattr(prec, "MIN_MASK_IOU", 1.01)
     b = own_bundle(bundle_dir, tmp_path / "b")
-    said = []
-    m = prec.upgrade_bundle(b, "memory_attention=int8", log=said.append, **SMALL_GATE)
+    caplog.set_level(logging.INFO, logger="fastsam2")
+    m = prec.upgrade_bundle(b, "memory_attention=int8", **SMALL_GATE)
+    said = caplog.messages
     assert m["precision"]["memory_attention"] == "fp32"
     assert "variants" not in m["graphs"]["memory_attention"]
     assert any("memory_attention stays fp32" in s and "failed the agreement gate" in s for s in said)
@@ -140,15 +145,17 @@ def test_failing_gate_falls_back_to_fp32(bundle_dir, tmp_path, monkeypatch):
 @pytest.mark.parametrize("cpu, openvino, why", [
     (False, False, "this CPU has no bf16 arithmetic (AVX512_BF16 or AMX)"),
     (True, False, "OpenVINO reports no bf16 capability on this CPU")])
-def test_bf16_where_the_cpu_lacks_it_is_skipped_with_the_reason(bundle_dir, tmp_path, monkeypatch, cpu, openvino, why):
+def test_bf16_where_the_cpu_lacks_it_is_skipped_with_the_reason(bundle_dir, tmp_path, monkeypatch, caplog, cpu, openvino,
+                                                                why):
     """The probes are patched at their one source (host, openvino_backend), so this runs the
     same on AVX2-only and on AVX-512-BF16 CPUs."""
     monkeypatch.setattr(host, "cpu_has_bf16", lambda: cpu)
     monkeypatch.setattr(openvino_backend, "device_has_bf16", lambda device="CPU": openvino)
     monkeypatch.setattr(openvino_backend, "openvino_available", lambda: True)
     b = own_bundle(bundle_dir, tmp_path / "b")
-    said = []
-    m = prec.upgrade_bundle(b, "image_encoder=bf16", log=said.append, **SMALL_GATE)
+    caplog.set_level(logging.INFO, logger="fastsam2")
+    m = prec.upgrade_bundle(b, "image_encoder=bf16", **SMALL_GATE)
+    said = caplog.messages
     tried = m["precision_gate"]["graphs"]["image_encoder"]["tried"]
     assert tried["bf16"]["skipped"] == why and m["precision"]["image_encoder"] == "fp32"
     assert any("stays fp32" in s and "not available here" in s for s in said)
@@ -160,7 +167,7 @@ def test_bf16_candidate_runs_through_openvino(bundle_dir, tmp_path, monkeypatch)
     bf16 OpenVINO computes f32 anyway, so here it must pass and record the fp32 file."""
     monkeypatch.setattr(prec, "_bf16_unavailable", lambda: None)
     b = own_bundle(bundle_dir, tmp_path / "b")
-    m = prec.upgrade_bundle(b, "image_encoder=bf16", **SMALL_GATE, log=lambda s: None)
+    m = prec.upgrade_bundle(b, "image_encoder=bf16", **SMALL_GATE)
     v = m["graphs"]["image_encoder"]["variants"]["bf16"]
     assert v["file"] == "image_encoder.onnx" and v["format"] == "hint" and v["backends"] == ["openvino"]
     assert m["precision"]["image_encoder"] == "bf16"
