@@ -3,7 +3,7 @@
     python bench/precision.py                              # 1024 px, 12 frames: the committed run
     python bench/precision.py --image-size 256 --frames 10 # smoke run (a minute or two)
 
-    python bench/precision.py --objects 1,2,4,8 --configs ort-cpu:fp32,ort-cpu+openvino:picked
+    python bench/precision.py --objects 1,2,4,8 --configs ort-cpu:fp32,*:picked
 
 One process runs every configuration frame by frame: frame i of the official predictor, then
 frame i of each (backend, precision, keep, objects) tracker, in an order that rotates every
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--objects", default="1", help="objects clicked on frame 0 (official and ours alike): a count, "
                     "or a comma list (1,2,4,8) run in the same lockstep loop, one official predictor per count")
     ap.add_argument("--configs", default=None, help="only these rows: comma list of config-name prefixes, field by "
-                    "field (ort-cpu:fp32, ort-cpu+openvino:picked:keep0.3); the official predictor always runs")
+                    "field, * for any (ort-cpu:fp32, *:picked:keep0.3); the official predictor always runs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backends", default="ort-cpu,openvino")
     ap.add_argument("--precision", default="int8", help="what export.precision adds to the bundle (default int8)")

@@ -100,13 +100,18 @@ def parse_prefixes(text: str | None) -> list | None:
     return [p.strip().split(":") for p in text.split(",") if p.strip()]
 
 
+def _fields_match(fields: list, prefix: list) -> bool:
+    return len(fields) >= len(prefix) and all(p in ("*", f) for f, p in zip(fields, prefix))
+
+
 def selected(name: str, prefixes: list | None) -> bool:
     """Field by field: `ort-cpu` selects ort-cpu:fp32:keep1 but not ort-cpu+openvino:picked:keep1;
-    `ort-cpu:fp32:keep1` selects that keep at every object count, batched or not."""
+    `ort-cpu:fp32:keep1` selects that keep at every object count, batched or not; `*` is any
+    field (`*:picked`: the bundle's picks on whatever backend `auto` chose)."""
     if prefixes is None:
         return True
     fields = name.split(":")
-    return any(fields[:len(p)] == p for p in prefixes)
+    return any(_fields_match(fields, p) for p in prefixes)
 
 
 def parse_objects(text: str) -> list:
@@ -128,7 +133,7 @@ def configs(bundle, args, prefixes, log) -> tuple:
     from fastsam2.runtime.openvino_backend import device_has_bf16
 
     def wanted(backend, p):
-        return prefixes is None or any(f[:2] == [backend, p][:len(f[:2])] for f in prefixes)
+        return prefixes is None or any(_fields_match([backend, p], f[:2]) for f in prefixes)
 
     have, out, skipped = available_backends(), {}, {}
     variants = {g: set(v.get("variants") or {}) for g, v in bundle.manifest["graphs"].items()}
@@ -159,7 +164,7 @@ def configs(bundle, args, prefixes, log) -> tuple:
     # what a user of the defaults gets: `auto` with the bundle's picks (graphs on the backend
     # that runs their precision, e.g. a bf16 encoder on OpenVINO and the rest on ONNX Runtime);
     # its name is known once opened: opened where a prefix may name it (a backend alone, or picked)
-    if prefixes is None or any(len(f) < 2 or f[1] == "picked" for f in prefixes):
+    if prefixes is None or any(len(f) < 2 or f[1] in ("picked", "*") for f in prefixes):
         said = []
         name, s = open_backend("auto", bundle, args.threads, warn=said.append)
         if wanted(name, "picked"):

@@ -41,6 +41,11 @@ def test_config_names_and_prefixes_field_by_field():
     assert not precision_runs.selected("ort-cpu:fp32:keep0.3:obj2", pick)
     assert not precision_runs.selected("ort-cpu:int8:keep1", precision_runs.parse_prefixes("ort-cpu+openvino"))
     assert precision_runs.selected("anything", precision_runs.parse_prefixes(None))
+    star = precision_runs.parse_prefixes("*:picked:keep0.3")
+    assert precision_runs.selected("ort-cpu+openvino:picked:keep0.3:obj8:batched", star)
+    assert precision_runs.selected("ort-cpu:picked:keep0.3", star)
+    assert not precision_runs.selected("ort-cpu:fp32:keep0.3", star)
+    assert not precision_runs.selected("ort-cpu", precision_runs.parse_prefixes("ort-cpu:fp32"))
 
 
 class Fake:
