@@ -43,12 +43,12 @@ ONNX_NAMES = {name: f"{name}.onnx" for name in GRAPHS}
 
 
 def example_feeds(name: str, geom: dict, n: int = 96, ms: int | None = None, ptrs: int = 3,
-                  points: int = 2, seed: int = 0) -> dict:
-    """Random inputs of the contract's shapes; N, Ms, M and P set by the arguments."""
+                  points: int = 2, seed: int = 0, batch: int = 1) -> dict:
+    """Random inputs of the contract's shapes; N, Ms, M, P and B set by the arguments."""
     rng = np.random.default_rng(seed)
     T = geom["T"]
     ms = 2 * T if ms is None else ms
-    dims = dict(geom, N=n, Ms=ms, M=ms + 4 * ptrs, P=points)
+    dims = dict(geom, N=n, Ms=ms, M=ms + 4 * ptrs, P=points, B=batch)
     feeds = {}
     for t in GRAPHS[name].inputs:
         shape = t.resolve(dims)
@@ -58,8 +58,8 @@ def example_feeds(name: str, geom: dict, n: int = 96, ms: int | None = None, ptr
         else:
             feeds[t.name] = rng.standard_normal(shape).astype(np.float32)
     if name == "mask_decoder":
-        feeds["point_coords"] = (rng.random((1, points, 2)) * geom["S"]).astype(np.float32)
-        feeds["point_labels"] = np.resize(np.array([1, 0], np.float32), (1, points))
+        feeds["point_coords"] = (rng.random((batch, points, 2)) * geom["S"]).astype(np.float32)
+        feeds["point_labels"] = np.resize(np.array([1, 0], np.float32), (batch, points))
         feeds["has_mask_input"] = np.zeros(1, np.float32)
     if name == "memory_encoder":
         feeds["binarize"] = np.zeros(1, np.float32)
@@ -72,7 +72,8 @@ def export_graph(module, name: str, path: Path, geom: dict, opset: int = 17) -> 
     import torch
 
     spec = GRAPHS[name]
-    feeds = example_feeds(name, geom)
+    # traced with two objects: a batch axis the tracer took for a constant 1 would not fit
+    feeds = example_feeds(name, geom, batch=2)
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -8,6 +8,8 @@ and the runtime (what to feed). Shapes use symbols resolved from the model geome
     T  tokens per frame, G * G                  D  text embedding width (512 for ViT-B-32)
     N  query tokens kept by the router          M  memory tokens (spatial + 4 per object pointer)
     Ms spatial memory tokens                    P  prompt points (a box counts as two)
+    B  objects in one call (router, mask decoder, memory encoder: a frame's objects as the batch;
+       the image features and the decoder's high-resolution features stay one and broadcast)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ HIDDEN_DIM = 256  # SAM2 d_model
 MEM_DIM = 64  # SAM2 memory channels
 PTR_TOKENS = HIDDEN_DIM // MEM_DIM  # an object pointer is split into this many memory tokens
 NUM_MASK_TOKENS = 4  # mask token 0 = single mask, 1..3 = multimask
+MAX_BATCH = 8  # objects per batched call: the largest B of the engines' optimisation profiles
 
 
 @dataclass(frozen=True)
@@ -99,13 +102,14 @@ GRAPHS: dict[str, GraphSpec] = {
             "router",
             inputs=(
                 TensorSpec("feat", F32, (1, HIDDEN_DIM, "G", "G")),
-                TensorSpec("text_emb", F32, (1, "D")),
-                TensorSpec("prev_mask_logits", F32, (1, 1, "G4", "G4")),
+                TensorSpec("text_emb", F32, ("B", "D")),
+                TensorSpec("prev_mask_logits", F32, ("B", 1, "G4", "G4")),
             ),
             outputs=(
-                TensorSpec("scores", F32, (1, "T")),
-                TensorSpec("relevance", F32, (1, "T")),
+                TensorSpec("scores", F32, ("B", "T")),
+                TensorSpec("relevance", F32, ("B", "T")),
             ),
+            dynamic=("B",),
             # measured 6.1e-5 (peak 1e3: the prior bonus; rtol covers it) / 9.7e-8
             atol={"scores": 1e-5, "relevance": 1e-6},
             engine_atol={"scores": 1e-4, "relevance": 1e-5},
@@ -130,11 +134,12 @@ GRAPHS: dict[str, GraphSpec] = {
             "memory_encoder",
             inputs=(
                 TensorSpec("feat", F32, (1, HIDDEN_DIM, "G", "G")),
-                TensorSpec("mask_logits", F32, (1, 1, "G4", "G4")),
-                TensorSpec("object_score", F32, (1, 1)),
+                TensorSpec("mask_logits", F32, ("B", 1, "G4", "G4")),
+                TensorSpec("object_score", F32, ("B", 1)),
                 TensorSpec("binarize", F32, (1,)),
             ),
-            outputs=(TensorSpec("maskmem", F32, (1, MEM_DIM, "G", "G")),),
+            outputs=(TensorSpec("maskmem", F32, ("B", MEM_DIM, "G", "G")),),
+            dynamic=("B",),
             # measured 1.8e-6
             atol={"maskmem": 2e-5},
             engine_atol={"maskmem": 1e-4},
@@ -142,21 +147,21 @@ GRAPHS: dict[str, GraphSpec] = {
         GraphSpec(
             "mask_decoder",
             inputs=(
-                TensorSpec("feat", F32, (1, HIDDEN_DIM, "G", "G")),
+                TensorSpec("feat", F32, ("B", HIDDEN_DIM, "G", "G")),
                 TensorSpec("high_res_0", F32, (1, 32, "G4", "G4")),
                 TensorSpec("high_res_1", F32, (1, 64, "G2", "G2")),
-                TensorSpec("point_coords", F32, (1, "P", 2)),
-                TensorSpec("point_labels", F32, (1, "P")),
-                TensorSpec("mask_input", F32, (1, 1, "G4", "G4")),
+                TensorSpec("point_coords", F32, ("B", "P", 2)),
+                TensorSpec("point_labels", F32, ("B", "P")),
+                TensorSpec("mask_input", F32, ("B", 1, "G4", "G4")),
                 TensorSpec("has_mask_input", F32, (1,)),
             ),
             outputs=(
-                TensorSpec("masks", F32, (1, NUM_MASK_TOKENS, "G4", "G4")),
-                TensorSpec("iou", F32, (1, NUM_MASK_TOKENS)),
-                TensorSpec("obj_ptrs", F32, (1, NUM_MASK_TOKENS, HIDDEN_DIM)),
-                TensorSpec("object_score", F32, (1, 1)),
+                TensorSpec("masks", F32, ("B", NUM_MASK_TOKENS, "G4", "G4")),
+                TensorSpec("iou", F32, ("B", NUM_MASK_TOKENS)),
+                TensorSpec("obj_ptrs", F32, ("B", NUM_MASK_TOKENS, HIDDEN_DIM)),
+                TensorSpec("object_score", F32, ("B", 1)),
             ),
-            dynamic=("P",),
+            dynamic=("P", "B"),
             # measured 1.6e-6 / 3.0e-8 / 2.4e-7 / 1.2e-7
             atol={"masks": 2e-5, "iou": 5e-7, "obj_ptrs": 3e-6, "object_score": 2e-6},
             engine_atol={"masks": 1e-3, "iou": 1e-4, "obj_ptrs": 1e-4, "object_score": 1e-4},
@@ -216,8 +221,9 @@ def profile_shapes(image_size: int, keep_min: float, keep_opt: float, keep_max: 
     k_min, k_opt, k_max = (keep_to_k(x, t) for x in (keep_min, keep_opt, keep_max))
     ranges = memory_token_range(k_min, k_max, t, num_maskmem, max_obj_ptrs)
     ms_opt = t + (num_maskmem - 1) * k_opt
-    opt = {"N": k_opt, "Ms": ms_opt, "M": ms_opt + max_obj_ptrs * PTR_TOKENS, "P": 1}
+    opt = {"N": k_opt, "Ms": ms_opt, "M": ms_opt + max_obj_ptrs * PTR_TOKENS, "P": 1, "B": 1}
     ranges["P"] = (1, max_points)
+    ranges["B"] = (1, MAX_BATCH)
 
     lo = {**dims, **{s: r[0] for s, r in ranges.items()}}
     hi = {**dims, **{s: r[1] for s, r in ranges.items()}}

@@ -38,7 +38,7 @@ import numpy as np
 from fastsam2.runtime.bank import DEFAULT_MAX_COND, MAX_COND_FRAMES, Revision
 from fastsam2.runtime.errors import InputError, quoted
 from fastsam2.runtime.outputs import finite_or_none
-from fastsam2.runtime.sam2_math import Resizer
+from fastsam2.runtime.sam2_math import Resizer, preprocess
 from fastsam2.runtime.tracker import FILL_MODES, Tracker
 
 # the names callers import from here (the session's edge and its results live beside it)
@@ -55,6 +55,7 @@ from fastsam2.runtime.prompts import (  # noqa: F401
     text_start_point,
     validate_keep,
 )
+from fastsam2.runtime.batched import batched_by_default, bundle_batchable, track_together
 from fastsam2.runtime.results import FrameResult, ObjectResult, add_latency, frame_result  # noqa: F401
 from fastsam2.runtime.snapshot import Snapshots, new_stream_id
 
@@ -68,7 +69,7 @@ class Session(Snapshots):
                  keep=1.0, keep_floor: int = 64, keep_range: tuple = (0.3, 1.0), fill: str = "no_mem",
                  num_frames: int | None = None, max_cond_frames: int = DEFAULT_MAX_COND,
                  correct_as_cond: bool | None = None, frame_size: tuple | None = None,
-                 backend: str | None = None):
+                 backend: str | None = None, batch_objects: bool = False):
         if (isinstance(max_cond_frames, bool) or not isinstance(max_cond_frames, (int, np.integer))
                 or not 1 <= max_cond_frames <= MAX_COND_FRAMES):
             raise InputError(f"max_cond_frames must be an integer in 1..{MAX_COND_FRAMES}, got "
@@ -87,6 +88,9 @@ class Session(Snapshots):
         self.max_cond_frames = int(max_cond_frames)
         self.correct_as_cond = correct_as_cond
         self.backend = backend
+        # a frame's tracked objects as the batch of the router, decoder and memory encoder
+        # (runtime/batched.py); needs graphs with the batch axis
+        self.batch_objects = bool(batch_objects)
         self.S = int(settings["image_size"])
         self.T = (self.S // 16) ** 2
         self._expected_size = tuple(frame_size) if frame_size else None
@@ -99,12 +103,15 @@ class Session(Snapshots):
              fill: str = "no_mem", num_frames: int | None = None,
              max_cond_frames: int = DEFAULT_MAX_COND, correct_as_cond: bool | None = None,
              frame_size: tuple | None = None, warn=print, graphs: tuple | None = None,
-             snapshot: bytes | None = None) -> "Session":
+             snapshot: bytes | None = None, batch_objects: bool | None = None) -> "Session":
         """A session over a bundle (a folder or a loaded Bundle) on `backend`. `graphs`: the
         (backend name, graph sessions) of this bundle already open (open_backend), to share them
         between sessions, as a server does between its streams; `backend`/`threads` then unused.
         `snapshot`: a Session.snapshot() of a session of this bundle with these settings (or
-        a list: a full snapshot then its increments), restored before the session is returned."""
+        a list: a full snapshot then its increments), restored before the session is returned.
+        `batch_objects`: run a frame's tracked objects as one batch per graph (None: the
+        default, batched_by_default(backend)); a bundle exported before the batch axis
+        runs them one by one (with a warning when asked for)."""
         from fastsam2.runtime.backends import open_backend
         from fastsam2.runtime.bundle import Bundle, load_bundle
 
@@ -112,10 +119,16 @@ class Session(Snapshots):
         keep = validate_keep(keep, bundle)
         name, sessions = graphs if graphs is not None else open_backend(backend, bundle, threads, warn=warn)
         m = bundle.manifest
+        if batch_objects is None:
+            batch_objects = batched_by_default(name)
+        elif batch_objects and not bundle_batchable(m):
+            warn("warning: this bundle's graphs take one object per call (exported before the batch "
+                 "axis): objects run one by one; export it again to batch them")
+        batch_objects = bool(batch_objects) and bundle_batchable(m)
         s = cls(sessions, bundle.constants, bundle.settings, text_embeddings=bundle.text_embeddings,
                 keep=keep, keep_floor=m.get("keep_floor", 64), keep_range=keep_range(bundle), fill=fill,
                 num_frames=num_frames, max_cond_frames=max_cond_frames, correct_as_cond=correct_as_cond,
-                frame_size=frame_size, backend=name)
+                frame_size=frame_size, backend=name, batch_objects=batch_objects)
         s.bundle = bundle
         if snapshot is not None:
             s.restore_state(snapshot)
@@ -268,19 +281,25 @@ class Session(Snapshots):
         self._pushed = {"rgb_shape": (h, w), "image": None, "enc": None, "results": {}, "lat": {},
                      "timestamp": timestamp}
         # kept for a prompt on this frame after the push, even with no object tracked yet
-        self._pushed["image"] = preprocess_for(self, rgb)
+        self._pushed["image"] = preprocess(rgb, self.S, self.settings["image_mean"], self.settings["image_std"])
         lat = self._pushed["lat"]
-        for o in sorted(set(self._trackers) | set(prompts)):
-            if o in prompts:
-                step = self._apply_prompt(o, prompts[o], t, lat)
-            else:
-                tr = self._trackers[o]
-                step = tr.track(t - self._start[o], None, enc=self._encoded())
-            self._pushed["results"][o] = step
-            add_latency(lat, step.latency_ms)
+        steps = {o: self._apply_prompt(o, spec, t, lat) for o, spec in sorted(prompts.items())}
+        steps.update(self._track(t, [o for o in self._trackers if o not in prompts]))
+        for o in sorted(steps):
+            self._pushed["results"][o] = steps[o]
+            add_latency(lat, steps[o].latency_ms)
         return self._result(time.perf_counter() - t0)
 
     # -- internals ----------------------------------------------------------------------------
+    def _track(self, t: int, objs: list) -> dict:
+        """Tracked frames of `objs` on frame t, each at its own frame index (frames since its
+        start): one batch per graph, or one object at a time."""
+        objs = sorted(objs)
+        local = [t - self._start[o] for o in objs]
+        if self.batch_objects and len(objs) > 1:
+            return dict(zip(objs, track_together([self._trackers[o] for o in objs], local, self._encoded())))
+        return {o: self._trackers[o].track(f, None, enc=self._encoded()) for o, f in zip(objs, local)}
+
     def _encoded(self) -> dict:
         cur = self._pushed
         if cur["enc"] is None:
@@ -378,11 +397,4 @@ def _frame_array(rgb) -> np.ndarray:
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise InputError(f"frames must be uint8 H x W x 3 RGB, got {arr.dtype} {tuple(arr.shape)}")
     return arr
-
-
-def preprocess_for(session: Session, rgb: np.ndarray) -> np.ndarray:
-    from fastsam2.runtime.sam2_math import preprocess
-
-    s = session.settings
-    return preprocess(rgb, session.S, s["image_mean"], s["image_std"])
 

@@ -289,21 +289,36 @@ class Tracker:
 
     def track(self, frame_idx: int, image: np.ndarray | None, enc: dict | None = None,
               k: int | None = None) -> ObjectStep:
-        """A tracked (non-conditioning) frame."""
-        if not self.bank.cond:
-            raise RuntimeError("track() before any prompted frame")
+        """A tracked (non-conditioning) frame. runtime/batched.py runs the same three phases
+        for several objects at once (router, decoder and memory encoder batched)."""
         lat = {}
         enc = self.encode(image, lat) if enc is None else enc
+        plan = self.condition(frame_idx, enc, lat, k=k)
+        low, iou, ptr, obj_score = self._decode(plan["pix"], enc, None, use_multimask(self.settings, False, 0), lat)
+        maskmem = self._memory(enc, low, obj_score, False, lat)
+        return self.finish_track(plan, enc, low, iou, ptr, obj_score, maskmem, lat)
+
+    def needs_router(self, k: int | None = None) -> bool:
+        k = self.k if k is None else int(k)
+        return self.adaptive or k < self.T
+
+    def condition(self, frame_idx: int, enc: dict, lat: dict, k: int | None = None,
+                  scores: np.ndarray | None = None) -> dict:
+        """A tracked frame up to the decoder: router, top-k, memory attention on the kept tokens,
+        scatter back. `scores`: this object's router scores when a batched call computed them."""
+        if not self.bank.cond:
+            raise RuntimeError("track() before any prompted frame")
         feat = enc["feat"]
         C = feat.shape[1]
         tokens = feat.reshape(C, -1).T  # [T, C]
         k = self.k if k is None else int(k)
         budget = None
-        if k >= self.T and not self.adaptive:
+        if not self.needs_router(k):
             idx = np.arange(self.T, dtype=np.int64)
         else:
-            scores = self._run("router", {"feat": feat, "text_emb": self.text_emb,
-                                          "prev_mask_logits": self.prev_logits}, lat)["scores"]
+            if scores is None:
+                scores = self._run("router", {"feat": feat, "text_emb": self.text_emb,
+                                              "prev_mask_logits": self.prev_logits}, lat)["scores"]
             if self.adaptive:
                 k = self.budget(scores.reshape(-1), tokens)
                 budget = dict(self.budget.last)
@@ -319,11 +334,14 @@ class Tracker:
             base = tokens + self.no_mem if self.fill == "no_mem" or self.prev_grid is None else self.prev_grid
             grid = scatter_tokens(base, idx, cond)
         pix = np.ascontiguousarray(grid.T.reshape(1, C, self.G, self.G))
-        low, iou, ptr, obj_score = self._decode(pix, enc, None, use_multimask(self.settings, False, 0), lat)
-        maskmem = self._memory(enc, low, obj_score, False, lat)
+        return {"frame": frame_idx, "idx": idx, "grid": grid, "pix": pix, "budget": budget}
+
+    def finish_track(self, plan: dict, enc: dict, low, iou, ptr, obj_score, maskmem, lat: dict) -> ObjectStep:
+        """A tracked frame after the memory encoder: the bank, the fill state, the step."""
+        frame_idx, idx = plan["frame"], plan["idx"]
         self.bank.add_frame(frame_idx, maskmem, idx, ptr)
         if self.fill == "last":
-            self.prev_grid = grid
-        self._done(frame_idx, enc, pix, idx, low)
+            self.prev_grid = plan["grid"]
+        self._done(frame_idx, enc, plan["pix"], idx, low)
         return ObjectStep(frame_idx, low, float(obj_score.reshape(-1)[0]), float(iou.reshape(-1)[0]),
-                          int(idx.size), lat, kept_idx=idx, budget=budget)
+                          int(idx.size), lat, kept_idx=idx, budget=plan["budget"])

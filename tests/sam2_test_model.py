@@ -11,7 +11,7 @@ temporal encodings moved the logits by only ~5e-5. Here:
 - the object pointers' temporal projection is scaled by PTR_TPOS_SCALE: at its init scale an
   off-by-one in the pointers' frame distances moved the logits by 2e-6 (below the parity
   tolerance); x10 gave 1.1e-4, x30 4.4e-4 (measured on the session scenario, 256 px).
-The loader is used by the tests and by the mutation check (tests/test_mutations.py), and the
+The loader is used by the tests and by the mutation check (tests/runtime/test_mutations.py), and the
 same weights are exported through --checkpoint, so the bundle's graphs are these weights too.
 """
 

@@ -48,7 +48,8 @@ class Router(nn.Module):
         self.register_buffer("trained", torch.zeros((), dtype=torch.bool))
 
     def terms(self, feat, text_emb, prev_mask_logits):
-        """The raw terms [1, T] each: visual, text relevance, uncertainty, prior (0/1)."""
+        """The raw terms: visual [1, T] (from the features alone), text relevance, uncertainty
+        and prior (0/1) [B, T] (one row per object: its text and its previous mask)."""
         b, c, h, w = feat.shape
         unit = feat / (feat.norm(dim=1, keepdim=True) + 1e-6)
         # mean of the 8 neighbours: 3x3 sum minus the centre, edges replicate-padded
@@ -69,12 +70,12 @@ class Router(nn.Module):
         p = torch.sigmoid(prev_mask_logits).clamp(1e-6, 1 - 1e-6)
         ent = -(p * torch.log(p) + (1 - p) * torch.log(1 - p))
         stride = prev_mask_logits.shape[-1] // w
-        ent = F.avg_pool2d(ent, stride).reshape(b, -1)
+        ent = F.avg_pool2d(ent, stride).flatten(1)
         uncertainty = ent + self.unc_head(tok)[..., 0]
 
         inside = F.max_pool2d((prev_mask_logits > 0).float(), stride)
         k = 2 * self.prior_margin + 1
-        prior = F.max_pool2d(inside, k, stride=1, padding=self.prior_margin).reshape(b, -1)
+        prior = F.max_pool2d(inside, k, stride=1, padding=self.prior_margin).flatten(1)
         return visual, relevance, uncertainty, prior
 
     def forward(self, feat, text_emb, prev_mask_logits):

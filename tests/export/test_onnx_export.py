@@ -82,8 +82,17 @@ def test_ort_cpu_parity_fixed_graphs(bundle_dir, pruned, name, torch_threads):
     spec = GRAPHS[name]
     sess = OrtSession(bundle_dir / f"{name}.onnx", ["CPUExecutionProvider"])
     with torch_threads.inference_mode():
-        for seed, points in ((1, 1), (2, 3)):
-            _parity(sess, pruned.graphs[name], example_feeds(name, pruned.geometry, points=points, seed=seed), spec)
+        # batch 3: a frame's objects in one call (the contract's B; the image encoder has none)
+        for seed, points, batch in ((1, 1, 1), (2, 3, 1), (3, 1, 3)):
+            feeds = example_feeds(name, pruned.geometry, points=points, seed=seed, batch=batch)
+            _parity(sess, pruned.graphs[name], feeds, spec)
+            if batch > 1 and name != "image_encoder":  # each object as if it ran alone
+                for b in range(batch):
+                    alone = {k: (v[b:b + 1] if "B" in GRAPHS[name].inputs[i].shape else v)
+                             for i, (k, v) in enumerate(feeds.items())}
+                    got, one = sess.run(feeds), sess.run(alone)
+                    for out in spec.output_names:
+                        assert np.abs(got[out][b:b + 1] - one[out]).max() <= spec.tolerance(out, one[out]), out
 
 
 @pytest.mark.parametrize("graph_file", ["memory_attention.onnx", "memory_attention_ort.onnx"])

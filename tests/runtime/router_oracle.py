@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-PRIOR_MARGIN = 2  # the router's documented margin (export/graphs/router.py, DESIGN.md section 4)
+PRIOR_MARGIN = 2  # the router's documented margin (export/graphs/router.py, Router.prior_margin)
 KEEP_FLOOR = 64  # the runtime's default floor of k (README: k = max(64, ceil(keep * T)))
 
 

@@ -185,8 +185,7 @@ MUTATIONS = (
              '        binarize = False\n        maskmem = self._memory(enc, low, obj_score, binarize, lat)\n'
              '        self.bank.add_conditioning(frame_idx, maskmem, ptr)\n        self.prev_grid'),
     Mutation("late object tracked on the video's time axis", "fastsam2.runtime.session",
-             "step = tr.track(t - self._start[o], None, enc=self._encoded())",
-             "step = tr.track(t, None, enc=self._encoded())", ("late",)),
+             "local = [t - self._start[o] for o in objs]", "local = [t for o in objs]", ("late",)),
     # the pruned path: router, top-k, gathers, bank, scatter (patched functions / wrapped graphs)
     Mutation("top-k keeps the lowest scores", checks=("prior",),
              patch=swapped("fastsam2.runtime.sam2_math", "top_k_tokens", lambda top_k: lambda s, k: top_k(-s, k))),

@@ -16,7 +16,7 @@ from official_stream import compare, first_click, inside, official, ours
 
 # measured on the test model, 256 px, 10 frames, max-abs logits vs SAM2 over every scenario
 # here: PyTorch modules 1.56e-6, ONNX Runtime 1.64e-6; the bound is ~6x that. The bugs of
-# tests/test_mutations.py move the logits by far more.
+# tests/runtime/test_mutations.py move the logits by far more.
 TORCH_ATOL = 1e-5
 ORT_ATOL = 1e-5
 MIN_IOU = 0.999

@@ -176,7 +176,10 @@ def test_objects_points_and_max_cond_frames_are_bounded(server, live):
         with pytest.raises(InputError, match="a stream tracks at most 32 objects on this server"):
             s.push(frame())
         s._ops = []
-        s.add_prompt(1, points=[(1 + i, 5) for i in range(65)])
+        with pytest.raises(InputError, match="65 points: at most 64 clicks per object and frame"):
+            s.add_prompt(1, points=[(1 + i, 5) for i in range(65)])  # the client checks as a local session does
+        from fastsam2.serve import protocol  # past the client's check: the server's own bound answers
+        s._ops = [protocol.prompt_op(1, s.frame + 1, points=[(1 + i, 5) for i in range(65)])]
         with pytest.raises(InputError, match=r"points \(at most 64 per prompt\)"):
             s.push(frame())
         s._ops = []

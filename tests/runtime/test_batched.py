@@ -1,0 +1,106 @@
+"""Objects as the batch (runtime/batched.py) against the per-object path: the same session,
+the same prompts, every object's logits on every frame within float32 rounding, the same kept
+tokens. The scenario has what makes objects differ: a late object, a text prompt, a correction
+on a tracked frame, a removal, and keep 1.0 / 0.5 / auto (the router batched or skipped).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# measured on the test model, 256 px, 8 frames, 3 objects: max-abs logits batched vs one by
+# one 3.7e-7 (keep 1.0), 3.1e-7 (0.5), 3.7e-7 (auto); the bound is ~10x that
+ATOL = 4e-6
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    from fastsam2.runtime.synthetic import make_video
+
+    v = make_video(tmp_path_factory.mktemp("three"), num_frames=8, size=(240, 320), seed=5, objects=3)
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(v.frames_dir_or_file.glob("*.jpg"))]
+    return v, frames
+
+
+@pytest.fixture(scope="module")
+def graphs(bundle_dir):
+    from fastsam2.runtime.backends import open_backend
+    from fastsam2.runtime.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    return bundle, open_backend("ort-cpu", bundle, None, warn=lambda m: None)
+
+
+class Counting:
+    """A graph session that records the batch of every call (feat's first axis)."""
+
+    def __init__(self, inner, calls: list):
+        self.inner, self.calls = inner, calls
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run(self, feeds):
+        key = "prev_mask_logits" if "prev_mask_logits" in feeds else "mask_logits" if "mask_logits" in feeds else "feat"
+        self.calls.append(int(feeds[key].shape[0]))
+        return self.inner.run(feeds)
+
+
+def track(graphs, video, keep, batch: bool, calls: list | None = None):
+    from fastsam2.runtime.session import Session
+
+    bundle, (name, sessions) = graphs
+    if calls is not None:
+        sessions = {g: (Counting(s, calls) if g == "mask_decoder" else s) for g, s in sessions.items()}
+    v, frames = video
+    pts = v.first_frame_points
+    out = []
+    with Session.open(bundle, keep=keep, graphs=(name, sessions), batch_objects=batch) as s:
+        s.add_prompt(1, points=[pts[1]])
+        s.add_prompt(2, points=[pts[2]], text="cyclist")
+        s.add_prompt(3, frame=2, points=[pts[3]])
+        s.remove(2, frame=7)
+        for i, rgb in enumerate(frames):
+            r = s.push(rgb)
+            if i == 4:  # a correction of object 1 on a tracked frame
+                x, y = pts[1]
+                r = s.add_prompt(1, frame=4, points=[(x + 3, y + 2)])
+            out.append({o: (r.objects[o].logits.copy(), r.objects[o].kept_tokens) for o in r.objects})
+    return out
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5, "auto"])
+def test_batched_equals_per_object(graphs, three, keep):
+    one = track(graphs, three, keep, batch=False)
+    calls = []
+    both = track(graphs, three, keep, batch=True, calls=calls)
+    assert max(calls) == 3 and calls.count(3) >= 2, f"the decoder never ran three objects at once: {calls}"
+    assert [sorted(f) for f in one] == [sorted(f) for f in both]
+    worst = 0.0
+    for f, (a, b) in enumerate(zip(one, both)):
+        for o in a:
+            assert a[o][1] == b[o][1], f"frame {f} object {o}: kept tokens {a[o][1]} vs {b[o][1]}"
+            worst = max(worst, float(np.abs(a[o][0] - b[o][0]).max()))
+    print(f"keep {keep}: max-abs batched vs one by one {worst:.2e}")
+    assert worst <= ATOL
+    assert sorted(one[6]) == [1, 2, 3] and sorted(one[7]) == [1, 3]
+
+
+def test_old_bundle_runs_objects_one_by_one(graphs, tmp_path):
+    from fastsam2.runtime.batched import bundle_batchable
+
+    bundle, _ = graphs
+    assert bundle_batchable(bundle.manifest)
+    old = json.loads(json.dumps(bundle.manifest).replace('"B"', "1"))
+    assert not bundle_batchable(old)
+
+
+def test_default_batches_on_gpu_backends_only():
+    from fastsam2.runtime.batched import batched_by_default
+
+    assert batched_by_default("ort-cuda") and batched_by_default("tensorrt")
+    assert not batched_by_default("ort-cpu+openvino")
