@@ -1,4 +1,4 @@
-"""Graph `memory_encoder`: SAM2's `_encode_new_memory` for one object.
+"""Graph `memory_encoder`: SAM2's `_encode_new_memory` for a frame's objects (the batch B).
 
 Takes the low-resolution mask logits and upsamples them inside the graph (SAM2 feeds the
 bilinear-upsampled logits, so doing it here keeps the runtime free of a full-size resize).
@@ -26,7 +26,14 @@ class MemoryEncoderGraph(nn.Module):
             mask = mask * sam.sigmoid_scale_for_mem_enc
         if sam.sigmoid_bias_for_mem_enc != 0.0:
             mask = mask + sam.sigmoid_bias_for_mem_enc
-        maskmem = sam.memory_encoder(feat, mask, skip_mask_sigmoid=True)["vision_features"]
+        # sam.memory_encoder(feat, mask, skip_mask_sigmoid=True)["vision_features"], with the one
+        # frame's features expanded to the objects' batch first: OpenVINO's CPU plugin (2026.4)
+        # fuses the sum of the two convs and then refuses a broadcast one ("Can not clone with
+        # new dims"), also when the expand comes after the conv (it folds it away)
+        me = sam.memory_encoder
+        masks = me.mask_downsampler(mask)
+        x = me.pix_feat_proj(feat.expand(masks.shape[0], -1, -1, -1)) + masks
+        maskmem = me.out_proj(me.fuser(x))
         if sam.no_obj_embed_spatial is not None:
             is_obj = (object_score > 0).float()  # [1, 1]
             maskmem = maskmem + (1 - is_obj[..., None, None]) * sam.no_obj_embed_spatial[..., None, None]

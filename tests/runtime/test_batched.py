@@ -91,12 +91,29 @@ def test_batched_equals_per_object(graphs, three, keep):
 
 
 def test_old_bundle_runs_objects_one_by_one(graphs, tmp_path):
+    """A bundle exported before the batch axis (batch fixed at 1) still loads, unbatched."""
     from fastsam2.runtime.batched import bundle_batchable
+    from fastsam2.runtime.errors import BundleError
+    from fastsam2.runtime.manifest_schema import validate_manifest
 
     bundle, _ = graphs
     assert bundle_batchable(bundle.manifest)
-    old = json.loads(json.dumps(bundle.manifest).replace('"B"', "1"))
+    old = fixed_batch(bundle.manifest, 1)
+    validate_manifest(old)
     assert not bundle_batchable(old)
+    with pytest.raises(BundleError, match="graphs.router.inputs do not match the graph contract"):
+        validate_manifest(fixed_batch(bundle.manifest, 2))
+
+
+def fixed_batch(manifest: dict, batch: int) -> dict:
+    """The manifest as an export before the batch axis wrote it: B fixed at `batch`."""
+    m = json.loads(json.dumps(manifest))
+    for entry in m["graphs"].values():
+        for t in entry["inputs"] + entry["outputs"]:
+            t["shape"] = [batch if d == "B" else d for d in t["shape"]]
+        if "dynamic" in entry:
+            entry["dynamic"] = [d for d in entry["dynamic"] if d != "B"]
+    return m
 
 
 def test_default_batches_on_gpu_backends_only():
@@ -104,3 +121,21 @@ def test_default_batches_on_gpu_backends_only():
 
     assert batched_by_default("ort-cuda") and batched_by_default("tensorrt")
     assert not batched_by_default("ort-cpu+openvino")
+
+
+def test_openvino_runs_batches_of_any_size(bundle_dir):
+    """OpenVINO's CPU plugin fused the memory encoder's broadcast sum and then refused every
+    call after the first batch of another size (export/graphs/memory_encoder.py)."""
+    pytest.importorskip("openvino")
+    from fastsam2.export.onnx_export import example_feeds
+    from fastsam2.runtime.backends import create_sessions
+    from fastsam2.runtime.bundle import load_bundle
+    from fastsam2.runtime.contract import geometry
+
+    bundle = load_bundle(bundle_dir)
+    sessions = create_sessions(bundle, "openvino", 1, precision="fp32", warn=lambda m: None)
+    geom = geometry(bundle.manifest["image_size"])
+    for g in ("memory_encoder", "mask_decoder", "router"):
+        for b in (1, 2, 1, 3):
+            out = sessions[g].run(example_feeds(g, geom, batch=b, points=1, seed=b))
+            assert all(v.shape[0] == b for v in out.values()), g
