@@ -106,9 +106,7 @@ def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0
     return write_bundle(pruned, out, keep=keep, target=target, opset=opset, text_embeddings=emb,
                         text_info=text_info, force=force, profile=profile,
                         engines_hook=engines_step(profile, keep), precision_plan=plan,
-                        calibration_frames=calibration,
-                        # write_bundle still takes a callback: its lines go to its module's logger
-                        log=logging.getLogger("fastsam2.export.onnx_export").info)
+                        calibration_frames=calibration)
 
 
 def _list_targets(ctx, param, value) -> None:

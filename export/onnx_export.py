@@ -8,6 +8,7 @@ which also decides what --force may replace).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import warnings
@@ -21,6 +22,8 @@ from fastsam2.runtime.bundle_files import SEAL_KEY, make_seal
 from fastsam2.runtime.contract import GRAPHS, memory_token_range, keep_to_k
 
 from .out_dir import prepare_out_dir, staged_bundle
+
+log = logging.getLogger(__name__)
 
 # Operators the ONNX parser of TensorRT 8.6 (JetPack 6.0 on Jetson Orin) accepts, from
 # onnx-tensorrt's operators.md for release 8.6. Graphs must stay inside this set.
@@ -104,8 +107,7 @@ def _io(specs, dims) -> list:
 
 def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
                  text_embeddings: dict, text_info: dict, force: bool = False,
-                 profile=None, engines_hook=None, precision_plan=None, calibration_frames=None,
-                 log=print) -> dict:
+                 profile=None, engines_hook=None, precision_plan=None, calibration_frames=None) -> dict:
     """Export every graph of `pruned` and write the bundle at `out`. Returns the manifest.
 
     engines_hook(tmp_bundle_dir, manifest) -> dict, when given, builds engines or writes the
@@ -136,14 +138,14 @@ def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
                 "inputs": _io(spec.inputs, geom), "outputs": _io(spec.outputs, geom),
                 "dynamic": list(spec.dynamic), "export_seconds": round(time.perf_counter() - t0, 2),
             }
-            log(f"exported {name}: {info['bytes'] / 1e6:.1f} MB, {len(info['ops'])} op types")
+            log.info(f"exported {name}: {info['bytes'] / 1e6:.1f} MB, {len(info['ops'])} op types")
         for name, module in pruned.ort_variants.items():
             path = tmp / f"{name}_ort.onnx"
             export_graph(module, name, path, geom, opset)
             info = check_graph(path, tensorrt=False)
             graphs[name]["ort_variant"] = {"file": path.name, "sha256": sha256_file(path), "bytes": info["bytes"],
                                            "ops": info["ops"]}
-            log(f"exported {name} (ONNX Runtime variant, fused attention): {info['bytes'] / 1e6:.1f} MB")
+            log.info(f"exported {name} (ONNX Runtime variant, fused attention): {info['bytes'] / 1e6:.1f} MB")
         np.savez(tmp / "constants.npz", **pruned.constants())
         save_text_embeddings(tmp / "text_embeddings.npz", text_embeddings)
         loaded = pruned.loaded
@@ -178,7 +180,7 @@ def write_bundle(pruned, out: Path, *, keep, target: str, opset: int,
         if precision_plan is not None and precision_plan.get("graphs"):
             from fastsam2.export.precision import add_precision_variants
 
-            add_precision_variants(tmp, manifest, precision_plan, calibration_frames, log)
+            add_precision_variants(tmp, manifest, precision_plan, calibration_frames)
         write_manifest(tmp, manifest)
     return manifest
 

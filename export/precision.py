@@ -131,13 +131,12 @@ def _gate_one(bundle, g, precision, method, base, ref_masks, videos, feeds, thre
     return {**entry, **how, "outputs": outputs, "masks": masks, "passed": passed, "session": session}
 
 
-def add_precision_variants(tmp_dir, manifest: dict, plan: dict, calibration_frames=None, _log=None, *,
+def add_precision_variants(tmp_dir, manifest: dict, plan: dict, calibration_frames=None, *,
                            threads: int | None = None, calib_frames: int = 8, gate_videos: int = 2,
                            gate_frames: int = 8) -> dict:
     """Write the plan's variants into the bundle folder `tmp_dir`, gate them, and record the
     result in `manifest` (variants, precision, precision_gate, openvino). Returns
-    manifest["precision"]. See the module docstring. `_log` is ignored (export/onnx_export.py
-    still passes its callback); the gate's lines go to this module's logger."""
+    manifest["precision"]. See the module docstring."""
     from fastsam2.runtime.synthetic import make_video
     from fastsam2.runtime.backends import create_sessions
 

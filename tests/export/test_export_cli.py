@@ -74,6 +74,10 @@ def test_export_with_official_checkpoint_records_sha(tmp_path, official_ckpt):
     code, text = run(args + ["--prompts-file", str(prompts), "--checkpoint", str(official_ckpt),
                              "--out", str(out), "--force"])
     assert code == 0, text
+    said = text.splitlines()  # the progress lines as they always were: plain, after the warnings
+    assert said[0].startswith("warning: text encoder ViT-B-32 is randomly initialised"), said
+    assert said[1].startswith("exported image_encoder: ") and said[-1].startswith("wrote bundle "), said
+    assert not [s for s in said if s.startswith(("INFO", "WARNING", "fastsam2."))], said
     assert not (out / "stale_ort.onnx").exists()  # --force replaced the earlier bundle whole
     assert (out / "image_encoder.onnx").read_bytes() != b"an earlier export's graph"
     assert not list(tmp_path.glob(".b.*"))
