@@ -119,8 +119,19 @@ def test_cli_size_is_width_x_height_in_and_out(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "bad"), "--size", "640by480"])
     assert e.value.code == 2
-    assert "WIDTHxHEIGHT" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "WIDTHxHEIGHT" in err and err.startswith("error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_bad_count_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """A value make_video refuses is the user's: one `error:` line, exit 2, and no folder left
+    behind (the counts are checked before the output folder is made)."""
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "zero"), "--frames", "0"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: num_frames must be at least 1\n"
+    assert not (tmp_path / "zero").exists()
 
 
 def test_synthetic_and_runtime_io_do_not_import_torch():
