@@ -69,9 +69,9 @@ def test_export_builds_engines_for_this_gpu_and_run_uses_them(monkeypatch, tmp_p
     # the runtime picks the engines by itself and tracks like ONNX Runtime does
     prompt = PromptSpec(points=[synth.first_frame_points[1]])
     res = track(synth.frames_dir_or_file, out, prompt, tmp_path / "r", backend="auto", overlay=False,
-                max_frames=9, warn=lambda _: None)
+                max_frames=9)
     ref = track(synth.frames_dir_or_file, out, prompt, tmp_path / "r2", backend="ort-cpu", overlay=False,
-                max_frames=9, warn=lambda _: None)
+                max_frames=9)
     # five engines loaded by the export's checks, five by the run
     assert res["backend"] == "tensorrt" and len(em.engines) == 2 * len(GRAPH_ORDER)
     assert [f["mask_area"] for f in res["frames"]] == [f["mask_area"] for f in ref["frames"]]
@@ -104,7 +104,7 @@ def test_inconsistent_profile_is_refused_by_the_builder(monkeypatch, tmp_path, b
     b = tmp_path / "b"
     own_bundle(bundle_dir, b)
     with pytest.raises(BackendError, match="refused memory_attention's optimisation profile"):
-        build_engines(b, p, shapes, log=lambda _: None)
+        build_engines(b, p, shapes)
     log = (b / "engines" / "hopper" / "build.log").read_text()
     assert "optimization profile for curr: min (128, 256) opt (77, 256)" in log
     assert not (b / "engines" / "hopper" / "memory_attention.engine").exists()
@@ -174,7 +174,7 @@ def test_engine_with_non_finite_outputs_fails_its_check(monkeypatch, tmp_path, b
     monkeypatch.setattr(emu, "PERTURB", {"memory_attention": lambda s: np.nan if s["curr"][0] == n_max else 0.0})
     b = tmp_path / "b"
     own_bundle(bundle_dir, b)
-    built = build_engines(b, p, shapes, log=lambda _: None)
+    built = build_engines(b, p, shapes)
     report = check_engines(b, built, shapes, p.precision)
     worst = report["memory_attention"]["outputs"]["conditioned"]
     assert report["memory_attention"]["passed"] is False and np.isnan(worst["max_abs_err"]) and worst["at"] == "max"

@@ -89,7 +89,7 @@ def test_runtime_runs_what_the_manifest_picked_and_masks_agree(int8_bundle, bund
     for name, bdir in (("fp32", bundle_dir), ("int8", b)):
         out = tmp_path / name
         track(synth.frames_dir_or_file, bdir, PromptSpec(points=[synth.first_frame_points[1]]), out,
-              keep=1.0, backend="ort-cpu", overlay=False, max_frames=8, threads=1, warn=lambda s: None)
+              keep=1.0, backend="ort-cpu", overlay=False, max_frames=8, threads=1)
         masks[name] = [read_palette_png(out / "masks" / f"{i:05d}.png") > 0 for i in range(8)]
     ious = [np.logical_and(a, c).sum() / max(1, np.logical_or(a, c).sum()) for a, c in zip(masks["fp32"], masks["int8"])]
     if all(p == "fp32" for p in m["precision"].values()):
