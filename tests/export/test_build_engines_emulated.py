@@ -64,7 +64,9 @@ def test_export_builds_engines_for_this_gpu_and_run_uses_them(monkeypatch, tmp_p
         assert b["profile"] == want and sorted(want) == sorted(dynamic_inputs(b["graph"]))
     ran = {x.spec.name: x.seen for x in em.engines[:len(GRAPH_ORDER)]}  # the checks' engines
     assert ran["memory_attention"]["memory"] == tuple(e["profile_shapes"]["memory_attention"]["memory"][2])
-    assert ran["mask_decoder"]["point_coords"] == (1, p.max_points, 2)
+    # the checks reach the profile's maxima: the most objects (B) and prompt points (P)
+    assert ran["mask_decoder"]["point_coords"] == tuple(e["profile_shapes"]["mask_decoder"]["point_coords"][2])
+    assert ran["mask_decoder"]["point_coords"][1:] == (p.max_points, 2)
 
     # the runtime picks the engines by itself and tracks like ONNX Runtime does
     prompt = PromptSpec(points=[synth.first_frame_points[1]])
