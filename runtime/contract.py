@@ -20,6 +20,7 @@ HIDDEN_DIM = 256  # SAM2 d_model
 MEM_DIM = 64  # SAM2 memory channels
 PTR_TOKENS = HIDDEN_DIM // MEM_DIM  # an object pointer is split into this many memory tokens
 NUM_MASK_TOKENS = 4  # mask token 0 = single mask, 1..3 = multimask
+DEFAULT_KEEP_RANGE = (0.3, 1.0)  # where --keep auto adapts when the engines name no range
 MAX_BATCH = 8  # objects per batched call: the largest B of the engines' optimisation profiles
 
 

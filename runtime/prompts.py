@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .contract import DEFAULT_KEEP_RANGE
 from .errors import InputError, quoted
 from .tracker import Prompt, Tracker
 
@@ -39,6 +40,33 @@ def check_object_id(obj_id) -> int:
         raise InputError(f"object id {_shown(obj_id)} "
                          f"is not valid: ids are integers 1..{MAX_OBJECT_ID} (one palette index each)")
     return int(obj_id)
+
+
+def frame_array(rgb) -> np.ndarray:
+    """A pushed frame as a uint8 H x W x 3 array, or one InputError saying what it is instead."""
+    try:
+        arr = np.asarray(rgb)
+    except (ValueError, TypeError):
+        raise InputError("frames must be uint8 H x W x 3 RGB arrays, got a ragged sequence") from None
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise InputError(f"frames must be uint8 H x W x 3 RGB, got {arr.dtype} {tuple(arr.shape)}")
+    return arr
+
+
+def check_timestamp(timestamp):
+    """A pushed frame's timestamp: finite seconds, or None."""
+    if timestamp is not None and not (isinstance(timestamp, (int, float, np.integer, np.floating))
+                                      and not isinstance(timestamp, bool) and np.isfinite(timestamp)):
+        raise InputError(f"timestamp must be a finite number of seconds or None, got {quoted(repr(timestamp), 30)}")
+    return timestamp
+
+
+def check_not_passed(frame: int, pushed: int, correction: bool) -> None:
+    """A prompt may name the frame just pushed (a correction of it); a removal only a later one."""
+    if frame < pushed and correction:
+        raise InputError(f"frame {frame} has passed (the session is at frame {pushed}); a stream cannot go back")
+    if frame < pushed or (frame == pushed and not correction):
+        raise InputError(f"frame {frame} has passed (the session is at frame {pushed})")
 
 
 def check_frame(frame, pushed: int) -> int:
@@ -283,7 +311,7 @@ def keep_range(bundle) -> tuple:
     the bundle has TensorRT engines (they run no k outside it), else 0.3..1.0, the keep range
     every shipped target declares (ONNX Runtime itself runs any k)."""
     rng = bundle.engines.get("keep_range")
-    return tuple(rng) if rng else (0.3, 1.0)
+    return tuple(rng) if rng else DEFAULT_KEEP_RANGE
 
 
 def validate_keep(keep, bundle):

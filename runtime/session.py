@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 from fastsam2.runtime.bank import DEFAULT_MAX_COND, MAX_COND_FRAMES, Revision
+from fastsam2.runtime.contract import DEFAULT_KEEP_RANGE
 from fastsam2.runtime.errors import InputError, quoted
 from fastsam2.runtime.outputs import finite_or_none
 from fastsam2.runtime.sam2_math import Resizer, preprocess
@@ -47,8 +48,11 @@ from fastsam2.runtime.prompts import (  # noqa: F401
     MAX_PROMPT_POINTS,
     PromptSpec,
     check_frame,
+    check_not_passed,
     check_spec,
+    check_timestamp,
     check_object_id,
+    frame_array,
     keep_range,
     model_prompt,
     parse_keep,
@@ -66,7 +70,7 @@ class Session(Snapshots):
     (`.run(feeds) -> outputs`), e.g. the PyTorch modules in the parity tests."""
 
     def __init__(self, sessions: dict, constants: dict, settings: dict, *, text_embeddings=None,
-                 keep=1.0, keep_floor: int = 64, keep_range: tuple = (0.3, 1.0), fill: str = "no_mem",
+                 keep=1.0, keep_floor: int = 64, keep_range: tuple = DEFAULT_KEEP_RANGE, fill: str = "no_mem",
                  num_frames: int | None = None, max_cond_frames: int = DEFAULT_MAX_COND,
                  correct_as_cond: bool | None = None, frame_size: tuple | None = None,
                  backend: str | None = None, batch_objects: bool = False):
@@ -197,9 +201,7 @@ class Session(Snapshots):
         self._check_open()
         obj_id = check_object_id(obj_id)
         frame = check_frame(self._frame + 1 if frame is None else frame, self._frame)
-        if frame < self._frame:
-            raise InputError(f"frame {frame} has passed (the session is at frame {self._frame}); "
-                             f"a stream cannot go back")
+        check_not_passed(frame, self._frame, correction=True)
         if self.num_frames is not None and frame >= self.num_frames:
             raise InputError(f"frame {frame} is past the end of the input ({self.num_frames} frames)")
         spec = PromptSpec.checked(points=points, neg_points=neg_points, box=box, mask=mask, text=text)
@@ -224,8 +226,7 @@ class Session(Snapshots):
         self._check_open()
         obj_id = check_object_id(obj_id)
         frame = check_frame(self._frame + 1 if frame is None else frame, self._frame)
-        if frame <= self._frame:
-            raise InputError(f"frame {frame} has passed (the session is at frame {self._frame})")
+        check_not_passed(frame, self._frame, correction=False)
         if frame == self._frame + 1:
             if obj_id not in self._trackers and not self._scheduled_before(obj_id, frame):
                 raise InputError(f"object {obj_id} is not tracked (tracked: "
@@ -244,10 +245,7 @@ class Session(Snapshots):
         """Track one frame (uint8 H x W x 3 RGB): returns every object's result on it."""
         t0 = time.perf_counter()
         self._check_open()
-        rgb = _frame_array(rgb)
-        if timestamp is not None and not (isinstance(timestamp, (int, float, np.integer, np.floating))
-                                          and not isinstance(timestamp, bool) and np.isfinite(timestamp)):
-            raise InputError(f"timestamp must be a finite number of seconds or None, got {quoted(repr(timestamp), 30)}")
+        rgb, timestamp = frame_array(rgb), check_timestamp(timestamp)
         h, w = rgb.shape[:2]
         if self._size is None:
             if w < 2 or h < 2:
@@ -386,15 +384,4 @@ class Session(Snapshots):
         cur = self._pushed
         return frame_result(self._frame, cur["timestamp"], cur["results"], cur["rgb_shape"],
                             cur["lat"], seconds * 1e3, self._resize)
-
-
-def _frame_array(rgb) -> np.ndarray:
-    """A pushed frame as a uint8 H x W x 3 array, or one InputError saying what it is instead."""
-    try:
-        arr = np.asarray(rgb)
-    except (ValueError, TypeError):
-        raise InputError("frames must be uint8 H x W x 3 RGB arrays, got a ragged sequence") from None
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise InputError(f"frames must be uint8 H x W x 3 RGB, got {arr.dtype} {tuple(arr.shape)}")
-    return arr
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fastsam2.runtime.bank import DEFAULT_MAX_COND, MemoryBank, Revision
-from fastsam2.runtime.contract import keep_to_k
+from fastsam2.runtime.contract import DEFAULT_KEEP_RANGE, keep_to_k
 from fastsam2.runtime.sam2_math import (
     Resizer,
     preprocess,
@@ -97,7 +97,7 @@ class Tracker:
 
     def __init__(self, sessions: dict, constants: dict, settings: dict, keep: float | str = 1.0,
                  keep_floor: int = 64, fill: str = "no_mem", text_emb: np.ndarray | None = None,
-                 num_frames: int | None = None, keep_range: tuple = (0.3, 1.0),
+                 num_frames: int | None = None, keep_range: tuple = DEFAULT_KEEP_RANGE,
                  max_cond: int = DEFAULT_MAX_COND, correct_as_cond: bool | None = None,
                  clock: Revision | None = None):
         if fill not in FILL_MODES:

@@ -24,8 +24,8 @@ import numpy as np
 from fastsam2.runtime.errors import FastSam2Error, InputError
 from fastsam2.runtime.sam2_math import Resizer
 # the local session's own checks, so a remote stream refuses what a local one refuses, in its words
-from fastsam2.runtime.session import (PromptSpec, _frame_array, check_frame, check_object_id, check_spec,
-                                      frame_result)
+from fastsam2.runtime.session import (PromptSpec, check_frame, check_not_passed, check_object_id, check_spec,
+                                      check_timestamp, frame_array, frame_result)
 
 from . import commands
 from . import protocol
@@ -174,9 +174,7 @@ class RemoteSession:
     def add_prompt(self, obj_id, *, frame=None, points=(), neg_points=(), box=None, mask=None, text=None):
         obj_id = check_object_id(obj_id)
         frame = check_frame(self._frame + 1 if frame is None else frame, self._frame)
-        if frame < self._frame:  # inline in Session.add_prompt: the same words
-            raise InputError(f"frame {frame} has passed (the session is at frame {self._frame}); "
-                             f"a stream cannot go back")
+        check_not_passed(frame, self._frame, correction=True)
         spec = PromptSpec.checked(points=points, neg_points=neg_points, box=box, mask=mask, text=text)
         check_spec(spec, obj_id, frame, self._size(), self.S, self.model.text_embeddings)
         op = protocol.prompt_op(obj_id, frame, points=spec.points, neg_points=spec.neg_points, box=spec.box,
@@ -191,13 +189,12 @@ class RemoteSession:
     def remove(self, obj_id, frame=None) -> None:
         obj_id = check_object_id(obj_id)
         frame = check_frame(self._frame + 1 if frame is None else frame, self._frame)
-        if frame <= self._frame:  # inline in Session.remove: the same words
-            raise InputError(f"frame {frame} has passed (the session is at frame {self._frame})")
+        check_not_passed(frame, self._frame, correction=False)
         self._ops.append({"op": "remove", "obj": obj_id, "frame": frame})
 
     def push(self, rgb, timestamp=None):
         t0 = time.perf_counter()
-        rgb = _frame_array(rgb)
+        rgb, timestamp = frame_array(rgb), check_timestamp(timestamp)
         commands.frame_shape(list(rgb.shape[:2]))  # the server's size limit, said before a large frame is sent
         ops, self._ops = self._ops, []
         cmd = {"op": "push", "ops": ops, "timestamp": None if timestamp is None else float(timestamp),

@@ -234,6 +234,18 @@ def test_the_remote_session_refuses_what_the_local_one_refuses(bundle_dir, pushe
     with pytest.raises(InputError) as got:
         remote.remove(1, frame="2")
     assert str(got.value) == str(want.value)
+    for bad_time in ("abc", float("nan")):  # the remote one said float("abc"): a ValueError
+        with pytest.raises(InputError) as want:
+            local.push(frame, timestamp=bad_time)
+        with pytest.raises(InputError) as got:
+            remote.push(frame, timestamp=bad_time)
+        assert str(got.value) == str(want.value)
+    if pushed:  # a removal on the frame just pushed has passed, in both
+        with pytest.raises(InputError) as want:
+            local.remove(1, frame=0)
+        with pytest.raises(InputError) as got:
+            remote.remove(1, frame=0)
+        assert str(got.value) == str(want.value)
     local.close()
 
 
