@@ -221,7 +221,9 @@ class OpenVINOSession:
         if cache is not None:
             try:
                 Path(cache).mkdir(parents=True, exist_ok=True)
-                done = Path(cache) / f"compiled-{device}-{OV_HINTS[precision]}-{threads or 0}"
+                # not per thread count: OpenVINO's cache key leaves it out (measured: a compile
+                # with 2 threads loads the blob one without INFERENCE_NUM_THREADS wrote)
+                done = Path(cache) / f"compiled-{device}-{OV_HINTS[precision]}"
             except OSError:
                 pass  # an unwritable cache only costs compile time
         why_not = None

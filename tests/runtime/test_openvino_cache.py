@@ -220,3 +220,16 @@ def test_compiles_of_precisions_the_gate_did_not_pick_leave_the_bundle(bundle_di
     assert precision_variants.drop_unpicked_compiles(root, {"router": "int8"}, manifest) == ["router.CPU.fp32.blob"]
     assert not (root / "openvino_cache").exists()
     assert precision_variants.drop_unpicked_compiles(root, {"router": "int8"}, manifest) == []
+
+
+def test_another_thread_count_loads_the_user_cache_without_a_compile_line(bundle_dir, tmp_path, counting):
+    """OpenVINO's cache key leaves INFERENCE_NUM_THREADS out: `--threads 1` after a default run
+    loads the same blob, so it must not say "compiling" (it did: the marker was per thread count)."""
+    said = []
+    path = bundle_dir / "router.onnx"
+    openvino_backend.OpenVINOSession(path, "CPU", None, "fp32", cache=tmp_path / "u", log=said.append)
+    assert len(said) == 1 and said[0].startswith("openvino: compiling router.onnx")
+    blobs = cache_files(tmp_path / "u")
+    said.clear()
+    openvino_backend.OpenVINOSession(path, "CPU", 1, "fp32", cache=tmp_path / "u", log=said.append)
+    assert said == [] and cache_files(tmp_path / "u") == blobs  # no second blob: OpenVINO loaded the first
