@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastsam2.runtime.prompts import parse_keeps
+
 from bundles import ensure_bundle, export_facts
 from children import CHILDREN, write_json
 from summary import (STEADY_FROM, iou_per_frame, iou_summary, load_masks, median, plot, resummarise,
@@ -175,7 +177,7 @@ def main_parent(args) -> None:
     out = Path(args.out)
     work = out / f"work_{tag}"
     work.mkdir(parents=True, exist_ok=True)
-    keeps = [float(k) for k in args.keeps.split(",")]
+    keeps = list(parse_keeps(args.keeps))
     if 1.0 not in keeps:
         keeps = [1.0] + keeps
     th = args.threads

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastsam2.runtime.prompts import parse_keeps
+
 from bundles import add_variants, ensure_bundle
 from precision_docs import write_fidelity_section
 from precision_runs import (Official, Ours, batch_objects_supported, config_name, configs, parse_objects,
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         counts = parse_objects(args.objects)
-        keeps = [float(k) for k in args.keeps.split(",")]
+        keeps = list(parse_keeps(args.keeps))
     except ValueError as e:
         ap.error(str(e))
     prefixes = parse_prefixes(args.configs)

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PATTERN = ("start", "click", "start", "box", "start", "click", "remove", "start", "box", "remove")
 sys.path.insert(0, str(ROOT / "bench"))
 from bundles import ensure_bundle  # noqa: E402
+from fastsam2.runtime.prompts import parse_keep
 
 
 def frames(n: int, size=(240, 320)):
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     samples, lat_prompt, lat_plain = [], [], []
     by_objects = {}  # live objects during the push -> {"prompt": [ms], "plain": [ms]}
     t0 = time.perf_counter()
-    with Session.open(bundle, keep=float(args.keep) if args.keep != "auto" else "auto", backend="ort-cpu",
+    with Session.open(bundle, keep=parse_keep(args.keep), backend="ort-cpu",
                       threads=args.threads, warn=lambda m: None) as s:
         for i, rgb, vid, src in frames(args.frames):
             prompted = False

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bundles import ensure_bundle
+from fastsam2.runtime.prompts import parse_keeps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
     bundle = load_bundle(bundle_256())
     rows = []
     for S in (int(x) for x in args.sizes.split(",")):
-        for keep in (float(x) for x in args.keeps.split(",")):
+        for keep in parse_keeps(args.keeps):
             for graphs in (("onnx", "shapes") if S == bundle.settings["image_size"] else ("shapes",)):
                 row = measure(bundle, S, keep, graphs, args.frames)
                 rows.append(row)
