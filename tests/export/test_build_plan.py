@@ -18,7 +18,7 @@ import pytest
 
 from fastsam2.export.tensorrt import build_engines, shape_profiles, write_build_plan
 from fastsam2.profiles import list_targets, load_profile
-from fastsam2.runtime.contract import GRAPHS, dynamic_inputs
+from fastsam2.runtime.contract import GRAPHS, MAX_BATCH, dynamic_inputs
 from fastsam2.runtime.errors import BackendError, BundleError, InputError
 from fastsam2.runtime.trt_backend import TensorRTSession, check_engine_compat
 
@@ -82,8 +82,10 @@ def test_every_input_of_every_graph_has_a_concrete_range():
             assert all(isinstance(d, int) for d in lo + opt + hi)
             assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), (g, name)
     assert shapes["image_encoder"]["image"][0] == (1, 3, 1024, 1024)
-    assert shapes["router"]["prev_mask_logits"][2] == (1, 1, 256, 256)
-    assert shapes["mask_decoder"]["point_coords"] == ((1, 1, 2), (1, 1, 2), (1, p.max_points, 2))
+    # the objects' batch B: 1 at min and opt, MAX_BATCH at max
+    assert shapes["router"]["prev_mask_logits"] == ((1, 1, 256, 256), (1, 1, 256, 256), (MAX_BATCH, 1, 256, 256))
+    assert shapes["mask_decoder"]["point_coords"] == ((1, 1, 2), (1, 1, 2), (MAX_BATCH, p.max_points, 2))
+    assert shapes["mask_decoder"]["high_res_0"][2][0] == 1  # one frame's features, broadcast
 
 
 @pytest.mark.parametrize("keep", [0.2, 1.5])

@@ -15,6 +15,7 @@ import pytest
 from conftest import retarget_bundle
 from fastsam2.runtime import backends, openvino_backend, trt_backend
 from fastsam2.runtime.bundle import load_bundle
+from fastsam2.runtime.contract import MAX_BATCH
 from fastsam2.runtime.errors import BackendError, InputError
 from fastsam2.runtime.track import PromptSpec, track
 
@@ -141,7 +142,7 @@ def test_ort_trt_options_for_an_onnx_only_bundle_cover_every_keep(bundle_dir, tm
     # the P range of the mask decoder: one click .. the default 8 points
     dec = backends.ort_trt_options(bundle, "mask_decoder", tmp_path)
     assert _parse(dec["trt_profile_min_shapes"])["point_coords"] == (1, 1, 2)
-    assert _parse(dec["trt_profile_max_shapes"])["point_coords"] == (1, 8, 2)
+    assert _parse(dec["trt_profile_max_shapes"])["point_coords"] == (MAX_BATCH, 8, 2)  # B objects, P points
     assert dec["trt_fp16_enable"] is False  # no target precision: fp32
 
 
