@@ -40,7 +40,7 @@ from fastsam2.runtime.errors import InputError
 from fastsam2.runtime import host
 from fastsam2.runtime.precision import CPU_PRECISIONS
 
-from .precision_variants import _ort, _ov, _time_fp32, mask_agreement, output_agreement, quantize_int8, track_masks
+from .precision_variants import _ort, _ov, _time_fp32, drop_unpicked_compiles, mask_agreement, output_agreement, quantize_int8, track_masks
 
 # named, not __name__: run as `python -m fastsam2.export.precision` this file is __main__
 log = logging.getLogger("fastsam2.export.precision")
@@ -195,6 +195,7 @@ def add_precision_variants(tmp_dir, manifest: dict, plan: dict, calibration_fram
         for g, cands in todo.items():
             picks[g] = _pick(g, cands, kept, gate["graphs"][g]["tried"], plan.get("explicit", False))
         _combined_check(bundle, picks, kept, base, ref_masks, videos, gate)
+        drop_unpicked_compiles(root, picks, manifest)  # a bf16 Hiera tried but not picked: ~110 MB
     gate["seconds"] = round(time.perf_counter() - t_all, 1)
     gate["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     for (g, p), r in kept.items():
