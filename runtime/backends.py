@@ -9,6 +9,7 @@ runtime hint, only where the CPU has bf16); the bundle records which one export 
 
 from __future__ import annotations
 
+import logging
 import os
 
 from fastsam2.runtime import host
@@ -16,6 +17,8 @@ from fastsam2.runtime.contract import GRAPH_ORDER
 from fastsam2.runtime.bundle import sha256_file
 from fastsam2.runtime.errors import BackendError, BundleError, InputError
 from fastsam2.runtime.precision import graph_precisions, variant_path
+
+_log = logging.getLogger(__name__)
 
 # the ONNX Runtime side, importable from here as before
 from .ort_backend import (AttentionBySize, OrtSession, _check_provider, _ort_trt_cache_dir,  # noqa: F401
@@ -120,12 +123,14 @@ def pick_backend(requested: str, bundle) -> str:
     return _candidates(requested, bundle)[0]
 
 
-def open_backend(requested: str, bundle, threads: int | None = None, warn=print,
+def open_backend(requested: str, bundle, threads: int | None = None, warn=None,
                  precision: str | None = None) -> tuple:
     """(backend name, sessions). `auto` falls back to the next backend when one fails to start
     (onnxruntime-gpu without its CUDA libraries; engines built for another GPU or TensorRT, or
     changed since), and says so; a named backend does not. `precision` overrides the bundle's
-    CPU precisions (see graph_precisions); each session's `.precision` says what it runs."""
+    CPU precisions (see graph_precisions); each session's `.precision` says what it runs.
+    `warn`: where its lines go (default: this module's logger, at warning level)."""
+    warn = warn or _log.warning
     check_threads(threads)
     order = _candidates(requested, bundle)
     for i, name in enumerate(order):
@@ -167,8 +172,9 @@ def _mixed_sessions(bundle, moved: dict, threads, precision, warn) -> tuple:
 
 
 def create_sessions(bundle, backend: str, threads: int | None = None, precision: str | None = None,
-                    warn=print, graphs=None) -> dict:
+                    warn=None, graphs=None) -> dict:
     """{graph: session} on `backend`, for every graph or those in `graphs`."""
+    warn = warn or _log.warning
     threads = check_threads(threads)
     graphs = list(GRAPH_ORDER if graphs is None else graphs)
     if backend == "openvino":

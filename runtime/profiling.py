@@ -283,7 +283,7 @@ def profile_bundle(bundle_dir, backend="ort-cpu", keeps=DEFAULT_KEEPS, memory_fr
     })
     ran, sess_info = report["settings"]["backends"], {}
     for requested in plan["backends"]:
-        b, sessions = open_backend(requested, bundle, threads, warn=log or print)
+        b, sessions = open_backend(requested, bundle, threads, warn=log)
         ran.append(b)  # what actually runs: `auto` may fall back from the backend it resolved to
         sess_info[b] = sorted({p for sess in sessions.values() for p in getattr(sess, "providers", [b])})
         report["machine"] = machine_info(ran) | {"session_providers": sess_info}

@@ -31,6 +31,7 @@ and its own time axis starting at its first prompt, as if SAM2 ran on the video 
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -62,6 +63,8 @@ from fastsam2.runtime.prompts import (  # noqa: F401
 from fastsam2.runtime.batched import batched_by_default, bundle_batchable, track_together
 from fastsam2.runtime.results import FrameResult, ObjectResult, add_latency, frame_result  # noqa: F401
 from fastsam2.runtime.snapshot import Snapshots, new_stream_id
+
+_log = logging.getLogger(__name__)
 
 
 class Session(Snapshots):
@@ -106,7 +109,7 @@ class Session(Snapshots):
     def open(cls, bundle, *, keep=None, backend: str = "auto", threads: int | None = None,
              fill: str = "no_mem", num_frames: int | None = None,
              max_cond_frames: int = DEFAULT_MAX_COND, correct_as_cond: bool | None = None,
-             frame_size: tuple | None = None, warn=print, graphs: tuple | None = None,
+             frame_size: tuple | None = None, warn=None, graphs: tuple | None = None,
              snapshot: bytes | None = None, batch_objects: bool | None = None) -> "Session":
         """A session over a bundle (a folder or a loaded Bundle) on `backend`. `graphs`: the
         (backend name, graph sessions) of this bundle already open (open_backend), to share them
@@ -126,7 +129,7 @@ class Session(Snapshots):
         if batch_objects is None:
             batch_objects = batched_by_default(name)
         elif batch_objects and not bundle_batchable(m):
-            warn("warning: this bundle's graphs take one object per call (exported before the batch "
+            (warn or _log.warning)("warning: this bundle's graphs take one object per call (exported before the batch "
                  "axis): objects run one by one; export it again to batch them")
         batch_objects = bool(batch_objects) and bundle_batchable(m)
         s = cls(sessions, bundle.constants, bundle.settings, text_embeddings=bundle.text_embeddings,

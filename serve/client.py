@@ -15,6 +15,7 @@ holds --max-sessions streams already.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from types import SimpleNamespace
@@ -29,6 +30,8 @@ from fastsam2.runtime.session import (PromptSpec, check_frame, check_not_passed,
 
 from . import commands
 from . import protocol
+
+_log = logging.getLogger(__name__)
 
 CLIENT_HINT = "install the client: pip install 'fastsam2[client]'"
 # transport failures: the server went away, or never answered in time
@@ -111,9 +114,9 @@ class RemoteModel:
         return {**self.info["summary"], "server": self.url}
 
     def open_session(self, *, keep=None, backend: str = "auto", threads=None, fill: str = "no_mem",
-                     num_frames=None, frame_size=None, warn=print, max_cond_frames=None) -> "RemoteSession":
+                     num_frames=None, frame_size=None, warn=None, max_cond_frames=None) -> "RemoteSession":
         if threads is not None:
-            warn("warning: --threads applies to local runs; the server sets its own threads")
+            (warn or _log.warning)("warning: --threads applies to local runs; the server sets its own threads")
         options = {"keep": keep, "fill": fill, "num_frames": num_frames,
                    "frame_size": None if frame_size is None else list(frame_size),
                    "max_cond_frames": max_cond_frames}
