@@ -43,14 +43,20 @@ def test_reseal_after_a_deliberate_edit(bundle_dir, tmp_path):
     load_bundle(b)
 
 
-def test_device_files_stay_outside_the_seal(bundle_dir, tmp_path):
-    """engines/<target>/ is written on the device after export; the seal does not cover it."""
+def jetson_bundle(bundle_dir, tmp_path):
+    """A copy of the bundle exported for jetson-orin, engines not built: (bundle, engines dir)."""
     b = clone(bundle_dir, tmp_path / "b")
     m = manifest_of(b)
     m["engines"] = {"target": "jetson-orin", "keep_range": [0.3, 1.0], "built": False}
     write_manifest(b, m)
     d = b / "engines" / "jetson-orin"
     d.mkdir(parents=True)
+    return b, d
+
+
+def test_device_files_stay_outside_the_seal(bundle_dir, tmp_path):
+    """engines/<target>/ is written on the device after export; the seal does not cover it."""
+    b, d = jetson_bundle(bundle_dir, tmp_path)
     for f in ("router.engine", "timing.cache", "calibration_router.cache"):
         (d / f).write_bytes(b"built on the device")
     (d / "engines.json").write_text(json.dumps({"target": "jetson-orin", "built": True, "gpu_name": "Orin",
@@ -70,12 +76,7 @@ def test_engines_json_is_read_once_and_again_when_rewritten(bundle_dir, tmp_path
     from fastsam2.runtime.outputs import atomic_write_json
     from fastsam2.runtime.prompts import keep_range
 
-    b = clone(bundle_dir, tmp_path / "b")
-    m = manifest_of(b)
-    m["engines"] = {"target": "jetson-orin", "keep_range": [0.3, 1.0], "built": False}
-    write_manifest(b, m)
-    d = b / "engines" / "jetson-orin"
-    d.mkdir(parents=True)
+    b, d = jetson_bundle(bundle_dir, tmp_path)
     record = {"target": "jetson-orin", "built": True, "gpu_name": "Orin",
               "graphs": {g: {"file": f"engines/jetson-orin/{g}.engine", "sha256": SHA} for g in GRAPH_ORDER}}
     atomic_write_json(d / "engines.json", record)
@@ -99,7 +100,7 @@ def test_engines_json_is_read_once_and_again_when_rewritten(bundle_dir, tmp_path
     with pytest.raises(BundleError, match="tensorrt_version"):
         bundle.engines
     (d / "engines.json").unlink()
-    assert bundle.engines == m["engines"]
+    assert bundle.engines == manifest_of(b)["engines"]
 
 
 def test_onnxruntime_refusal_becomes_one_bundle_line(tmp_path):
