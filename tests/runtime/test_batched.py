@@ -116,11 +116,12 @@ def fixed_batch(manifest: dict, batch: int) -> dict:
     return m
 
 
-def test_default_batches_on_gpu_backends_only():
-    from fastsam2.runtime.batched import batched_by_default
+def test_sessions_batch_by_default_where_the_bundle_can(graphs):
+    from fastsam2.runtime.session import Session
 
-    assert batched_by_default("ort-cuda") and batched_by_default("tensorrt")
-    assert not batched_by_default("ort-cpu+openvino")
+    bundle, g = graphs
+    assert Session.open(bundle, graphs=g).batch_objects
+    assert not Session.open(bundle, graphs=g, batch_objects=False).batch_objects
 
 
 def test_openvino_runs_batches_of_any_size(bundle_dir):
