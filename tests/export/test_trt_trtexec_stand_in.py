@@ -87,7 +87,7 @@ BROKEN = [
     ("static dim changed", "memory_attention",
      lambda a: [x.replace("x256", "x255") if x.startswith("--") and "Shapes=" in x else x for x in a],
      "engine could not be built"),
-    ("shapes for a static graph", "router", lambda a: a + ["--minShapes=feat:1x256x16x16"],
+    ("shapes for a static graph", "image_encoder", lambda a: a + ["--minShapes=image:1x3x256x256"],
      "static model does not take explicit shapes"),
     ("a switch with a value", "router", lambda a: _set(a, "--fp16", "1"), "takes no value"),
     ("int8 without a cache", "router", lambda a: _set(a, "--int8", ""), "--int8 needs --calib"),

@@ -17,7 +17,7 @@ pytest.importorskip("polygraphy")
 
 import trt_emulation as emu  # noqa: E402
 from fastsam2.runtime import trt_backend  # noqa: E402
-from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, dynamic_inputs, geometry, profile_shapes  # noqa: E402
+from fastsam2.runtime.contract import GRAPH_ORDER, GRAPHS, MAX_BATCH, dynamic_inputs, geometry, profile_shapes  # noqa: E402
 from fastsam2.runtime.errors import InputError  # noqa: E402
 
 SIZE = 256
@@ -80,7 +80,7 @@ def test_every_engine_at_its_profile_limits(monkeypatch, bundle_dir, tmp_path, c
         assert mismatch(trt_backend.TensorRTSession, path, cases[g]) is None, g
     seen = {e.spec.name: e.seen for e in em.engines}
     assert seen["memory_attention"]["memory"] == (1856, 64) and seen["memory_attention"]["curr"] == (256, 256)
-    assert seen["mask_decoder"]["point_coords"] == (1, 8, 2)
+    assert seen["mask_decoder"]["point_coords"] == (MAX_BATCH, 8, 2)  # B objects, P points
     assert em.device.pending() == 0 and em.device.stats["synchronize"] == sum(len(c) for c in cases.values())
     # one past the max: refused before anything reaches the device, naming the range
     for g, name, past in (("memory_attention", "memory", (1857, 64)), ("mask_decoder", "point_coords", (1, 9, 2))):
