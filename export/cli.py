@@ -61,11 +61,11 @@ def random_warnings_echoed():
 def export_bundle(config="sam2.1_hiera_t", checkpoint=None, target="cpu", keep=0.5, prompts=None,
                   prompts_file=None, text_model="ViT-B-32", text_pretrained="laion2b_s34b_b79k",
                   text_checkpoint=None, image_size=1024, opset=17, out="bundle", force=False,
-                  seed=0, router_weights=None, precision="auto", calibration=None, log=None) -> dict:
+                  seed=0, router_weights=None, precision="auto", calibration=None) -> dict:
     """The library function behind the command (tests call it directly). Every argument is
     checked, and the output folder, before any model is built; without a checkpoint the
     random-weights warning is raised then, before the work. Progress goes to the
-    fastsam2.export.* loggers; `log` is ignored (tests/conftest.py and bench/ still pass one)."""
+    fastsam2.export.* loggers."""
     from fastsam2.export.out_dir import prepare_out_dir
     from fastsam2.export.sam2_loader import check_sam2_args, load_sam2, random_weights_warning
     from fastsam2.profiles import load_profile

@@ -10,10 +10,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def engines_step(profile, keep, _log=None):
+def engines_step(profile, keep):
     """export's engines step for `profile`, as write_bundle's engines_hook(tmp, manifest) -> the
     manifest's `engines`: build engines when the target's GPU is this machine's; otherwise write
-    the build plan. The third argument is ignored (tests/conftest.py still passes a callback)."""
+    the build plan."""
 
     def hook(tmp: Path, manifest: dict) -> dict:
         if not profile.tensorrt:

@@ -40,7 +40,7 @@ from fastsam2.runtime.errors import InputError
 from fastsam2.runtime import host
 from fastsam2.runtime.precision import CPU_PRECISIONS
 
-from .precision_variants import _ort, _ov, _time_fp32, drop_unpicked_compiles, mask_agreement, output_agreement, quantize_int8, track_masks
+from .precision_variants import _ort, _ov, _time_fp32, drop_unpicked_compiles, lockstep_ms, mask_agreement, output_agreement, quantize_int8, track_masks
 
 # named, not __name__: run as `python -m fastsam2.export.precision` this file is __main__
 log = logging.getLogger("fastsam2.export.precision")
@@ -193,7 +193,10 @@ def add_precision_variants(tmp_dir, manifest: dict, plan: dict, calibration_fram
             manifest["graphs"][g].setdefault("variants", {})[p] = {
                 k: v for k, v in r.items() if k not in ("session", "passed")}
         for g, cands in todo.items():
-            picks[g] = _pick(g, cands, kept, gate["graphs"][g]["tried"], plan.get("explicit", False))
+            passing = {p: kept[(g, p)]["session"] for p in cands if (g, p) in kept and "session" in kept[(g, p)]}
+            if passing and not plan.get("explicit", False):  # the speeds the pick compares
+                gate["graphs"][g]["lockstep_ms"] = lockstep_ms({"fp32": base[g], **passing}, feeds.get(g, []))
+            picks[g] = _pick(g, cands, kept, gate["graphs"][g], plan.get("explicit", False))
         _combined_check(bundle, picks, kept, base, ref_masks, videos, gate)
         drop_unpicked_compiles(root, picks, manifest)  # a bf16 Hiera tried but not picked: ~110 MB
     gate["seconds"] = round(time.perf_counter() - t_all, 1)
@@ -228,8 +231,10 @@ def _report(g, name, r) -> None:
              f" -> {'passes' if r['passed'] else 'FAILS'} the gate (>= {MIN_MASK_IOU})")
 
 
-def _pick(g, cands, kept, tried, explicit) -> str:
-    """The asked precision (explicit) or the fastest passing one, fp32 included (auto)."""
+def _pick(g, cands, kept, graph_gate, explicit) -> str:
+    """The asked precision (explicit) or the fastest passing one, fp32 included (auto): by the
+    lockstep timing where there is one, else by each candidate's own pass."""
+    tried = graph_gate["tried"]
     wanted = [p for p in cands if p != "fp32"]
     if explicit:
         p = wanted[0]
@@ -241,6 +246,7 @@ def _pick(g, cands, kept, tried, explicit) -> str:
         return "fp32"
     options = {"fp32": tried["fp32"]["ms_per_call"]}
     options.update({p: kept[(g, p)]["outputs"]["ms_per_call"] for p in wanted if (g, p) in kept})
+    options.update({p: ms for p, ms in (graph_gate.get("lockstep_ms") or {}).items() if p in options})
     best = min(options, key=lambda p: options[p] if options[p] is not None else float("inf"))
     for p in wanted:
         if (g, p) in kept and p != best:

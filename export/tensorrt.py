@@ -167,12 +167,12 @@ def _note(log_file, msg: str) -> None:
     log.info(msg)
 
 
-def build_engines(bundle_dir, profile, shapes: dict, log=None) -> dict:
+def build_engines(bundle_dir, profile, shapes: dict) -> dict:
     """Build every graph's engine here with the TensorRT Python API; return what the manifest records.
 
     Needs tensorrt, polygraphy (for the GPU query) and a GPU. Writes `<graph>.engine`,
     `timing.cache` and `build.log` under `engines/<target>/`; our own lines in build.log are
-    logged too. `log` is ignored (tests/export/test_build_plan.py still passes one).
+    logged too.
     """
     # not Polygraphy's NetworkFromOnnxPath -> CreateConfig -> EngineBytesFromNetwork: CreateConfig pins DLA_core = 0 (a profile names its core), drops a mismatched timing cache silently and logs to G_LOGGER, not build.log; and one build on tests' stand-in TensorRT needed 9 APIs more (measured: Logger severities, init_libnvinfer_plugins, ITensor.dtype/is_shape_tensor, layer iteration, enum flags, get_flag, num_optimization_profiles)
     try:

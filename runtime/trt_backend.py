@@ -247,11 +247,10 @@ class TensorRTSession:
         self.close()
 
 
-def record_engines(bundle_dir, log=None) -> dict:
+def record_engines(bundle_dir) -> dict:
     """After build_plan.sh built the engines on the device: write engines/<target>/engines.json
     (GPU, compute capability, TensorRT version, engine sha256s), which the runtime reads as it
-    reads engines built at export. Returns what it wrote. `log` is ignored (the line goes to this
-    module's logger; tests/runtime/test_trt_emulated.py still passes one)."""
+    reads engines built at export. Returns what it wrote (and says so in this module's logger)."""
     from fastsam2.runtime.bundle import ENGINES_RECORD, load_bundle, sha256_file
     from fastsam2.runtime.contract import GRAPH_ORDER
     from fastsam2.runtime.outputs import atomic_write_json

@@ -192,7 +192,7 @@ def export_tiny_bundle(out, target="cpu", keep=1.0, prompts="cyclist,red ball", 
         return export_bundle(config="sam2.1_hiera_t", checkpoint=checkpoint, target=target, keep=keep,
                              prompts=prompts, text_pretrained="random", image_size=image_size,
                              out=str(out), force=force, router_weights=router_weights,
-                             precision=precision, log=lambda m: None)
+                             precision=precision)
 
 
 def own_bundle(bundle_dir, dst) -> Path:
@@ -206,7 +206,7 @@ def own_bundle(bundle_dir, dst) -> Path:
     return Path(dst)
 
 
-def retarget_bundle(bundle_dir, dst, target, keep=0.5, log=None) -> dict:
+def retarget_bundle(bundle_dir, dst, target, keep=0.5) -> dict:
     """The session's bundle as `fastsam2-export --target TARGET --keep KEEP` would have written it,
     without exporting the graphs again (they do not depend on the target): its files hard-linked
     into `dst`, then export's own engines step (engines built where the target's GPU is this
@@ -223,7 +223,7 @@ def retarget_bundle(bundle_dir, dst, target, keep=0.5, log=None) -> dict:
     dst = own_bundle(bundle_dir, dst)
     m = json.loads((dst / "manifest.json").read_text())
     m.update(target=target, **keep_fields(keep, m["token_grid"][0] * m["token_grid"][1], m["model"]))
-    m["engines"] = engines_step(load_profile(target), keep, log or (lambda _: None))(dst, m) or {}
+    m["engines"] = engines_step(load_profile(target), keep)(dst, m) or {}
     (dst / "manifest.json").unlink()  # a hard link into the session's bundle: replace, never write through
     (dst / "manifest.json").write_text(json.dumps(m, indent=2))
     return reseal(dst)

@@ -272,7 +272,7 @@ def test_without_tensorrt_backends_say_what_to_install(tmp_path):
         TensorRTSession(tmp_path / "mask_decoder.engine")
     p = load_profile("desktop-ada")
     with pytest.raises(BackendError, match=r"fastsam2\[trt\]"):
-        build_engines(tmp_path, p, shape_profiles(p, 256, 0.5), log=lambda _: None)
+        build_engines(tmp_path, p, shape_profiles(p, 256, 0.5))
 
 
 @pytest.mark.parametrize("module, banned", [

@@ -190,7 +190,7 @@ def test_record_without_built_engines_names_what_is_missing(emulated_device, bun
     emu.reseal(b)
     (b / "engines" / "jetson-orin").mkdir(parents=True)
     with pytest.raises(BundleError, match=r"lacks image_encoder.engine, router.engine, .* run build_plan.sh"):
-        trt_backend.record_engines(b, log=lambda _: None)
+        trt_backend.record_engines(b)
 
 
 def test_tensorrt_before_the_plan_ran_says_how_to_build(emulated_device, bundle_dir, synth, tmp_path):
