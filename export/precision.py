@@ -55,7 +55,7 @@ def precision_plan(profile, requested: str | None = "auto") -> dict:
     """{"graphs": {graph: [candidate precisions, fp32 last]}, "explicit": bool, "openvino": {...}}.
 
     `auto`/None: the target's cpu_precisions (fastest passing one wins); "fp32": none;
-    "int8"/"bf16": that precision for every graph the target lists (or QUANTISABLE);
+    "int8"/"bf16": that precision for every graph the target lists it for (or QUANTISABLE);
     "image_encoder=int8,memory_attention=fp32": exactly that."""
     from fastsam2.runtime.precision import parse_precision
 
@@ -69,7 +69,8 @@ def precision_plan(profile, requested: str | None = "auto") -> dict:
         return {"graphs": {g: c for g, c in graphs.items() if len(c) > 1}, "explicit": False, "openvino": ov}
     asked = parse_precision(requested)
     if "*" in asked:
-        graphs = {g: asked["*"] for g in (listed or QUANTISABLE)}
+        graphs = ({g: asked["*"] for g, c in listed.items() if asked["*"] in c} if listed
+                  else {g: asked["*"] for g in QUANTISABLE})
     else:
         graphs = asked
     return {"graphs": {g: [p, "fp32"] for g, p in graphs.items() if p != "fp32"}, "explicit": True,
