@@ -23,9 +23,9 @@ BATCHED_GRAPHS = ("router", "mask_decoder", "memory_encoder")
 
 def batched_by_default(backend: str | None) -> bool:
     """Session.open's default for batch_objects: on for every backend. Measured on a 2-core
-    AVX-512 CPU at 1024 px with 8 objects (bench/results/precision_1024px_objects.json): the
-    batch took 6-9 % off a frame at keep 0.3 and ~2 % at keep 1.0 (memory attention, which
-    stays per object, dominates there); on a GPU fewer, larger calls should gain more."""
+    AVX-512 CPU at 1024 px with 8 objects (bench/results/precision_1024px_objects_1_8*.json):
+    the batch took 4-9 % off a frame at keep 0.3 and -2..+2 % at keep 1.0 (memory attention,
+    which stays per object, dominates there); on a GPU fewer, larger calls should gain more."""
     return True
 
 
