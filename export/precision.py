@@ -40,7 +40,7 @@ from fastsam2.runtime.errors import InputError
 from fastsam2.runtime import host
 from fastsam2.runtime.precision import CPU_PRECISIONS
 
-from .precision_variants import _ort, _ov, _time_fp32, drop_unpicked_compiles, lockstep_ms, mask_agreement, output_agreement, quantize_int8, track_masks
+from .precision_variants import _ort, _ov, drop_unpicked_compiles, lockstep_ms, mask_agreement, output_agreement, quantize_int8, track_masks
 
 # named, not __name__: run as `python -m fastsam2.export.precision` this file is __main__
 log = logging.getLogger("fastsam2.export.precision")
@@ -165,7 +165,7 @@ def add_precision_variants(tmp_dir, manifest: dict, plan: dict, calibration_fram
         ref_masks = track_masks(bundle, base, videos)
         kept = {}
         for g, cands in todo.items():
-            tried = {"fp32": {"ms_per_call": _time_fp32(base[g], feeds.get(g, []))}}
+            tried = {"fp32": {"ms_per_call": lockstep_ms({"fp32": base[g]}, feeds.get(g, []))["fp32"]}}
             for p in dict.fromkeys(c for c in cands if c != "fp32"):
                 why = _bf16_unavailable() if p == "bf16" else None
                 if why:

@@ -144,15 +144,6 @@ def lockstep_ms(sessions: dict, feeds: list, clock=time.perf_counter) -> dict:
     return {n: round(float(np.median(t)), 2) if t else None for n, t in times.items()}
 
 
-def _time_fp32(session, feeds: list) -> float:
-    times = []
-    for f in feeds:
-        t0 = time.perf_counter()
-        session.run(f)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return round(float(np.median(times)), 2)
-
-
 def track_masks(bundle, sessions: dict, videos: list) -> list:
     """Per video, the [frames, S/4, S/4] masks tracked at keep 1.0 from its first-frame click,
     through the streaming session on the given graph sessions."""

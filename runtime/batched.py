@@ -21,14 +21,6 @@ from fastsam2.runtime.sam2_math import select_mask, use_multimask
 BATCHED_GRAPHS = ("router", "mask_decoder", "memory_encoder")
 
 
-def batched_by_default(backend: str | None) -> bool:
-    """Session.open's default for batch_objects: on for every backend. Measured on a 2-core
-    AVX-512 CPU at 1024 px with 8 objects (bench/results/precision_1024px_objects_1_8*.json):
-    the batch took 4-9 % off a frame at keep 0.3 and -2..+2 % at keep 1.0 (memory attention,
-    which stays per object, dominates there); on a GPU fewer, larger calls should gain more."""
-    return True
-
-
 def bundle_batchable(manifest: dict) -> bool:
     """Whether a bundle's graphs take a batch of objects (exported with the B axis; bundles
     from before it have a fixed batch of 1 and run their objects one by one)."""
@@ -72,13 +64,7 @@ def _track_batch(trackers: list, frames: list, enc: dict) -> list:
         scores = {i: out["scores"][j:j + 1] for j, i in enumerate(routed)}
     plans = [tr.condition(f, enc, lats[i], scores=scores.get(i)) for i, (tr, f) in enumerate(zip(trackers, frames))]
 
-    b, g4 = len(trackers), 4 * first.G
-    dec = _timed(sessions, "mask_decoder", {
-        "feat": np.concatenate([p["pix"] for p in plans]), "high_res_0": enc["high_res_0"],
-        "high_res_1": enc["high_res_1"],
-        # SAM2 feeds one padding point (label -1) when there is no prompt
-        "point_coords": np.zeros((b, 1, 2), np.float32), "point_labels": -np.ones((b, 1), np.float32),
-        "mask_input": np.zeros((b, 1, g4, g4), np.float32), "has_mask_input": np.zeros((1,), np.float32)}, lats)
+    dec = _timed(sessions, "mask_decoder", first.decoder_feeds(np.concatenate([p["pix"] for p in plans]), enc), lats)
     multimask = use_multimask(settings, False, 0)
     picked = []
     for i, tr in enumerate(trackers):
@@ -87,8 +73,6 @@ def _track_batch(trackers: list, frames: list, enc: dict) -> list:
                                     dec["object_score"][one], multimask, tr.constants["no_obj_ptr"])
         picked.append((low, iou, ptr, dec["object_score"][one]))
 
-    mem = _timed(sessions, "memory_encoder", {
-        "feat": enc["feat"], "mask_logits": np.concatenate([p[0] for p in picked]),
-        "object_score": np.concatenate([p[3].reshape(1, 1) for p in picked]).astype(np.float32),
-        "binarize": np.zeros((1,), np.float32)}, lats)["maskmem"]
+    mem = _timed(sessions, "memory_encoder", first.memory_feeds(
+        enc, np.concatenate([p[0] for p in picked]), np.concatenate([p[3] for p in picked]), False), lats)["maskmem"]
     return [tr.finish_track(plans[i], enc, *picked[i], mem[i:i + 1], lats[i]) for i, tr in enumerate(trackers)]

@@ -159,28 +159,38 @@ class Tracker:
                                    "prev_mask_logits": np.zeros((1, 1, 4 * self.G, 4 * self.G), np.float32)}, lat)
         return out["relevance"].reshape(-1)
 
-    def _decode(self, pix, enc, prompt: Prompt | None, multimask: bool, lat: dict,
-                mask_input: np.ndarray | None = None):
+    def decoder_feeds(self, pix, enc, prompt: Prompt | None = None, mask_input: np.ndarray | None = None) -> dict:
+        """The mask decoder's feeds for pix [B, C, G, G]: one object, or a frame's tracked objects
+        as the batch (no prompt, no mask input: runtime/batched.py)."""
+        b, g4 = pix.shape[0], 4 * self.G
         if prompt is None:
             # SAM2 feeds one padding point (label -1) when there is no prompt
-            coords = np.zeros((1, 1, 2), np.float32)
-            labels = -np.ones((1, 1), np.float32)
+            coords = np.zeros((b, 1, 2), np.float32)
+            labels = -np.ones((b, 1), np.float32)
         else:
             coords = prompt.points.reshape(1, -1, 2).astype(np.float32)
             labels = prompt.labels.reshape(1, -1).astype(np.float32)
-        out = self._run("mask_decoder", {
+        return {
             "feat": pix, "high_res_0": enc["high_res_0"], "high_res_1": enc["high_res_1"],
             "point_coords": coords, "point_labels": labels,
-            "mask_input": (np.zeros((1, 1, 4 * self.G, 4 * self.G), np.float32) if mask_input is None
-                           else mask_input.reshape(1, 1, 4 * self.G, 4 * self.G).astype(np.float32)),
-            "has_mask_input": np.full((1,), 0.0 if mask_input is None else 1.0, np.float32)}, lat)
+            "mask_input": (np.zeros((b, 1, g4, g4), np.float32) if mask_input is None
+                           else mask_input.reshape(1, 1, g4, g4).astype(np.float32)),
+            "has_mask_input": np.full((1,), 0.0 if mask_input is None else 1.0, np.float32)}
+
+    def memory_feeds(self, enc, low, object_score, binarize: bool) -> dict:
+        """The memory encoder's feeds: low [B, 1, G4, G4] and object_score [B] of B objects."""
+        return {"feat": enc["feat"], "mask_logits": low,
+                "object_score": np.asarray(object_score, np.float32).reshape(-1, 1),
+                "binarize": np.full((1,), 1.0 if binarize else 0.0, np.float32)}
+
+    def _decode(self, pix, enc, prompt: Prompt | None, multimask: bool, lat: dict,
+                mask_input: np.ndarray | None = None):
+        out = self._run("mask_decoder", self.decoder_feeds(pix, enc, prompt, mask_input), lat)
         return select_mask(self.settings, out["masks"], out["iou"], out["obj_ptrs"], out["object_score"],
                            multimask, self.constants["no_obj_ptr"]) + (out["object_score"],)
 
     def _memory(self, enc, low, object_score, binarize: bool, lat: dict) -> np.ndarray:
-        return self._run("memory_encoder", {
-            "feat": enc["feat"], "mask_logits": low, "object_score": object_score.reshape(1, 1),
-            "binarize": np.full((1,), 1.0 if binarize else 0.0, np.float32)}, lat)["maskmem"]
+        return self._run("memory_encoder", self.memory_feeds(enc, low, object_score, binarize), lat)["maskmem"]
 
     def _current_logits(self, frame_idx: int) -> np.ndarray | None:
         """The frame's current mask logits, clamped as SAM2 clamps prev_sam_mask_logits."""
